@@ -1,0 +1,27 @@
+# Two entry points for a fresh machine: `make lab` (the main job) and `make test`.
+# Both create .venv and install what they need. torch is pinned through constraints.txt
+# so pip takes the local CPU wheel instead of the registry's CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.normlab-installed
+
+.PHONY: lab test install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,hf,plot,data]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lab: $(STAMP)
+	$(BIN)/normlab lab $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/ruff check normlab tests benchmarks
+	$(BIN)/mypy normlab
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

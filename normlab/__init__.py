@@ -1,0 +1,51 @@
+"""normlab: normalization layers for PyTorch, in one registry, with placements, surgery, diagnostics and a lab.
+
+Public API::
+
+    import normlab
+    norm = normlab.create_norm("rms_norm", 768)
+    [spec.name for spec in normlab.list_norms(foldable=True)]
+"""
+
+from __future__ import annotations
+
+from normlab import functional, nn
+from normlab.nn import (
+    BatchNorm,
+    CRMSNorm,
+    DyT,
+    GroupNorm,
+    IdentityNorm,
+    InstanceNorm,
+    LayerNorm,
+    PartialRMSNorm,
+    RMSNorm,
+    ScaleNorm,
+    SRMSNorm,
+)
+from normlab.registry import NormSpec, Paper, create_norm, get_norm, list_norms, register_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm",
+    "CRMSNorm",
+    "DyT",
+    "GroupNorm",
+    "IdentityNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "NormSpec",
+    "Paper",
+    "PartialRMSNorm",
+    "RMSNorm",
+    "SRMSNorm",
+    "ScaleNorm",
+    "__version__",
+    "create_norm",
+    "functional",
+    "get_norm",
+    "list_norms",
+    "nn",
+    "register_norm",
+]

@@ -1,0 +1,134 @@
+"""Functional BatchNorm (Ioffe & Szegedy 2015, https://arxiv.org/abs/1502.03167) for channel-first tensors
+``(N, C, *)`` and token tensors ``(B, N, C)`` with an optional padding mask.
+
+See :class:`normlab.nn.BatchNorm`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from normlab.functional._checks import check_channels, compute_dtype
+
+__all__ = ["batch_norm", "check_mask", "masked_moments", "update_running_stats"]
+
+
+def check_mask(mask: Tensor | None, x: Tensor, cd: int, op: str) -> Tensor | None:
+    """Validate a padding mask (``True``/1 = valid) whose shape is the input's shape without the channel axis."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{op}: expected mask to be a torch.Tensor or None, got {type(mask).__name__}")
+    expected = list(x.shape[:cd]) + list(x.shape[cd + 1 :])
+    if list(mask.shape) != expected:
+        raise ValueError(
+            f"{op}: expected mask of size {expected} (the input's size without channel axis {cd}), "
+            f"got mask of size {list(mask.shape)}"
+        )
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"{op}: expected a bool or integer mask (True/1 = valid token), got dtype {mask.dtype}")
+    return mask
+
+
+def masked_moments(flat: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel ``(count, mean, biased var)`` of ``flat`` (T, C) over the rows where ``mask`` (T,) is valid.
+
+    Two-pass (mean, then centred second moment) to avoid the cancellation of ``E[x^2] - E[x]^2``.
+    """
+    if mask is None:
+        var, mean = torch.var_mean(flat, dim=0, correction=0)
+        return torch.tensor(float(flat.shape[0]), dtype=flat.dtype, device=flat.device), mean, var
+    w = mask.reshape(-1, 1).to(flat.dtype)
+    count = w.sum()
+    denom = count.clamp_min(1.0)
+    mean = (flat * w).sum(0) / denom
+    var = ((flat - mean).square() * w).sum(0) / denom
+    return count, mean, var
+
+
+@torch.no_grad()
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: Tensor,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+) -> None:
+    """torch.nn.BatchNorm's update: EMA with ``momentum`` (cumulative average when ``None``), unbiased variance."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError("batch_norm: momentum=None (cumulative average) needs num_batches_tracked")
+        factor = 1.0 / float(num_batches_tracked.item())
+    else:
+        factor = momentum
+    unbiased = var * (count / (count - 1.0).clamp_min(1.0))
+    running_mean.mul_(1.0 - factor).add_(mean.detach().to(running_mean.dtype), alpha=factor)
+    running_var.mul_(1.0 - factor).add_(unbiased.detach().to(running_var.dtype), alpha=factor)
+
+
+def batch_norm(
+    x: Tensor,
+    num_features: int,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    channel_dim: int = 1,
+    mask: Tensor | None = None,
+    num_batches_tracked: Tensor | None = None,
+) -> Tensor:
+    """BatchNorm over every axis but ``channel_dim``; with ``mask``, batch statistics use valid positions only.
+
+    Batch statistics are used when ``training`` or when no running buffers are given; running buffers are
+    updated in place in training mode.
+    """
+    op = "batch_norm"
+    cd = check_channels(x, num_features, channel_dim, op, min_dim=2)
+    mask = check_mask(mask, x, cd, op)
+    ct = compute_dtype(x)
+    use_batch_stats = training or running_mean is None or running_var is None
+    xs = x.to(ct).movedim(cd, -1)
+    flat = xs.reshape(-1, num_features)
+    if use_batch_stats:
+        if mask is None:
+            if flat.shape[0] <= 1:
+                raise ValueError(
+                    f"{op}: expected more than 1 value per channel when training, got input of size {list(x.shape)}"
+                )
+        elif not torch.compiler.is_compiling():
+            n_valid = int(mask.sum().item())
+            if n_valid <= 1:
+                raise ValueError(
+                    f"{op}: expected more than 1 valid (unmasked) value per channel when training, got {n_valid} "
+                    f"valid positions in a mask of size {list(mask.shape)}"
+                )
+        count, mean, var = masked_moments(flat, mask)
+        if training and running_mean is not None and running_var is not None:
+            update_running_stats(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
+    else:
+        assert running_mean is not None and running_var is not None
+        if x.numel() == 0:
+            return x.clone()
+        mean, var = running_mean.to(ct), running_var.to(ct)
+    if mask is None and not use_batch_stats:
+        # Native kernel for the common eval case; identical maths to the expression below.
+        y = F.batch_norm(
+            xs.movedim(-1, 1) if xs.dim() > 1 else xs, mean, var,
+            weight.to(ct) if weight is not None else None, bias.to(ct) if bias is not None else None, False, 0.0, eps,
+        ).movedim(1, -1)
+    else:
+        y = (xs - mean) * torch.rsqrt(var + eps)
+        if weight is not None:
+            y = y * weight.to(ct)
+        if bias is not None:
+            y = y + bias.to(ct)
+    return y.movedim(-1, cd).to(x.dtype)

@@ -1,0 +1,107 @@
+"""Functional RMS-family norms: RMSNorm / pRMSNorm, CRMSNorm and ScaleNorm.
+
+* RMSNorm and partial RMSNorm: Zhang & Sennrich 2019, https://arxiv.org/abs/1910.07467
+* CRMSNorm: Jiang et al. 2023, https://arxiv.org/abs/2305.14858
+* SRMSNorm (RMSNorm without affine): Qin et al. 2023, https://arxiv.org/abs/2307.14995
+* ScaleNorm: Nguyen & Salazar 2019, https://arxiv.org/abs/1910.05895
+
+See the classes in :mod:`normlab.nn.rms_norm` for definitions and dtype contracts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from normlab.functional._checks import check_channels, compute_dtype
+
+__all__ = ["crms_norm", "partial_size", "rms_norm", "scale_norm"]
+
+
+def partial_size(num_features: int, p: float, rounding: str = "ceil") -> int:
+    """Number of leading channels pRMSNorm estimates the RMS from: ``ceil(p*d)`` (or ``floor``)."""
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"prms_norm: expected p in (0, 1], got p={p}")
+    if rounding not in ("ceil", "floor"):
+        raise ValueError(f"prms_norm: expected rounding in ('ceil', 'floor'), got {rounding!r}")
+    # The tiny offset keeps ceil(0.5 * 4) == 2 despite binary floating point noise.
+    k = math.ceil(p * num_features - 1e-9) if rounding == "ceil" else int(p * num_features)
+    if k < 1:
+        raise ValueError(
+            f"prms_norm: p={p} with num_features={num_features} and rounding={rounding!r} selects k={k} channels; "
+            "expected at least 1 (the official code divides by zero here)"
+        )
+    return k
+
+
+def rms_norm(
+    x: Tensor,
+    num_features: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-6,
+    eps_inside: bool = True,
+    channel_dim: int = -1,
+    partial: int | None = None,
+) -> Tensor:
+    """RMSNorm over the channel axis; ``partial=k`` estimates the RMS from the first ``k`` channels (pRMSNorm).
+
+    ``eps_inside=True`` computes ``x / sqrt(mean(x^2) + eps)`` (LLaMA, T5, ``torch.nn.RMSNorm``);
+    ``eps_inside=False`` computes ``x / (sqrt(mean(x^2)) + eps)`` (the official RMSNorm PyTorch code).
+    """
+    cd = check_channels(x, num_features, channel_dim, "rms_norm")
+    ct = compute_dtype(x)
+    xs = x.to(ct)
+    moved = cd != x.dim() - 1
+    if moved:
+        xs = xs.movedim(cd, -1)
+    w = weight.to(ct) if weight is not None else None
+    if eps_inside and partial is None:
+        y = F.rms_norm(xs, (num_features,), w, eps)
+    else:
+        part = xs if partial is None else xs[..., :partial]
+        ms = part.square().mean(-1, keepdim=True)
+        y = xs * torch.rsqrt(ms + eps) if eps_inside else xs / (ms.sqrt() + eps)
+        if w is not None:
+            y = y * w
+    if bias is not None:
+        y = y + bias.to(ct)
+    if moved:
+        y = y.movedim(-1, cd)
+    return y.to(x.dtype)
+
+
+def crms_norm(
+    z: Tensor,
+    num_features: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    channel_dim: int = -1,
+) -> Tensor:
+    """CRMSNorm of a compressed zero-mean code ``z`` of width ``d-1``: ``z / sqrt((sum z^2 + (sum z)^2)/d + eps)``."""
+    cd = check_channels(z, num_features, channel_dim, "crms_norm")
+    ct = compute_dtype(z)
+    zs = z.to(ct)
+    d = num_features + 1
+    ms = (zs.square().sum(cd, keepdim=True) + zs.sum(cd, keepdim=True).square()) / d
+    y = zs * torch.rsqrt(ms + eps)
+    shape = [1] * z.dim()
+    shape[cd] = num_features
+    if weight is not None:
+        y = y * weight.to(ct).reshape(shape)
+    if bias is not None:
+        y = y + bias.to(ct).reshape(shape)
+    return y.to(z.dtype)
+
+
+def scale_norm(x: Tensor, num_features: int, scale: Tensor, eps: float = 1e-5, channel_dim: int = -1) -> Tensor:
+    """ScaleNorm: ``g * x / max(||x||_2, eps)`` with one learned scalar ``g``."""
+    cd = check_channels(x, num_features, channel_dim, "scale_norm")
+    ct = compute_dtype(x)
+    xs = x.to(ct)
+    norm = torch.linalg.vector_norm(xs, dim=cd, keepdim=True).clamp_min(eps)
+    return (xs * (scale.to(ct) / norm)).to(x.dtype)

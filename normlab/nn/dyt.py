@@ -1,0 +1,100 @@
+"""Dynamic Tanh (DyT), "Transformers without Normalization" (Zhu, Chen, He, LeCun, Liu, CVPR 2025,
+https://arxiv.org/abs/2503.10622): an element-wise replacement for LayerNorm/RMSNorm.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from normlab.functional.dyt import dyt
+from normlab.nn._base import NormBase, check_layout, check_num_features
+from normlab.registry import Paper, register_norm
+from normlab.testing import reference as ref
+
+__all__ = ["DyT"]
+
+
+@register_norm(
+    "dyt",
+    functional=dyt,
+    reference=ref.dyt,
+    layout="any",
+    aliases=("dynamic_tanh",),
+    paper=Paper("Transformers without Normalization", "https://arxiv.org/abs/2503.10622"),
+    samples=({"bias": False}, {"affine": False}, {"alpha_init": 0.8}, {"channel_dim": 1}),
+    description="gamma * tanh(alpha * x) + beta with one scalar alpha (init 0.5); no statistics",
+)
+class DyT(NormBase):
+    r"""Dynamic Tanh: ``y = γ ⊙ tanh(α x) + β``.
+
+    Paper: Zhu, Chen, He, LeCun, Liu, "Transformers without Normalization", https://arxiv.org/abs/2503.10622.
+
+    ``α`` is **one learnable scalar per layer** (not per channel); γ (init 1) and β (init 0) are per channel.
+    No statistics: train and eval are identical. The official α0 is 0.5 for non-LLM models; the LLaMA recipe
+    uses a larger α0 for the attention-input DyT than for the FFN-input and final DyT
+    (7B: 0.8 / 0.2 / 0.2; see ``../shared/specs/ln-replacements.md`` §4.4).
+
+    Args:
+        num_features: channel count ``C``.
+        alpha_init: initial ``α``. Default ``0.5``.
+        affine: learn γ. Default ``True`` (``False``: the DiT variant for affine-free LayerNorms).
+        bias: learn β when ``affine``. Default ``True`` (``False``: the LLaMA variant).
+        channel_dim: ``-1`` (default) or ``1`` for ``(N, C, H, W)``.
+
+    Shape:
+        input ``(*, C)``; output the same shape and dtype (float16/bfloat16 computed in float32).
+
+    Example:
+        >>> DyT(4)(torch.tensor([-2.0, -0.5, 0.0, 1.0])).detach()
+        tensor([-0.7616, -0.2449,  0.0000,  0.4621])
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        alpha_init: float = 0.5,
+        affine: bool = True,
+        bias: bool = True,
+        channel_dim: int = -1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_features = check_num_features("dyt", num_features)
+        self.channel_dim = check_layout("dyt", "any", channel_dim)
+        self.alpha_init = float(alpha_init)
+        self.affine = affine
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.alpha = nn.Parameter(torch.empty(1, **factory))
+        self.weight = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
+        self.bias = nn.Parameter(torch.empty(num_features, **factory)) if affine and bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.alpha, self.alpha_init)
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def functional_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_features": self.num_features,
+            "alpha": self.alpha,
+            "weight": self.weight,
+            "bias": self.bias,
+            "channel_dim": self.channel_dim,
+        }
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return dyt(x, **self.functional_kwargs())
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, alpha_init={self.alpha_init}, affine={self.affine}, "
+            f"bias={self.bias is not None}, channel_dim={self.channel_dim}"
+        )

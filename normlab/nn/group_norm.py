@@ -1,0 +1,250 @@
+"""GroupNorm (Wu & He, ECCV 2018, https://arxiv.org/abs/1803.08494) and InstanceNorm (Ulyanov, Vedaldi,
+Lempitsky 2016, https://arxiv.org/abs/1607.08022), channel-first by default, token tensors with ``channel_dim=-1``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from normlab.functional.group_norm import group_norm, instance_norm
+from normlab.nn._base import NormBase, check_layout, check_num_features
+from normlab.registry import Paper, register_norm
+from normlab.testing import reference as ref
+
+__all__ = ["GroupNorm", "InstanceNorm", "default_num_groups"]
+
+
+def default_num_groups(num_channels: int, preferred: int = 32) -> int:
+    """The largest divisor of ``num_channels`` that is at most ``preferred`` (32 as in the paper)."""
+    for g in range(min(preferred, num_channels), 0, -1):
+        if num_channels % g == 0:
+            return g
+    return 1
+
+
+def _no_mask(op: str, mask: Tensor | None) -> None:
+    if mask is not None:
+        raise ValueError(
+            f"{op}: statistics pool over positions, and padding masks are not supported; expected mask=None, "
+            f"got a mask of size {list(mask.shape)}"
+        )
+
+
+def _torch_group_norm(num_channels: int, kw: dict[str, Any]) -> nn.Module | None:
+    if kw.get("channel_dim", 1) != 1:
+        return None
+    g = kw.get("num_groups") or default_num_groups(num_channels)
+    return nn.GroupNorm(g, num_channels, eps=kw.get("eps", 1e-5), affine=kw.get("affine", True))
+
+
+@register_norm(
+    "group_norm",
+    functional=group_norm,
+    reference=ref.group_norm,
+    layout="any",
+    aliases=("gn",),
+    paper=Paper("Group Normalization", "https://arxiv.org/abs/1803.08494"),
+    torch_equivalent=_torch_group_norm,
+    samples=({"num_groups": 1}, {"affine": False}, {"channel_dim": -1}),
+    description="per-sample statistics over groups of channels and all positions",
+)
+class GroupNorm(NormBase):
+    r"""Group normalization: per sample, mean/variance over each group of channels and all spatial positions.
+
+    Paper: Wu & He, "Group Normalization", https://arxiv.org/abs/1803.08494.
+
+    .. math:: y = \frac{x - \mathrm{E}_{g}[x]}{\sqrt{\mathrm{Var}_{g}[x] + \epsilon}} \odot \gamma + \beta
+
+    Unlike ``torch.nn.GroupNorm(num_groups, num_channels)``, the channel count comes first (house convention);
+    ``num_groups`` defaults to the largest divisor of ``C`` that is at most 32. State-dict keys are torch's.
+
+    Args:
+        num_channels: channel count ``C``.
+        num_groups: number of groups; must divide ``C``. ``1`` gives LayerNorm over (C, *), ``C`` InstanceNorm.
+        eps: default ``1e-5``.
+        affine: per-channel ``weight``/``bias``. Default ``True``.
+        channel_dim: ``1`` (default, ``(N, C, *)``) or ``-1`` for token tensors ``(B, N, C)``.
+
+    Shape:
+        input ``(N, C, *)``; output the same shape and dtype.
+
+    Example:
+        >>> GroupNorm(64, num_groups=8)(torch.randn(2, 64, 4, 4)).shape
+        torch.Size([2, 64, 4, 4])
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        *,
+        num_groups: int | None = None,
+        eps: float = 1e-5,
+        affine: bool = True,
+        channel_dim: int = 1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_features = self.num_channels = check_num_features("group_norm", num_channels)
+        groups = default_num_groups(num_channels) if num_groups is None else num_groups
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or num_channels % groups:
+            raise ValueError(
+                f"group_norm: expected num_groups to be a positive divisor of num_channels={num_channels}, "
+                f"got num_groups={num_groups!r}"
+            )
+        self.num_groups = groups
+        self.channel_dim = check_layout("group_norm", "any", channel_dim)
+        self.eps = eps
+        self.affine = affine
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(num_channels, **factory)) if affine else None
+        self.bias = nn.Parameter(torch.empty(num_channels, **factory)) if affine else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def functional_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_channels": self.num_channels,
+            "num_groups": self.num_groups,
+            "weight": self.weight,
+            "bias": self.bias,
+            "eps": self.eps,
+            "channel_dim": self.channel_dim,
+        }
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        _no_mask("group_norm", mask)
+        return group_norm(x, **self.functional_kwargs())
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}, affine={self.affine}, "
+            f"channel_dim={self.channel_dim}"
+        )
+
+
+def _torch_instance_norm(num_features: int, kw: dict[str, Any]) -> nn.Module | None:
+    if kw.get("channel_dim", 1) != 1:
+        return None
+    return nn.InstanceNorm2d(
+        num_features,
+        eps=kw.get("eps", 1e-5),
+        momentum=kw.get("momentum", 0.1),
+        affine=kw.get("affine", False),
+        track_running_stats=kw.get("track_running_stats", False),
+    )
+
+
+@register_norm(
+    "instance_norm",
+    functional=instance_norm,
+    reference=ref.instance_norm,
+    layout="any",
+    aliases=("in", "instancenorm1d", "instancenorm2d", "instancenorm3d"),
+    paper=Paper("Instance Normalization: The Missing Ingredient for Fast Stylization", "https://arxiv.org/abs/1607.08022"),
+    torch_equivalent=_torch_instance_norm,
+    samples=({"affine": True}, {"affine": True, "track_running_stats": True}, {"channel_dim": -1, "affine": True}),
+    description="per-sample, per-channel statistics over all positions",
+)
+class InstanceNorm(NormBase):
+    r"""Instance normalization: per sample and channel, mean/variance over all spatial positions.
+
+    Paper: Ulyanov, Vedaldi, Lempitsky, https://arxiv.org/abs/1607.08022. One module for 1d/2d/3d inputs;
+    defaults follow ``torch.nn.InstanceNorm*d`` (``affine=False``, ``track_running_stats=False``), and so do the
+    state-dict keys.
+
+    Args:
+        num_features: channel count ``C``.
+        eps: default ``1e-5``.
+        momentum: running-stat EMA factor. Default ``0.1``.
+        affine: per-channel ``weight``/``bias``. Default ``False``.
+        track_running_stats: keep running mean/var and use them in eval mode. Default ``False``.
+        channel_dim: ``1`` (default) or ``-1`` for token tensors ``(B, N, C)``.
+
+    Shape:
+        input ``(N, C, L, *)`` with at least one spatial axis; output the same shape and dtype.
+
+    Example:
+        >>> InstanceNorm(3)(torch.randn(2, 3, 8, 8)).shape
+        torch.Size([2, 3, 8, 8])
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        affine: bool = False,
+        track_running_stats: bool = False,
+        channel_dim: int = 1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_features = check_num_features("instance_norm", num_features)
+        self.channel_dim = check_layout("instance_norm", "any", channel_dim)
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
+        self.bias = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer(
+                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+            )
+        else:
+            self.running_mean: Tensor | None = None
+            self.running_var: Tensor | None = None
+            self.num_batches_tracked: Tensor | None = None
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.running_mean is not None and self.running_var is not None and self.num_batches_tracked is not None:
+            self.running_mean.zero_()
+            self.running_var.fill_(1.0)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def functional_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_features": self.num_features,
+            "running_mean": self.running_mean,
+            "running_var": self.running_var,
+            "weight": self.weight,
+            "bias": self.bias,
+            "use_input_stats": self.training or not self.track_running_stats,
+            "momentum": self.momentum,
+            "eps": self.eps,
+            "channel_dim": self.channel_dim,
+        }
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        _no_mask("instance_norm", mask)
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        return instance_norm(x, **self.functional_kwargs())
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, channel_dim={self.channel_dim}"
+        )

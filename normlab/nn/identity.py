@@ -1,0 +1,65 @@
+"""The norm-free baseline: a registered identity that accepts every norm's constructor conventions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from normlab.functional._checks import check_channels
+from normlab.nn._base import NormBase, check_layout, check_num_features
+from normlab.registry import register_norm
+from normlab.testing import reference as ref
+
+__all__ = ["IdentityNorm", "identity"]
+
+
+def identity(x: Tensor, num_features: int, channel_dim: int = -1) -> Tensor:
+    """Return ``x`` after the same input checks every norm makes."""
+    check_channels(x, num_features, channel_dim, "identity")
+    return x
+
+
+@register_norm(
+    "identity",
+    functional=identity,
+    reference=ref.identity,
+    layout="any",
+    foldable=True,
+    aliases=("none", "no_norm"),
+    samples=({"channel_dim": 1},),
+    description="no normalization (the norm-free baseline)",
+)
+class IdentityNorm(NormBase):
+    """No normalization: returns its input. The baseline every norm is compared with.
+
+    It validates the channel count like any norm so a misconfigured model fails loudly, and ignores the
+    keyword arguments other norms take (``eps``, ``affine``, ...) so it can stand in any slot.
+
+    Example:
+        >>> IdentityNorm(8)(torch.ones(2, 8)).sum().item()
+        16.0
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        channel_dim: int = -1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **ignored: Any,
+    ) -> None:
+        super().__init__()
+        self.num_features = check_num_features("identity", num_features)
+        self.channel_dim = check_layout("identity", "any", channel_dim)
+
+    def functional_kwargs(self) -> dict[str, Any]:
+        return {"num_features": self.num_features, "channel_dim": self.channel_dim}
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return identity(x, **self.functional_kwargs())
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, channel_dim={self.channel_dim}"

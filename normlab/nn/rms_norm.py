@@ -1,0 +1,344 @@
+"""RMS-family norms: RMSNorm, partial RMSNorm, SRMSNorm, CRMSNorm and ScaleNorm.
+
+* RMSNorm / pRMSNorm: Zhang & Sennrich, NeurIPS 2019, https://arxiv.org/abs/1910.07467
+* SRMSNorm (TransNormerLLM's SimpleRMSNorm): Qin et al. 2023, https://arxiv.org/abs/2307.14995
+* CRMSNorm: Jiang, Gu, Zhu, Pan, NeurIPS 2023, https://arxiv.org/abs/2305.14858
+* ScaleNorm: Nguyen & Salazar 2019, https://arxiv.org/abs/1910.05895
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from normlab.functional.rms_norm import crms_norm, partial_size, rms_norm, scale_norm
+from normlab.nn._base import NormBase, check_layout, check_num_features
+from normlab.registry import Paper, register_norm
+from normlab.testing import reference as ref
+
+__all__ = ["CRMSNorm", "PartialRMSNorm", "RMSNorm", "SRMSNorm", "ScaleNorm"]
+
+_RMS_PAPER = Paper("Root Mean Square Layer Normalization", "https://arxiv.org/abs/1910.07467")
+
+
+def _eps_inside(op: str, eps_placement: str) -> bool:
+    if eps_placement not in ("inside", "outside"):
+        raise ValueError(f"{op}: expected eps_placement in ('inside', 'outside'), got {eps_placement!r}")
+    return eps_placement == "inside"
+
+
+def _torch_rms_norm(num_features: int, kw: dict[str, Any]) -> nn.Module | None:
+    if kw.get("eps_placement", "inside") != "inside" or kw.get("bias", False) or kw.get("channel_dim", -1) != -1:
+        return None
+    return nn.RMSNorm(num_features, eps=kw.get("eps", 1e-6), elementwise_affine=kw.get("affine", True))
+
+
+@register_norm(
+    "rms_norm",
+    functional=rms_norm,
+    reference=ref.rms_norm,
+    layout="any",
+    aliases=("rms",),
+    paper=_RMS_PAPER,
+    torch_equivalent=_torch_rms_norm,
+    samples=({"eps_placement": "outside", "eps": 1e-8}, {"bias": True}, {"affine": False}, {"channel_dim": 1}),
+    description="per-token root mean square; eps inside (default) or outside the root",
+)
+class RMSNorm(NormBase):
+    r"""Root mean square layer normalization.
+
+    Paper: Zhang & Sennrich, "Root Mean Square Layer Normalization", https://arxiv.org/abs/1910.07467.
+
+    .. math:: y = \frac{x}{\sqrt{\tfrac{1}{k}\sum_{i\le k} x_i^2 + \epsilon}} \odot \gamma \;(+\, \beta)
+
+    with ``k = C`` (pRMSNorm: ``k = ceil(p C)``, see :class:`PartialRMSNorm`). The statistic is reduced over the
+    channel axis of each token.
+
+    ``eps_placement="inside"`` (default) is the LLaMA / T5 / ``torch.nn.RMSNorm`` convention and the official
+    TensorFlow code; ``"outside"`` computes ``x / (rms + eps)`` as the official PyTorch code does (which uses
+    ``eps=1e-8``). The two differ for tiny inputs (spec §5.5).
+
+    Args:
+        num_features: channel count ``C``.
+        eps: default ``1e-6``.
+        eps_placement: ``"inside"`` or ``"outside"`` the square root.
+        affine: learn the gain ``weight`` (init 1). Default ``True``.
+        bias: learn an offset ``bias`` (init 0), as the official code's ``bias=True``. Default ``False``.
+        channel_dim: channel axis. Default ``-1``.
+
+    Shape:
+        input ``(*, C)``; output the same shape and dtype (float16/bfloat16 statistics in float32).
+
+    Example:
+        >>> RMSNorm(8)(torch.randn(2, 8)).shape
+        torch.Size([2, 8])
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = 1e-6,
+        eps_placement: Literal["inside", "outside"] = "inside",
+        affine: bool = True,
+        bias: bool = False,
+        channel_dim: int = -1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        op = type(self).norm_spec.name if hasattr(type(self), "norm_spec") else "rms_norm"  # type: ignore[attr-defined]
+        self.num_features = check_num_features(op, num_features)
+        self.channel_dim = check_layout(op, "any", channel_dim)
+        self.eps = eps
+        self.eps_placement = eps_placement
+        self._eps_inside = _eps_inside(op, eps_placement)
+        self.affine = affine
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
+        self.bias = nn.Parameter(torch.empty(num_features, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def _partial(self) -> int | None:
+        return None
+
+    def functional_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_features": self.num_features,
+            "weight": self.weight,
+            "bias": self.bias,
+            "eps": self.eps,
+            "eps_inside": self._eps_inside,
+            "channel_dim": self.channel_dim,
+            "partial": self._partial(),
+        }
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return rms_norm(x, **self.functional_kwargs())
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, eps_placement={self.eps_placement!r}, affine={self.affine}, "
+            f"bias={self.bias is not None}, channel_dim={self.channel_dim}"
+        )
+
+
+@register_norm(
+    "prms_norm",
+    functional=rms_norm,
+    reference=ref.rms_norm,
+    layout="any",
+    aliases=("prms", "partial_rms_norm"),
+    paper=_RMS_PAPER,
+    samples=({"p": 0.5}, {"p": 0.3, "k_rounding": "floor"}, {"eps_placement": "outside", "eps": 1e-8}),
+    description="RMSNorm whose RMS is estimated from the first ceil(p*C) channels (p=6.25%)",
+)
+class PartialRMSNorm(RMSNorm):
+    r"""Partial RMSNorm (pRMSNorm): the RMS is estimated from the first ``k`` channels only, then applied to all.
+
+    Paper: Zhang & Sennrich 2019 (§ partial RMSNorm), https://arxiv.org/abs/1910.07467; the paper's
+    experiments use ``p = 6.25%``.
+
+    ``k = ceil(p * C)`` by default; ``k_rounding="floor"`` gives the official code's ``int(p * C)`` (which
+    selects zero channels, and divides by zero, for small ``p * C``: refused here with a ``ValueError``).
+
+    Args:
+        num_features: channel count ``C``.
+        p: fraction of leading channels in the estimate, in ``(0, 1]``. Default ``0.0625``.
+        k_rounding: ``"ceil"`` (default) or ``"floor"``.
+        **kwargs: as :class:`RMSNorm`.
+
+    Example:
+        >>> PartialRMSNorm(64, p=0.25).k
+        16
+    """
+
+    def __init__(self, num_features: int, *, p: float = 0.0625, k_rounding: str = "ceil", **kwargs: Any) -> None:
+        super().__init__(num_features, **kwargs)
+        self.p = p
+        self.k_rounding = k_rounding
+        self.k = partial_size(self.num_features, p, k_rounding)
+
+    def _partial(self) -> int | None:
+        return self.k
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, p={self.p}, k={self.k}"
+
+
+@register_norm(
+    "srms_norm",
+    functional=rms_norm,
+    reference=ref.rms_norm,
+    layout="any",
+    aliases=("srms", "simple_rms_norm"),
+    paper=Paper(
+        "TransNormerLLM: A Faster and Better Large Language Model with Improved TransNormer",
+        "https://arxiv.org/abs/2307.14995",
+    ),
+    samples=({"eps_placement": "outside", "eps": 1e-8},),
+    description="RMSNorm with no learnable parameters (TransNormerLLM)",
+)
+class SRMSNorm(RMSNorm):
+    r"""Simple RMSNorm: ``x / sqrt(mean(x^2) + eps)`` with no gain or bias (TransNormerLLM).
+
+    Paper: Qin et al. 2023, https://arxiv.org/abs/2307.14995. Default ``eps=1e-6`` inside the root, as the
+    lightning-attention code; ``eps_placement="outside", eps=1e-8`` is the TransNormer-era (fairseq-evo) variant.
+
+    Example:
+        >>> SRMSNorm(4)(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        tensor([0.3651, 0.7303, 1.0954, 1.4606])
+    """
+
+    def __init__(self, num_features: int, **kwargs: Any) -> None:
+        for key in ("affine", "bias"):
+            if kwargs.get(key):
+                raise ValueError(f"srms_norm: has no learnable parameters; expected {key}=False, got {key}=True")
+        kwargs["affine"] = False
+        kwargs["bias"] = False
+        super().__init__(num_features, **kwargs)
+
+
+@register_norm(
+    "crms_norm",
+    functional=crms_norm,
+    reference=ref.crms_norm,
+    layout="any",
+    aliases=("crms", "compressed_rms_norm"),
+    paper=Paper(
+        "Pre-RMSNorm and Pre-CRMSNorm Transformers: Equivalent and Efficient Pre-LN Transformers",
+        "https://arxiv.org/abs/2305.14858",
+    ),
+    samples=({"affine": False}, {"bias": True}),
+    description="RMSNorm of a zero-mean vector stored in d-1 coordinates (Pre-CRMSNorm)",
+)
+class CRMSNorm(NormBase):
+    r"""Compressed RMSNorm for a zero-mean vector stored without its last coordinate.
+
+    Paper: Jiang, Gu, Zhu, Pan, NeurIPS 2023, https://arxiv.org/abs/2305.14858.
+
+    A zero-mean ``x`` of width ``d`` is stored as ``z = x[:d-1]``; the dropped coordinate is ``-sum(z)``. Then
+
+    .. math:: \mathrm{CRMSNorm}(z) = \frac{z}{\sqrt{(\sum_i z_i^2 + (\sum_i z_i)^2)/d + \epsilon}}
+
+    equals ``RMSNorm(x)[:d-1]`` = ``LayerNorm(x)[:d-1]`` (eps inside, as LN's).
+
+    Args:
+        num_features: the stored width ``d - 1``.
+        eps: default ``1e-5`` (LayerNorm's, since it replaces LayerNorm exactly).
+        affine: learn a gain ``weight`` of width ``d-1``. Default ``True``.
+        bias: learn an offset. Default ``False``.
+        channel_dim: default ``-1``.
+
+    Example:
+        >>> CRMSNorm(3, affine=False)(torch.tensor([1.0, -2.0, 3.0]))
+        tensor([ 0.4714, -0.9428,  1.4142])
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = 1e-5,
+        affine: bool = True,
+        bias: bool = False,
+        channel_dim: int = -1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_features = check_num_features("crms_norm", num_features)
+        self.channel_dim = check_layout("crms_norm", "any", channel_dim)
+        self.eps = eps
+        self.affine = affine
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
+        self.bias = nn.Parameter(torch.empty(num_features, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def functional_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_features": self.num_features,
+            "weight": self.weight,
+            "bias": self.bias,
+            "eps": self.eps,
+            "channel_dim": self.channel_dim,
+        }
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return crms_norm(x, **self.functional_kwargs())
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}, bias={self.bias is not None}"
+
+
+@register_norm(
+    "scale_norm",
+    functional=scale_norm,
+    reference=ref.scale_norm,
+    layout="any",
+    aliases=("scalenorm",),
+    paper=Paper(
+        "Transformers without Tears: Improving the Normalization of Self-Attention", "https://arxiv.org/abs/1910.05895"
+    ),
+    samples=({"eps": 1e-3},),
+    description="x / ||x|| times one learned scalar g (init sqrt(C))",
+)
+class ScaleNorm(NormBase):
+    r"""ScaleNorm: ``g * x / max(||x||_2, eps)`` with a single learned scalar ``g`` (init ``sqrt(C)``).
+
+    Paper: Nguyen & Salazar 2019, https://arxiv.org/abs/1910.05895. The L2 norm is taken over the channel axis.
+
+    Args:
+        num_features: channel count ``C`` (sets the initial ``g = sqrt(C)``).
+        eps: lower clamp of the norm. Default ``1e-5``.
+        channel_dim: default ``-1``.
+
+    Example:
+        >>> ScaleNorm(4)(torch.ones(4)).detach()
+        tensor([1., 1., 1., 1.])
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = 1e-5,
+        channel_dim: int = -1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_features = check_num_features("scale_norm", num_features)
+        self.channel_dim = check_layout("scale_norm", "any", channel_dim)
+        self.eps = eps
+        self.scale = nn.Parameter(torch.empty(1, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.scale.device.type != "meta":
+            nn.init.constant_(self.scale, math.sqrt(self.num_features))
+
+    def functional_kwargs(self) -> dict[str, Any]:
+        return {"num_features": self.num_features, "scale": self.scale, "eps": self.eps, "channel_dim": self.channel_dim}
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return scale_norm(x, **self.functional_kwargs())
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, channel_dim={self.channel_dim}"
