@@ -8,13 +8,28 @@ per-token statistic never mixes tokens.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
 from normlab.registry import Layout
 
-__all__ = ["NormBase", "check_layout"]
+__all__ = ["FoldedAffine", "NormBase", "check_layout", "check_num_features"]
+
+
+@dataclass
+class FoldedAffine:
+    """The eval-mode form of a foldable norm: ``y = scale * keep(x) + shift`` per channel.
+
+    ``keep`` is a per-token module that must stay in the graph (PowerNorm's GroupScaling), or ``None``.
+    ``scale`` and ``shift`` are 1-D float tensors of length ``num_features``, computed in float64 so a
+    fold loses nothing before it casts back.
+    """
+
+    scale: Tensor
+    shift: Tensor
+    keep: nn.Module | None = None
 
 
 def check_layout(op: str, layout: Layout, channel_dim: int) -> int:
@@ -47,6 +62,10 @@ class NormBase(nn.Module):
 
     def functional_kwargs(self) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def folded_affine(self) -> FoldedAffine:
+        """Eval-mode per-channel affine of a foldable norm (``NormSpec.foldable``); others raise ``TypeError``."""
+        raise TypeError(f"{type(self).__name__} is not foldable: its eval-mode output is not a fixed per-channel affine")
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

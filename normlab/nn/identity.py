@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from normlab.functional._checks import check_channels
-from normlab.nn._base import NormBase, check_layout, check_num_features
+from normlab.nn._base import FoldedAffine, NormBase, check_layout, check_num_features
 from normlab.registry import register_norm
 from normlab.testing import reference as ref
 
@@ -60,6 +60,11 @@ class IdentityNorm(NormBase):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         return identity(x, **self.functional_kwargs())
+
+    def folded_affine(self) -> FoldedAffine:
+        return FoldedAffine(
+            torch.ones(self.num_features, dtype=torch.float64), torch.zeros(self.num_features, dtype=torch.float64)
+        )
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, channel_dim={self.channel_dim}"
