@@ -1,18 +1,23 @@
 """Functional BatchNorm (Ioffe & Szegedy 2015, https://arxiv.org/abs/1502.03167) for channel-first tensors
-``(N, C, *)`` and token tensors ``(B, N, C)`` with an optional padding mask.
+``(N, C, *)`` and token tensors ``(B, N, C)`` with an optional padding mask, synced across ranks under
+``torch.distributed`` (``torch.nn.SyncBatchNorm`` semantics) unless ``sync_stats=False``.
 
-See :class:`normlab.nn.BatchNorm`.
+See :class:`normlab.nn.BatchNorm`. The pieces (:func:`masked_moments`, :func:`batch_statistics`,
+:func:`update_running_stats`, :func:`check_mask`) are reused by RepBN / PRepBN.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from normlab.functional._checks import check_channels, compute_dtype
+from normlab.functional._dist import all_reduce_sum, stats_group, world_size
 
-__all__ = ["batch_norm", "check_mask", "masked_moments", "update_running_stats"]
+__all__ = ["batch_norm", "batch_statistics", "check_mask", "masked_moments", "update_running_stats"]
 
 
 def check_mask(mask: Tensor | None, x: Tensor, cd: int, op: str) -> Tensor | None:
@@ -32,19 +37,37 @@ def check_mask(mask: Tensor | None, x: Tensor, cd: int, op: str) -> Tensor | Non
     return mask
 
 
-def masked_moments(flat: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def masked_moments(flat: Tensor, mask: Tensor | None, group: Any | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel ``(count, mean, biased var)`` of ``flat`` (T, C) over the rows where ``mask`` (T,) is valid.
 
-    Two-pass (mean, then centred second moment) to avoid the cancellation of ``E[x^2] - E[x]^2``.
+    Two-pass (mean, then centred second moment) to avoid the cancellation of ``E[x^2] - E[x]^2``. With a process
+    ``group`` the sums and counts are all-reduced (differentiably) so every rank gets the statistics of all ranks'
+    rows; a rank with no valid rows contributes zeros.
     """
+    if group is None:
+        if mask is None:
+            var, mean = torch.var_mean(flat, dim=0, correction=0)
+            return torch.tensor(float(flat.shape[0]), dtype=flat.dtype, device=flat.device), mean, var
+        w = mask.reshape(-1, 1).to(flat.dtype)
+        count = w.sum()
+        denom = count.clamp_min(1.0)
+        mean = (flat * w).sum(0) / denom
+        var = ((flat - mean).square() * w).sum(0) / denom
+        return count, mean, var
+    valid: Tensor | None = None
     if mask is None:
-        var, mean = torch.var_mean(flat, dim=0, correction=0)
-        return torch.tensor(float(flat.shape[0]), dtype=flat.dtype, device=flat.device), mean, var
-    w = mask.reshape(-1, 1).to(flat.dtype)
-    count = w.sum()
+        local_sum = flat.sum(0)
+        local_count = torch.full((1,), float(flat.shape[0]), dtype=flat.dtype, device=flat.device)
+    else:
+        valid = mask.reshape(-1, 1).to(flat.dtype)
+        local_sum = (flat * valid).sum(0)
+        local_count = valid.sum().reshape(1)
+    total = all_reduce_sum(torch.cat([local_sum, local_count]), group)
+    count = total[-1].detach()
     denom = count.clamp_min(1.0)
-    mean = (flat * w).sum(0) / denom
-    var = ((flat - mean).square() * w).sum(0) / denom
+    mean = total[:-1] / denom
+    sq = (flat - mean).square()
+    var = all_reduce_sum((sq if valid is None else sq * valid).sum(0), group) / denom
     return count, mean, var
 
 
@@ -72,6 +95,51 @@ def update_running_stats(
     running_var.mul_(1.0 - factor).add_(unbiased.detach().to(running_var.dtype), alpha=factor)
 
 
+def batch_statistics(
+    flat: Tensor,
+    mask: Tensor | None,
+    *,
+    x_shape: list[int],
+    training: bool,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+    process_group: Any = None,
+    sync_stats: bool = True,
+    op: str = "batch_norm",
+) -> tuple[Tensor, Tensor]:
+    """The ``(mean, var)`` a BatchNorm-type norm normalizes ``flat`` (T, C) with, in ``flat``'s dtype.
+
+    Batch statistics (over valid rows; across the ranks of ``process_group`` in training) when ``training`` or
+    when no running buffers are given, updating the running buffers in training; else the running buffers.
+    """
+    if not (training or running_mean is None or running_var is None):
+        assert running_mean is not None and running_var is not None  # narrowed above; for mypy
+        return running_mean.to(flat.dtype), running_var.to(flat.dtype)
+    # Sync only in training, as torch.nn.SyncBatchNorm: an eval-mode collective could deadlock ranks that
+    # evaluate different numbers of batches.
+    group = stats_group(process_group, sync_stats) if training else None
+    if mask is None and group is None:
+        if flat.shape[0] <= 1:
+            raise ValueError(
+                f"{op}: expected more than 1 value per channel when training, got input of size {x_shape}"
+            )
+    count, mean, var = masked_moments(flat, mask, group)
+    if (mask is not None or group is not None) and not torch.compiler.is_compiling():
+        n_valid = int(count.item())
+        if n_valid <= 1:
+            where = f"a mask of size {list(mask.shape)}" if mask is not None else f"an input of size {x_shape}"
+            ranks = f" summed over {world_size(group)} ranks" if group is not None else ""
+            raise ValueError(
+                f"{op}: expected more than 1 valid (unmasked) value per channel when training, got {n_valid} "
+                f"valid positions in {where}{ranks}"
+            )
+    if training and running_mean is not None and running_var is not None:
+        update_running_stats(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
+    return mean, var
+
+
 def batch_norm(
     x: Tensor,
     num_features: int,
@@ -85,11 +153,14 @@ def batch_norm(
     channel_dim: int = 1,
     mask: Tensor | None = None,
     num_batches_tracked: Tensor | None = None,
+    process_group: Any = None,
+    sync_stats: bool = True,
 ) -> Tensor:
     """BatchNorm over every axis but ``channel_dim``; with ``mask``, batch statistics use valid positions only.
 
     Batch statistics are used when ``training`` or when no running buffers are given; running buffers are
-    updated in place in training mode.
+    updated in place in training mode. In training under an initialised ``torch.distributed`` the statistics
+    are all-reduced over ``process_group`` (WORLD when ``None``) unless ``sync_stats=False``.
     """
     op = "batch_norm"
     cd = check_channels(x, num_features, channel_dim, op, min_dim=2)
@@ -97,28 +168,14 @@ def batch_norm(
     ct = compute_dtype(x)
     use_batch_stats = training or running_mean is None or running_var is None
     xs = x.to(ct).movedim(cd, -1)
+    if not use_batch_stats and x.numel() == 0:
+        return x.clone()
     flat = xs.reshape(-1, num_features)
-    if use_batch_stats:
-        if mask is None:
-            if flat.shape[0] <= 1:
-                raise ValueError(
-                    f"{op}: expected more than 1 value per channel when training, got input of size {list(x.shape)}"
-                )
-        elif not torch.compiler.is_compiling():
-            n_valid = int(mask.sum().item())
-            if n_valid <= 1:
-                raise ValueError(
-                    f"{op}: expected more than 1 valid (unmasked) value per channel when training, got {n_valid} "
-                    f"valid positions in a mask of size {list(mask.shape)}"
-                )
-        count, mean, var = masked_moments(flat, mask)
-        if training and running_mean is not None and running_var is not None:
-            update_running_stats(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
-    else:
-        assert running_mean is not None and running_var is not None
-        if x.numel() == 0:
-            return x.clone()
-        mean, var = running_mean.to(ct), running_var.to(ct)
+    mean, var = batch_statistics(
+        flat, mask, x_shape=list(x.shape), training=training, running_mean=running_mean, running_var=running_var,
+        momentum=momentum, num_batches_tracked=num_batches_tracked, process_group=process_group,
+        sync_stats=sync_stats, op=op,
+    )
     if mask is None and not use_batch_stats:
         # Native kernel for the common eval case; identical maths to the expression below.
         y = F.batch_norm(

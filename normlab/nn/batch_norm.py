@@ -68,6 +68,10 @@ class BatchNorm(NormBase):
         affine: learn ``weight``/``bias``. Default ``True``.
         track_running_stats: keep running buffers (else batch statistics in eval mode too). Default ``True``.
         channel_dim: ``1`` (default, ``(N, C, *)``) or ``-1`` for token tensors ``(B, N, C)``.
+        process_group: the ``torch.distributed`` group whose ranks share batch statistics in training;
+            ``None`` = WORLD. Used only when ``torch.distributed`` is initialised.
+        sync_stats: all-reduce the batch statistics over ``process_group`` in training (``SyncBatchNorm``
+            semantics, padding-aware). ``False`` keeps per-rank statistics. Default ``True``.
 
     Shape:
         input ``(N, C, *)`` or ``(B, N, C)``; ``mask`` has the input's shape without the channel axis,
@@ -89,6 +93,8 @@ class BatchNorm(NormBase):
         affine: bool = True,
         track_running_stats: bool = True,
         channel_dim: int = 1,
+        process_group: Any = None,
+        sync_stats: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -101,6 +107,8 @@ class BatchNorm(NormBase):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
+        self.process_group = process_group
+        self.sync_stats = sync_stats
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
         self.bias = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
@@ -139,6 +147,8 @@ class BatchNorm(NormBase):
             "eps": self.eps,
             "channel_dim": self.channel_dim,
             "num_batches_tracked": self.num_batches_tracked,
+            "process_group": self.process_group,
+            "sync_stats": self.sync_stats,
         }
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -161,5 +171,6 @@ class BatchNorm(NormBase):
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}, channel_dim={self.channel_dim}"
+            f"track_running_stats={self.track_running_stats}, channel_dim={self.channel_dim}, "
+            f"sync_stats={self.sync_stats}"
         )

@@ -1,0 +1,70 @@
+"""Cross-rank reductions for batch-statistic norms (BatchNorm, RepBN/PRepBN, PowerNorm, Unified Normalization).
+
+Under an initialised ``torch.distributed`` the per-channel sums and counts a norm needs are all-reduced, so that
+N ranks with b sequences each compute the statistics of all N*b sequences (what ``torch.nn.SyncBatchNorm`` does
+for BatchNorm). PowerNorm's official code leaves its statistics per rank (sIncerass/powernorm issue #15,
+https://arxiv.org/abs/2003.07845) and so does Unified Normalization's; syncing them is this library's addition.
+
+:func:`all_reduce_sum` is differentiable: its backward all-reduces the incoming gradient, because on every rank the
+loss depends on the global sum, so the gradient of the summed loss with respect to one rank's contribution is the
+sum of all ranks' gradients with respect to the global sum.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["all_reduce_sum", "all_reduce_sum_", "stats_group", "world_size"]
+
+
+def stats_group(process_group: Any, sync_stats: bool) -> Any | None:
+    """The process group to all-reduce statistics over, or ``None`` when nothing is synced.
+
+    ``None`` is returned when ``sync_stats`` is false, when ``torch.distributed`` is unavailable or not
+    initialised, or when the group has a single rank. ``process_group=None`` means the WORLD group.
+    """
+    if not sync_stats or not dist.is_available() or not dist.is_initialized():
+        return None
+    group = process_group if process_group is not None else dist.group.WORLD
+    if dist.get_world_size(group) <= 1:
+        return None
+    return group
+
+
+def world_size(group: Any | None) -> int:
+    """Ranks in ``group`` (1 when ``group`` is ``None``)."""
+    return 1 if group is None else int(dist.get_world_size(group))
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, group: Any) -> Tensor:
+        ctx.group = group
+        out = t.detach().clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum(t: Tensor, group: Any | None) -> Tensor:
+    """Differentiable sum of ``t`` over the ranks of ``group``; ``t`` itself when ``group`` is ``None``."""
+    if group is None:
+        return t
+    return _AllReduceSum.apply(t, group)
+
+
+@torch.no_grad()
+def all_reduce_sum_(t: Tensor, group: Any | None) -> Tensor:
+    """In-place, non-differentiable sum over ``group`` (for statistics used inside a custom backward)."""
+    if group is not None:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
