@@ -19,9 +19,13 @@ from normlab.nn import (
     InstanceNorm,
     LayerNorm,
     PartialRMSNorm,
+    PowerNorm,
+    PRepBatchNorm,
+    RepBatchNorm,
     RMSNorm,
     ScaleNorm,
     SRMSNorm,
+    UnifiedNorm,
 )
 from normlab.registry import NormSpec, Paper, create_norm, get_norm, list_norms, register_norm
 
@@ -38,9 +42,13 @@ __all__ = [
     "NormSpec",
     "Paper",
     "PartialRMSNorm",
+    "PowerNorm",
+    "PRepBatchNorm",
+    "RepBatchNorm",
     "RMSNorm",
     "SRMSNorm",
     "ScaleNorm",
+    "UnifiedNorm",
     "__version__",
     "create_norm",
     "functional",

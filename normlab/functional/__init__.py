@@ -6,15 +6,23 @@ from normlab.functional.batch_norm import batch_norm
 from normlab.functional.dyt import dyt
 from normlab.functional.group_norm import group_norm, instance_norm
 from normlab.functional.layer_norm import layer_norm
+from normlab.functional.power_norm import group_scaling, power_norm
+from normlab.functional.rep_batch_norm import prep_batch_norm, rep_batch_norm
 from normlab.functional.rms_norm import crms_norm, rms_norm, scale_norm
+from normlab.functional.unified_norm import unified_norm
 
 __all__ = [
     "batch_norm",
     "crms_norm",
     "dyt",
     "group_norm",
+    "group_scaling",
     "instance_norm",
     "layer_norm",
+    "power_norm",
+    "prep_batch_norm",
+    "rep_batch_norm",
     "rms_norm",
     "scale_norm",
+    "unified_norm",
 ]

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce_sum", "all_reduce_sum_", "stats_group", "world_size"]
+__all__ = ["all_reduce_sum", "all_reduce_sum_", "check_count", "second_moment", "stats_group", "world_size"]
 
 
 def stats_group(process_group: Any, sync_stats: bool) -> Any | None:
@@ -68,3 +68,52 @@ def all_reduce_sum_(t: Tensor, group: Any | None) -> Tensor:
     if group is not None:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
+
+
+@torch.no_grad()
+def second_moment(flat: Tensor, mask: Tensor | None, group: Any | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Detached per-channel quadratic mean ``q_c = mean x_c^2`` of ``flat`` (T, C) over valid rows, across ranks.
+
+    Returns ``(count, q, positions)``: the number of valid rows, ``q`` and the number of rows, padding included
+    (PowerNorm's and UN's backward average over every position), all summed over ``group``'s ranks in one
+    all-reduce. A rank with no valid rows contributes zeros; ``q`` is 0 when no rank has a valid row.
+    """
+    sq = flat.square()
+    if mask is None:
+        local_sum = sq.sum(0)
+        local_count = torch.tensor(float(flat.shape[0]), dtype=flat.dtype, device=flat.device)
+    else:
+        valid = mask.reshape(-1, 1).to(flat.dtype)
+        local_sum = (sq * valid).sum(0)
+        local_count = valid.sum()
+    packed = torch.cat(
+        [
+            local_sum,
+            local_count.reshape(1),
+            torch.full((1,), float(flat.shape[0]), dtype=flat.dtype, device=flat.device),
+        ]
+    )
+    all_reduce_sum_(packed, group)
+    count, positions = packed[-2], packed[-1]
+    return count, packed[:-2] / count.clamp_min(1.0), positions
+
+
+def check_count(count: Tensor, op: str, x: Tensor, mask: Tensor | None, group: Any | None) -> None:
+    """Refuse batch statistics of fewer than 2 values per channel (all ranks see the same global count)."""
+    if mask is None and group is None:
+        n = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+        if n <= 1:
+            raise ValueError(
+                f"{op}: expected more than 1 value per channel when training, got input of size {list(x.shape)}"
+            )
+        return
+    if torch.compiler.is_compiling():
+        return
+    n_valid = int(count.item())
+    if n_valid <= 1:
+        where = f"a mask of size {list(mask.shape)}" if mask is not None else f"an input of size {list(x.shape)}"
+        ranks = f" summed over {world_size(group)} ranks" if group is not None else ""
+        raise ValueError(
+            f"{op}: expected more than 1 valid (unmasked) value per channel when training, got {n_valid} "
+            f"valid positions in {where}{ranks}"
+        )

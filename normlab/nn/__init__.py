@@ -7,18 +7,26 @@ from normlab.nn.dyt import DyT
 from normlab.nn.group_norm import GroupNorm, InstanceNorm
 from normlab.nn.identity import IdentityNorm
 from normlab.nn.layer_norm import LayerNorm
+from normlab.nn.power_norm import GroupScaling, PowerNorm
+from normlab.nn.rep_batch_norm import PRepBatchNorm, RepBatchNorm
 from normlab.nn.rms_norm import CRMSNorm, PartialRMSNorm, RMSNorm, ScaleNorm, SRMSNorm
+from normlab.nn.unified_norm import UnifiedNorm
 
 __all__ = [
     "BatchNorm",
     "CRMSNorm",
     "DyT",
     "GroupNorm",
+    "GroupScaling",
     "IdentityNorm",
     "InstanceNorm",
     "LayerNorm",
+    "PRepBatchNorm",
     "PartialRMSNorm",
+    "PowerNorm",
     "RMSNorm",
+    "RepBatchNorm",
     "SRMSNorm",
     "ScaleNorm",
+    "UnifiedNorm",
 ]

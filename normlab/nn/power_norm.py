@@ -1,0 +1,239 @@
+"""PowerNorm (Shen, Yao, Gholami, Mahoney, Keutzer, "PowerNorm: Rethinking Batch Normalization in Transformers",
+ICML 2020, https://arxiv.org/abs/2003.07845), with the semantics of the official ``MaskPowerNorm``
+(sIncerass/powernorm @ 9ea6226a) as the default, and the parameter-free per-token ``GroupScaling`` it applies first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from normlab.functional.power_norm import BackwardDivisor, group_scaling, power_norm
+from normlab.nn._base import FoldedAffine, NormBase, check_layout, check_num_features
+from normlab.registry import Paper, register_norm
+from normlab.testing import reference_batchstat as ref
+
+__all__ = ["GroupScaling", "PowerNorm"]
+
+_PAPER = Paper("PowerNorm: Rethinking Batch Normalization in Transformers", "https://arxiv.org/abs/2003.07845")
+
+
+class GroupScaling(nn.Module):
+    r"""Per-token group RMS scaling (PowerNorm's first stage): :math:`x_g / \sqrt{\mathrm{mean}(x_g^2) + \epsilon}`
+    over each group ``g`` of ``C / group_num`` consecutive channels. No parameters; it stays in the graph when the
+    PowerNorm's per-channel stage is folded into a linear layer.
+
+    Args:
+        group_num: number of channel groups (the official NMT models use the number of attention heads).
+        eps: fixed at ``1e-5`` in the official code.
+
+    Example:
+        >>> GroupScaling(2)(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+        tensor([[0.6325, 1.2649, 0.8485, 1.1314]])
+    """
+
+    def __init__(self, group_num: int = 1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.group_num = group_num
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype in (torch.float16, torch.bfloat16):
+            return group_scaling(x.float(), self.group_num, self.eps).to(x.dtype)
+        return group_scaling(x, self.group_num, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"group_num={self.group_num}, eps={self.eps}"
+
+
+@register_norm(
+    "power_norm",
+    functional=power_norm,
+    reference=ref.power_norm,
+    layout="token",
+    has_running_stats=True,
+    batch_dependent=True,
+    foldable=True,
+    custom_backward=True,
+    paper=_PAPER,
+    aliases=("pn", "mask_power_norm", "powernorm"),
+    samples=(
+        {"group_num": 2},
+        {"group_num": None},
+        {"warmup_iters": 0},
+        {"backward_divisor": "forward"},
+        {"affine": False},
+    ),
+    description="relaxed zero-mean batch norm: GroupScaling + running quadratic mean, approximate backward",
+)
+class PowerNorm(NormBase):
+    r"""PowerNorm for Transformer token tensors, official ``MaskPowerNorm`` semantics, with padding masks.
+
+    Paper: Shen et al., ICML 2020, https://arxiv.org/abs/2003.07845.
+
+    Each token is first group-RMS scaled (:class:`GroupScaling`, ``x̂``). Then, per channel ``c``, with the
+    quadratic mean :math:`\psi_B^2 = \mathrm{mean}_{t \in valid}\, \hat x_{t,c}^2` of the valid tokens and the
+    1-based step ``t = iters + 1``:
+
+    .. math:: y = \gamma \odot \hat x / \sqrt{s + \epsilon} + \beta, \quad
+              s = \psi_B^2 \text{ if } t \le \text{warmup\_iters} \text{ else } \phi_{t-1}
+
+    The running quadratic mean ``running_phi`` (φ) is updated after use: a cumulative-average step while
+    ``t < warmup_iters``, then always the EMA ``φ ← α_f φ + (1-α_f) ψ_B²``. No mean is subtracted.
+    Eval: ``y = γ ⊙ GroupScaling(x) / sqrt(running_phi + eps) + β`` (the per-channel stage folds; GroupScaling stays).
+
+    Backward (training; the official approximate recursion, not the exact gradient): with ``g = γ ⊙ dY`` and
+    ``u = ema_gz``: ``g̃ = g − (1−α_b) u ⊙ z``; ``u ← u + mean_{all positions} g̃ ⊙ z`` (padding included);
+    ``dx̂ = g̃ / sqrt(ψ_B² + eps)``; ``dγ = Σ dY ⊙ z``. The gradient then flows through GroupScaling by autograd.
+
+    Where the paper and the official code differ, the default follows the code; switches:
+
+    * ``backward_divisor="batch"`` (code: divides by ψ_B even after warm-up) or ``"forward"`` (paper: divides by
+      the statistic the forward used, ψ_{t-1} after warm-up).
+    * ``group_num=None`` drops GroupScaling (the paper's plain PN; users report NaNs without it, issues #9, #15).
+    * ``affine`` is honoured (the official class ignores it).
+
+    ``iters`` counts train-mode forward calls. Under an initialised ``torch.distributed`` the statistics and the
+    backward's gradient average are all-reduced over ``process_group`` (the official code keeps them per rank).
+
+    Args:
+        num_features: channel count ``C``.
+        eps: inside the root. Default ``1e-5``.
+        alpha_fwd: EMA weight of the old ``running_phi``. Default ``0.9``.
+        alpha_bkw: backward EMA factor. Default ``0.9``.
+        warmup_iters: steps that normalize by the batch statistic. Default ``10000`` (official class default;
+            the NMT scripts pass the LR warm-up, 8000).
+        group_num: GroupScaling groups (``C % group_num == 0``), or ``None`` for none. Default ``1``.
+        affine: learn ``weight`` (init 1) and ``bias`` (init 0). Default ``True``.
+        backward_divisor: ``"batch"`` (code) or ``"forward"`` (paper), see above.
+        channel_dim: must be ``-1``.
+        process_group: ``torch.distributed`` group to sync over (``None`` = WORLD). ``sync_stats=False`` opts out.
+
+    Shape:
+        input ``(B, N, C)`` or ``(N, C)`` (any ``(*, C)``); ``mask`` ``(B, N)`` / ``(N,)``, True/1 = valid token.
+        Output: the input's shape and dtype; float16/bfloat16 statistics are computed in float32.
+
+    Example:
+        >>> pn = PowerNorm(8, group_num=2)
+        >>> x, mask = torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+        >>> pn(x, mask=mask).shape
+        torch.Size([2, 5, 8])
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = 1e-5,
+        alpha_fwd: float = 0.9,
+        alpha_bkw: float = 0.9,
+        warmup_iters: int = 10000,
+        group_num: int | None = 1,
+        affine: bool = True,
+        backward_divisor: BackwardDivisor = "batch",
+        channel_dim: int = -1,
+        process_group: Any = None,
+        sync_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        op = "power_norm"
+        self.num_features = check_num_features(op, num_features)
+        self.channel_dim = check_layout(op, "token", channel_dim)
+        if group_num is not None and (
+            isinstance(group_num, bool) or not isinstance(group_num, int) or group_num < 1 or num_features % group_num
+        ):
+            raise ValueError(
+                f"{op}: expected group_num to be None or a positive divisor of num_features={num_features}, "
+                f"got {group_num!r}"
+            )
+        if backward_divisor not in ("batch", "forward"):
+            raise ValueError(f"{op}: expected backward_divisor 'batch' or 'forward', got {backward_divisor!r}")
+        for name, value in (("alpha_fwd", alpha_fwd), ("alpha_bkw", alpha_bkw)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{op}: expected {name} in [0, 1], got {value!r}")
+        if isinstance(warmup_iters, bool) or not isinstance(warmup_iters, int) or warmup_iters < 0:
+            raise ValueError(f"{op}: expected warmup_iters to be an int >= 0, got {warmup_iters!r}")
+        self.eps, self.alpha_fwd, self.alpha_bkw = eps, alpha_fwd, alpha_bkw
+        self.warmup_iters, self.group_num, self.affine = warmup_iters, group_num, affine
+        self.backward_divisor: BackwardDivisor = backward_divisor
+        self.process_group, self.sync_stats = process_group, sync_stats
+        self.group_scaling = GroupScaling(group_num) if group_num is not None else None
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
+        self.bias = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
+        self.register_buffer("running_phi", torch.ones(num_features, **factory))
+        self.register_buffer("ema_gz", torch.zeros(num_features, **factory))
+        self.register_buffer("iters", torch.tensor(0, dtype=torch.long, device=device))
+        self.reset_parameters()
+
+    running_phi: Tensor
+    ema_gz: Tensor
+    iters: Tensor
+
+    def reset_running_stats(self) -> None:
+        self.running_phi.fill_(1.0)
+        self.ema_gz.zero_()
+        self.iters.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.weight is not None and self.bias is not None:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def restart_warmup(self) -> None:
+        """Set ``iters`` to 0 so the warm-up runs again (e.g. before fine-tuning a loaded checkpoint)."""
+        self.iters.zero_()
+
+    def functional_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_features": self.num_features,
+            "running_phi": self.running_phi,
+            "ema_gz": self.ema_gz,
+            "iters": self.iters,
+            "weight": self.weight,
+            "bias": self.bias,
+            "training": self.training,
+            "eps": self.eps,
+            "alpha_fwd": self.alpha_fwd,
+            "alpha_bkw": self.alpha_bkw,
+            "warmup_iters": self.warmup_iters,
+            "group_num": self.group_num,
+            "backward_divisor": self.backward_divisor,
+            "channel_dim": self.channel_dim,
+            "process_group": self.process_group,
+            "sync_stats": self.sync_stats,
+        }
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return power_norm(x, mask=mask, **self.functional_kwargs())
+
+    def folded_affine(self) -> FoldedAffine:
+        """``scale = weight / sqrt(running_phi + eps)``, ``shift = bias``, ``keep`` = the GroupScaling module
+        that must stay before the folded linear layer (``None`` when ``group_num=None``)."""
+        if self.training:
+            raise RuntimeError("power_norm: folded_affine() needs eval mode (running statistics); call .eval() first")
+        scale = torch.rsqrt(self.running_phi.detach().double() + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight.detach().double()
+        shift = self.bias.detach().double() if self.bias is not None else torch.zeros_like(scale)
+        return FoldedAffine(scale, shift, keep=self.group_scaling)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # The official MaskPowerNorm stores running_phi / ema_gz as (1, C, 1, 1); accept those checkpoints.
+        for key in ("running_phi", "ema_gz"):
+            t = state_dict.get(prefix + key)
+            if isinstance(t, Tensor) and t.dim() == 4 and t.numel() == self.num_features:
+                state_dict[prefix + key] = t.reshape(self.num_features)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}, "
+            f"warmup_iters={self.warmup_iters}, group_num={self.group_num}, affine={self.affine}, "
+            f"backward_divisor={self.backward_divisor!r}, channel_dim={self.channel_dim}, sync_stats={self.sync_stats}"
+        )

@@ -1,0 +1,318 @@
+"""RepBN and progressive PRepBN from SLAB (Guo, Chen, Tang, Wang, "SLAB: Efficient Transformers with Simplified
+Linear Attention and Progressive Re-parameterized Batch Normalization", ICML 2024, https://arxiv.org/abs/2405.11582),
+following the official code (xinghaochen/SLAB @ f58db00b: ``RepBN`` and ``LinearNorm``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from normlab.functional.rep_batch_norm import prep_batch_norm, prep_lambda, rep_batch_norm
+from normlab.nn._base import FoldedAffine, NormBase, check_layout, check_num_features
+from normlab.registry import Paper, create_norm, register_norm
+from normlab.testing import reference_batchstat as ref
+
+__all__ = ["PRepBatchNorm", "RepBatchNorm"]
+
+_PAPER = Paper(
+    "SLAB: Efficient Transformers with Simplified Linear Attention and Progressive Re-parameterized Batch "
+    "Normalization",
+    "https://arxiv.org/abs/2405.11582",
+)
+
+
+@register_norm(
+    "rep_batch_norm",
+    functional=rep_batch_norm,
+    reference=ref.rep_batch_norm,
+    layout="any",
+    has_running_stats=True,
+    batch_dependent=True,
+    foldable=True,
+    paper=_PAPER,
+    aliases=("repbn",),
+    samples=({"alpha_init": 0.0, "weight_init": 0.0}, {"channel_dim": 1}, {"momentum": None}, {"affine": False}),
+    description="BatchNorm + learnable scalar skip alpha*x (SLAB); a per-channel affine at eval",
+)
+class RepBatchNorm(NormBase):
+    r"""RepBN: batch normalization plus a learnable scalar skip, for token tensors with padding masks.
+
+    Paper: Guo et al., SLAB, ICML 2024, https://arxiv.org/abs/2405.11582.
+
+    .. math:: y = \gamma \odot \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta + \alpha x
+
+    ``μ``, ``σ²`` (biased) are per channel over all valid tokens in training (the running buffers get the
+    unbiased variance, torch BatchNorm semantics) and the running buffers in eval, where the norm is the
+    per-channel affine ``a = γ/sqrt(running_var+eps) + α``, ``c = β − γ·running_mean/sqrt(running_var+eps)``.
+
+    Padding positions are transformed with the same per-channel statistics as valid ones (their values do not
+    enter the statistics); the official LLaMA variant instead passes them through as ``x + αx``.
+
+    Args:
+        num_features: channel count ``C``.
+        eps: Default ``1e-5`` (the LLaMA variant uses ``1e-6``).
+        momentum: running-stat EMA factor (``None`` = cumulative average). Default ``0.1``.
+        alpha_init: initial α (a scalar parameter). Default ``1.0`` (vision repos; LLaMA variant ``0``).
+        weight_init: initial γ. Default ``1.0`` (LLaMA variant ``0``).
+        affine: learn γ and β. Default ``True``.
+        channel_dim: ``-1`` (default, tokens ``(*, C)``) or ``1`` for ``(N, C, *)``.
+        process_group: ``torch.distributed`` group whose ranks share statistics in training (``None`` = WORLD).
+        sync_stats: all-reduce the statistics when ``torch.distributed`` is initialised. Default ``True``.
+
+    Shape:
+        input ``(B, N, C)`` / ``(N, C)`` (or ``(N, C, *)``); ``mask`` the input's shape without the channel axis.
+        Output: the input's shape and dtype (statistics of float16/bfloat16 in float32).
+
+    Example:
+        >>> m = RepBatchNorm(8)
+        >>> m(torch.randn(2, 5, 8), mask=torch.ones(2, 5, dtype=torch.bool)).shape
+        torch.Size([2, 5, 8])
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        alpha_init: float = 1.0,
+        weight_init: float = 1.0,
+        affine: bool = True,
+        channel_dim: int = -1,
+        process_group: Any = None,
+        sync_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        op = "rep_batch_norm"
+        self.num_features = check_num_features(op, num_features)
+        self.channel_dim = check_layout(op, "any", channel_dim)
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"{op}: expected momentum in [0, 1] or None, got {momentum!r}")
+        self.eps, self.momentum, self.affine = eps, momentum, affine
+        self.alpha_init, self.weight_init = float(alpha_init), float(weight_init)
+        self.process_group, self.sync_stats = process_group, sync_stats
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.alpha = nn.Parameter(torch.empty(1, **factory))
+        self.weight = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
+        self.bias = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        self.reset_parameters()
+
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        nn.init.constant_(self.alpha, self.alpha_init)
+        if self.weight is not None and self.bias is not None:
+            nn.init.constant_(self.weight, self.weight_init)
+            nn.init.zeros_(self.bias)
+
+    def functional_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_features": self.num_features,
+            "alpha": self.alpha,
+            "running_mean": self.running_mean,
+            "running_var": self.running_var,
+            "weight": self.weight,
+            "bias": self.bias,
+            "training": self.training,
+            "momentum": self.momentum,
+            "eps": self.eps,
+            "channel_dim": self.channel_dim,
+            "num_batches_tracked": self.num_batches_tracked,
+            "process_group": self.process_group,
+            "sync_stats": self.sync_stats,
+        }
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return rep_batch_norm(x, mask=mask, **self.functional_kwargs())
+
+    def folded_affine(self) -> FoldedAffine:
+        """``scale = γ/sqrt(running_var + eps) + α``, ``shift = β − γ·running_mean/sqrt(running_var + eps)``."""
+        if self.training:
+            raise RuntimeError("rep_batch_norm: folded_affine() needs eval mode (running statistics); call .eval()")
+        bn_scale = torch.rsqrt(self.running_var.detach().double() + self.eps)
+        if self.weight is not None:
+            bn_scale = bn_scale * self.weight.detach().double()
+        shift = -bn_scale * self.running_mean.detach().double()
+        if self.bias is not None:
+            shift = shift + self.bias.detach().double()
+        return FoldedAffine(bn_scale + self.alpha.detach().double(), shift)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, alpha_init={self.alpha_init}, "
+            f"weight_init={self.weight_init}, affine={self.affine}, channel_dim={self.channel_dim}, "
+            f"sync_stats={self.sync_stats}"
+        )
+
+
+@register_norm(
+    "prep_batch_norm",
+    functional=prep_batch_norm,
+    reference=ref.prep_batch_norm,
+    layout="token",
+    has_running_stats=True,
+    batch_dependent=True,
+    foldable=True,
+    paper=_PAPER,
+    aliases=("prepbn", "linear_norm", "progressive_rep_batch_norm"),
+    samples=({"total_steps": 4}, {"total_steps": 0}, {"norm1": "rms_norm"}),
+    description="SLAB progressive LayerNorm -> RepBN: lambda*LN + (1-lambda)*RepBN, lambda ramps 1 -> 0",
+)
+class PRepBatchNorm(NormBase):
+    r"""Progressive re-parameterized BatchNorm (SLAB's ``LinearNorm``): LayerNorm morphing into RepBN in training.
+
+    Paper: Guo et al., SLAB, ICML 2024, https://arxiv.org/abs/2405.11582.
+
+    Training forward: during the warm phase (``warm > 0`` remaining steps) ``y = norm1(x)`` (no batch statistics);
+    afterwards
+
+    .. math:: y = \lambda\, \mathrm{norm1}(x) + (1 - \lambda)\, \mathrm{RepBN}(x), \qquad
+              \lambda = r_0 \cdot \mathrm{iter} / \mathrm{total\_step}
+
+    with ``iter`` read before it is decremented, so λ = 1, 1−1/T, …, 1/T, 0, 0, … over the forwards after the
+    warm phase. RepBN's running statistics update on every post-warm training forward, even at λ ≈ 1.
+    Eval: always ``RepBN(x)`` with running statistics. The schedule lives in buffers (``warm``, ``iter``,
+    ``total_step``, ``num_step``), so a state dict resumes the ramp where it stopped. With ``decrement_every=n``
+    the counters move once per ``n`` training forwards (the LLaMA variant uses 16 = its gradient accumulation).
+
+    Foldable once the ramp is over (``warm == iter == 0``): then the network trains and runs as pure RepBN.
+    :meth:`folded_affine` refuses before that. SLAB's recipe then recalibrates: freeze all parameters and keep
+    training-mode forwards running to update only the RepBN statistics.
+
+    Args:
+        num_features: channel count ``C``.
+        total_steps: ramp length ``T`` (training forwards / ``decrement_every``). Default ``300000`` (official
+            class default; SLAB-Swin/DeiT configs use 60000). Must be less than the total training iterations.
+        warmup_steps: pure-norm1 steps before the ramp (official ``warm``). Default ``0`` (LLaMA variant 10000).
+        r0: initial λ. Default ``1.0``.
+        decrement_every: forwards per counter step. Default ``1``.
+        norm1: the per-token norm of the LN branch: a registry key, class or partial. Default ``"layer_norm"``
+            (LLaMA variant: ``"rms_norm"``).
+        norm1_eps: eps of ``norm1``. Default ``1e-6`` (DeiT; SLAB-Swin uses ``1e-5``).
+        eps, momentum, alpha_init, weight_init, affine, process_group, sync_stats: of the RepBN branch
+            (:class:`RepBatchNorm`), available as ``self.norm2``.
+        channel_dim: must be ``-1``.
+
+    Shape:
+        input ``(B, N, C)`` / ``(N, C)``; ``mask`` ``(B, N)`` / ``(N,)`` (RepBN's statistics only). Output: input's
+        shape and dtype.
+
+    Example:
+        >>> m = PRepBatchNorm(8, total_steps=1000)
+        >>> m(torch.randn(2, 5, 8)).shape, m.current_lambda()
+        (torch.Size([2, 5, 8]), 0.999)
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        total_steps: int = 300000,
+        warmup_steps: int = 0,
+        r0: float = 1.0,
+        decrement_every: int = 1,
+        norm1: str | Callable[..., nn.Module] = "layer_norm",
+        norm1_eps: float = 1e-6,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        alpha_init: float = 1.0,
+        weight_init: float = 1.0,
+        affine: bool = True,
+        channel_dim: int = -1,
+        process_group: Any = None,
+        sync_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        op = "prep_batch_norm"
+        self.num_features = check_num_features(op, num_features)
+        self.channel_dim = check_layout(op, "token", channel_dim)
+        for name, value, low in (("total_steps", total_steps, 0), ("warmup_steps", warmup_steps, 0),
+                                 ("decrement_every", decrement_every, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{op}: expected {name} to be an int >= {low}, got {value!r}")
+        self.total_steps, self.warmup_steps, self.r0 = total_steps, warmup_steps, float(r0)
+        self.decrement_every = decrement_every
+        self.norm1 = create_norm(norm1, num_features, eps=norm1_eps, device=device, dtype=dtype)
+        self.norm2 = RepBatchNorm(
+            num_features, eps=eps, momentum=momentum, alpha_init=alpha_init, weight_init=weight_init, affine=affine,
+            process_group=process_group, sync_stats=sync_stats, device=device, dtype=dtype,
+        )
+        self.register_buffer("warm", torch.tensor(warmup_steps, dtype=torch.long, device=device))
+        self.register_buffer("iter", torch.tensor(total_steps, dtype=torch.long, device=device))
+        self.register_buffer("total_step", torch.tensor(total_steps, dtype=torch.long, device=device))
+        self.register_buffer("num_step", torch.tensor(0, dtype=torch.long, device=device))
+        self.reset_parameters()
+
+    warm: Tensor
+    iter: Tensor
+    total_step: Tensor
+    num_step: Tensor
+
+    def reset_schedule(self) -> None:
+        """Restart the warm phase and the ramp from the constructor's values."""
+        self.warm.fill_(self.warmup_steps)
+        self.iter.fill_(self.total_steps)
+        self.total_step.fill_(self.total_steps)
+        self.num_step.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_schedule()
+        reset = getattr(self.norm1, "reset_parameters", None)
+        if callable(reset):
+            reset()
+        self.norm2.reset_parameters()
+
+    def current_lambda(self) -> float:
+        """λ of the next training forward (1.0 during the warm phase)."""
+        return prep_lambda(self.warm, self.iter, self.total_step, self.r0)
+
+    def ramp_finished(self) -> bool:
+        return int(self.warm) == 0 and int(self.iter) == 0
+
+    def functional_kwargs(self) -> dict[str, Any]:
+        kw = self.norm2.functional_kwargs()
+        kw.update(
+            norm1=self.norm1, warm=self.warm, iter=self.iter, total_step=self.total_step, num_step=self.num_step,
+            r0=self.r0, decrement_every=self.decrement_every, training=self.training, channel_dim=self.channel_dim,
+        )
+        return kw
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return prep_batch_norm(x, mask=mask, **self.functional_kwargs())
+
+    def folded_affine(self) -> FoldedAffine:
+        """RepBN's affine, once the ramp is over; before that a fold would drop the LayerNorm the model still uses."""
+        if not self.ramp_finished():
+            raise RuntimeError(
+                f"prep_batch_norm: folded_affine() needs the LayerNorm -> RepBN ramp to be over (warm=0, iter=0), "
+                f"got warm={int(self.warm)}, iter={int(self.iter)} of total_step={int(self.total_step)} "
+                f"(next lambda={self.current_lambda():.6g})"
+            )
+        if self.training:
+            raise RuntimeError("prep_batch_norm: folded_affine() needs eval mode (running statistics); call .eval()")
+        return self.norm2.folded_affine()
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, total_steps={self.total_steps}, warmup_steps={self.warmup_steps}, r0={self.r0}, "
+            f"decrement_every={self.decrement_every}, channel_dim={self.channel_dim}"
+        )

@@ -1,0 +1,197 @@
+"""Unified Normalization (Yang, Dong, Zhu, Zhu, Zhang, Li, Yuan, "Unified Normalization for Accelerating and
+Stabilizing Transformers", ACM MM 2022, https://arxiv.org/abs/2208.01313), the official ``UN1d`` semantics
+(hikvision-research/Unified-Normalization @ 0ce9bf26), with padding masks and cross-rank statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from normlab.functional.unified_norm import unified_norm
+from normlab.nn._base import FoldedAffine, NormBase, check_layout, check_num_features
+from normlab.registry import Paper, register_norm
+from normlab.testing import reference_batchstat as ref
+
+__all__ = ["UnifiedNorm"]
+
+
+def _window_sizes(window_size: Any) -> tuple[int, int]:
+    sizes = (window_size, window_size) if isinstance(window_size, int) else tuple(window_size)
+    if len(sizes) != 2 or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in sizes):
+        raise ValueError(
+            f"unified_norm: expected window_size to be an int >= 1 or a pair (forward, backward) of them, "
+            f"got {window_size!r}"
+        )
+    return int(sizes[0]), int(sizes[1])
+
+
+@register_norm(
+    "unified_norm",
+    functional=unified_norm,
+    reference=ref.unified_norm,
+    layout="token",
+    has_running_stats=True,
+    batch_dependent=True,
+    foldable=True,
+    custom_backward=True,
+    paper=Paper("Unified Normalization for Accelerating and Stabilizing Transformers", "https://arxiv.org/abs/2208.01313"),
+    aliases=("un", "un1d"),
+    samples=({"outlier_filtration": True}, {"window_size": (3, 2)}, {"warmup_iters": 0}, {"affine": False}),
+    description="batch 2nd moment, window geometric mean, outlier filter, smoothed backward; folds at eval",
+)
+class UnifiedNorm(NormBase):
+    r"""Unified Normalization (UN1d) for Transformer token tensors, with padding masks.
+
+    Paper: Yang et al., ACM MM 2022, https://arxiv.org/abs/2208.01313. No mean is subtracted (official code).
+
+    Training step ``t = iters + 1`` (``iters`` counts train-mode forward calls), window ``k = k_f``:
+
+    1. :math:`x^2_c = \mathrm{mean}_{valid\ tokens}\, x_{t,c}^2`; :math:`\rho` = unbiased variance of
+       ``sqrt(buffer_x2)`` pooled over all ``k×C`` entries, taken before the batch is inserted.
+    2. ``buffer_x2[t mod k] ← x²``. With ``outlier_filtration`` and ``t ≥ warmup_iters``: if any channel has
+       ``AM − GM > ρ·k`` over the window, the slot gets ``running_var`` instead, the step is skipped
+       (``skip_counter += 1``).
+    3. ``v = x²`` if ``t ≤ k`` or ``t < warmup_iters`` or skipped (or ``k = 1``), else the window's geometric mean.
+    4. :math:`y = \gamma \odot x / \sqrt{v + \epsilon} + \beta`;
+       ``running_var ← momentum·running_var + (1−momentum)·v`` (outlier steps included).
+
+    Backward (``k = k_b``): ``r = clamp(sqrt(v+eps)/sqrt(running_var_old+eps), 1/5, 5)`` after
+    ``max(1000, warmup_iters)`` steps (else 1); ``g = dY·γ·r``; ``gz`` = mean over all positions (padding
+    included) of ``g·z``; ``buffer_gz[t mod k] ← ema_gz`` if skipped else ``gz``; ``m = gz`` early / when skipped,
+    else the window mean; ``ema_gz ← momentum·ema_gz + (1−momentum)·m``; ``dx = (g − μ·z)/sqrt(v+eps)`` with
+    ``μ = m`` when skipped else the new ``ema_gz``; ``dγ = Σ dY·r·z``, ``dβ = Σ dY``.
+
+    Eval: ``y = γ ⊙ x / sqrt(running_var + eps) + β``, a per-channel affine (foldable).
+
+    Under an initialised ``torch.distributed`` the batch statistic and the backward's ``gz`` are all-reduced over
+    ``process_group`` (the official code keeps them per GPU); ``sync_stats=False`` opts out.
+
+    Args:
+        num_features: channel count ``C``.
+        window_size: ``k`` for forward and backward, or a pair ``(k_f, k_b)``. Default ``4``.
+        warmup_iters: Default ``4000``. Reset ``iters`` (:meth:`restart_warmup`) before fine-tuning.
+        outlier_filtration: Default ``False`` (official docstring: False for NLP, True for CV).
+        eps: inside the root. Default ``1e-5``.
+        momentum: weight of the OLD value in every EMA. Default ``0.9``.
+        affine: learn ``weight`` (init 1) and ``bias`` (init 0). Default ``True``.
+        channel_dim: must be ``-1``.
+        process_group: ``torch.distributed`` group (``None`` = WORLD); ``sync_stats`` to opt out.
+
+    Shape:
+        input ``(B, N, C)`` or ``(N, C)``; ``mask`` ``(B, N)`` / ``(N,)``, True/1 = valid. Output: input's shape
+        and dtype; float16/bfloat16 statistics are computed in float32.
+
+    Example:
+        >>> un = UnifiedNorm(8, window_size=4, warmup_iters=4000)
+        >>> un(torch.randn(2, 5, 8)).shape
+        torch.Size([2, 5, 8])
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        window_size: int | tuple[int, int] = 4,
+        warmup_iters: int = 4000,
+        outlier_filtration: bool = False,
+        eps: float = 1e-5,
+        momentum: float = 0.9,
+        affine: bool = True,
+        channel_dim: int = -1,
+        process_group: Any = None,
+        sync_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        op = "unified_norm"
+        self.num_features = check_num_features(op, num_features)
+        self.channel_dim = check_layout(op, "token", channel_dim)
+        kf, kb = _window_sizes(window_size)
+        if isinstance(warmup_iters, bool) or not isinstance(warmup_iters, int) or warmup_iters < 0:
+            raise ValueError(f"{op}: expected warmup_iters to be an int >= 0, got {warmup_iters!r}")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"{op}: expected momentum in [0, 1], got {momentum!r}")
+        self.window_size = (kf, kb)
+        self.warmup_iters, self.outlier_filtration = warmup_iters, outlier_filtration
+        self.eps, self.momentum, self.affine = eps, momentum, affine
+        self.process_group, self.sync_stats = process_group, sync_stats
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
+        self.bias = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self.register_buffer("ema_gz", torch.zeros(num_features, **factory))
+        self.register_buffer("iters", torch.tensor(0, dtype=torch.long, device=device))
+        self.register_buffer("buffer_x2", torch.zeros(kf, num_features, **factory))
+        self.register_buffer("buffer_gz", torch.zeros(kb, num_features, **factory))
+        self.register_buffer("skip_counter", torch.tensor(0, dtype=torch.long, device=device))
+        self.reset_parameters()
+
+    running_var: Tensor
+    ema_gz: Tensor
+    iters: Tensor
+    buffer_x2: Tensor
+    buffer_gz: Tensor
+    skip_counter: Tensor
+
+    def reset_running_stats(self) -> None:
+        self.running_var.fill_(1.0)
+        self.ema_gz.zero_()
+        self.iters.zero_()
+        self.buffer_x2.zero_()
+        self.buffer_gz.zero_()
+        self.skip_counter.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.weight is not None and self.bias is not None:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def restart_warmup(self) -> None:
+        """Set ``iters`` to 0 so the warm-up runs again (the official README's advice before fine-tuning)."""
+        self.iters.zero_()
+
+    def functional_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_features": self.num_features,
+            "running_var": self.running_var,
+            "buffer_x2": self.buffer_x2,
+            "buffer_gz": self.buffer_gz,
+            "ema_gz": self.ema_gz,
+            "iters": self.iters,
+            "skip_counter": self.skip_counter,
+            "weight": self.weight,
+            "bias": self.bias,
+            "training": self.training,
+            "eps": self.eps,
+            "momentum": self.momentum,
+            "warmup_iters": self.warmup_iters,
+            "outlier_filtration": self.outlier_filtration,
+            "channel_dim": self.channel_dim,
+            "process_group": self.process_group,
+            "sync_stats": self.sync_stats,
+        }
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return unified_norm(x, mask=mask, **self.functional_kwargs())
+
+    def folded_affine(self) -> FoldedAffine:
+        """``scale = weight / sqrt(running_var + eps)``, ``shift = bias`` (float64; no mean term)."""
+        if self.training:
+            raise RuntimeError("unified_norm: folded_affine() needs eval mode (running statistics); call .eval() first")
+        scale = torch.rsqrt(self.running_var.detach().double() + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight.detach().double()
+        shift = self.bias.detach().double() if self.bias is not None else torch.zeros_like(scale)
+        return FoldedAffine(scale, shift)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, window_size={self.window_size}, warmup_iters={self.warmup_iters}, "
+            f"outlier_filtration={self.outlier_filtration}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, channel_dim={self.channel_dim}, sync_stats={self.sync_stats}"
+        )

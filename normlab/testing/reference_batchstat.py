@@ -1,0 +1,119 @@
+"""Float64 references of the Transformer batch-statistic norms: PowerNorm (https://arxiv.org/abs/2003.07845),
+Unified Normalization (https://arxiv.org/abs/2208.01313), RepBN and PRepBN (SLAB, https://arxiv.org/abs/2405.11582).
+
+Written from the definitions in the spec, independently of :mod:`normlab.functional`. Each has the signature
+``reference(module, x, mask=None) -> Tensor``: it reads the module's parameters, buffers and ``training`` flag and
+returns the output of the module's NEXT forward (in training: the step ``t = iters + 1``) without updating state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["power_norm", "prep_batch_norm", "rep_batch_norm", "unified_norm"]
+
+
+def _f64(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().to(torch.float64)
+
+
+def _t64(t: Tensor) -> Tensor:
+    return t.detach().to(torch.float64)
+
+
+def _affine(y: Tensor, m: Any) -> Tensor:
+    w, b = _f64(getattr(m, "weight", None)), _f64(getattr(m, "bias", None))
+    if w is not None:
+        y = y * w
+    if b is not None:
+        y = y + b
+    return y
+
+
+def _valid_rows(xl: Tensor, mask: Tensor | None) -> Tensor:
+    rows = xl.reshape(-1, xl.shape[-1])
+    return rows if mask is None else rows[mask.reshape(-1).bool()]
+
+
+def _group_rms(x: Tensor, groups: int, eps: float = 1e-5) -> Tensor:
+    c = x.shape[-1]
+    parts = []
+    for g in range(groups):
+        chunk = x[..., g * (c // groups) : (g + 1) * (c // groups)]
+        parts.append(chunk / torch.sqrt((chunk**2).mean(-1, keepdim=True) + eps))
+    return torch.cat(parts, dim=-1)
+
+
+def power_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """GroupScaling, then the batch quadratic mean while ``t <= warmup_iters``, else the old ``running_phi``."""
+    xg = x.to(torch.float64)
+    if m.group_num is not None:
+        xg = _group_rms(xg, m.group_num)
+    if m.training and int(m.iters) + 1 <= m.warmup_iters:
+        stat = (_valid_rows(xg, mask) ** 2).mean(0)
+    else:
+        stat = _t64(m.running_phi)
+    return _affine(xg / torch.sqrt(stat + m.eps), m)
+
+
+def unified_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """The statistic step ``t = iters + 1`` would use (batch moment / window geometric mean / outlier fallback)."""
+    xd = x.to(torch.float64)
+    if not m.training:
+        return _affine(xd / torch.sqrt(_t64(m.running_var) + m.eps), m)
+    t = int(m.iters) + 1
+    k = m.buffer_x2.shape[0]
+    x2 = (_valid_rows(xd, mask) ** 2).mean(0)
+    window = m.buffer_x2.detach().to(torch.float64).clone()
+    roots = torch.sqrt(window).reshape(-1)
+    n = roots.numel()
+    rho = ((roots - roots.mean()) ** 2).sum() / (n - 1) if n > 1 else torch.tensor(math.nan, dtype=torch.float64)
+    window[t % k] = x2
+    outlier = False
+    if m.outlier_filtration and t >= m.warmup_iters:
+        am = window.mean(0)
+        gm = torch.exp(torch.log(window).mean(0))
+        outlier = bool(((am - gm) > rho * k).any())
+    if t <= k or t < m.warmup_iters or outlier or k <= 1:
+        v = x2
+    else:
+        v = torch.exp(torch.log(window).mean(0))
+    return _affine(xd / torch.sqrt(v + m.eps), m)
+
+
+def _rep_bn(m: Any, xl: Tensor, mask: Tensor | None, training: bool) -> Tensor:
+    """RepBN on a channel-last float64 tensor."""
+    if training:
+        rows = _valid_rows(xl, mask)
+        mu = rows.mean(0)
+        var = ((rows - mu) ** 2).mean(0)
+    else:
+        mu, var = _t64(m.running_mean), _t64(m.running_var)
+    bn = _affine((xl - mu) / torch.sqrt(var + m.eps), m)
+    return bn + _t64(m.alpha) * xl
+
+
+def rep_batch_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    xl = x.to(torch.float64).movedim(m.channel_dim, -1)
+    return _rep_bn(m, xl, mask, m.training).movedim(-1, m.channel_dim)
+
+
+def prep_batch_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Eval: RepBN. Training: norm1 in the warm phase, else ``λ·norm1 + (1−λ)·RepBN`` with λ = r0·iter/total."""
+    from normlab.registry import get_norm
+
+    xd = x.to(torch.float64)
+    if not m.training:
+        return _rep_bn(m.norm2, xd, mask, False)
+    ref1 = get_norm(type(m.norm1)).reference
+    assert ref1 is not None
+    ln = ref1(m.norm1, xd)
+    if int(m.warm) > 0:
+        return ln
+    total = int(m.total_step)
+    lam = m.r0 * int(m.iter) / total if total > 0 else 0.0
+    return lam * ln + (1.0 - lam) * _rep_bn(m.norm2, xd, mask, True)
