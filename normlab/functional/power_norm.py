@@ -67,7 +67,7 @@ class _PowerFunction(torch.autograd.Function):
         ema_gz: Tensor = ctx.ema_gz
         c = z.shape[-1]
         g = dy * weight if weight is not None else dy
-        u = ema_gz.to(z.dtype)
+        u = ema_gz.to(z.dtype, copy=True)  # ema_gz is updated in place below
         g_tilde = g - (1.0 - ctx.alpha_bkw) * u * z
         # u <- u + mean over ALL positions (padding included, every rank) of g_tilde * z.
         s = all_reduce_sum_((g_tilde * z).reshape(-1, c).sum(0), ctx.group)

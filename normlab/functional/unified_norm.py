@@ -56,7 +56,7 @@ class _UnifiedFunction(torch.autograd.Function):
         g = dy * r if weight is None else dy * (weight * r)
         # gz: mean over ALL positions (padding included, every rank) of g * z.
         gz = all_reduce_sum_((g * z).reshape(-1, c).sum(0), st["group"]) / st["positions"].clamp_min(1.0)
-        old_ema = ema_gz.to(z.dtype)
+        old_ema = ema_gz.to(z.dtype, copy=True)  # ema_gz is overwritten below
         buffer_gz[t % k] = (old_ema if skip else gz).to(buffer_gz.dtype)
         m = gz if (t <= k or t < st["warmup_iters"] or skip) else buffer_gz.to(z.dtype).mean(0)
         new_ema = momentum * old_ema + (1.0 - momentum) * m
