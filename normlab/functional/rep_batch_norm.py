@@ -118,9 +118,9 @@ def prep_batch_norm(
     """PRepBN (SLAB's LinearNorm) on token tensors ``(*, C)``: eval = RepBN; training = LN during the warm phase,
     then ``λ·norm1(x) + (1−λ)·RepBN(x)`` with λ = ``r0·iter/total_step`` read before ``iter`` is decremented.
 
-    Training updates the schedule buffers in place: every forward increments ``num_step``; when
-    ``num_step % decrement_every == 0`` (before the increment) ``warm`` (warm phase) or ``iter`` (ramp, if > 0) is
-    decremented. ``norm1`` is the per-token norm of the LN branch (a module or any callable).
+    Training updates the schedule buffers in place: every forward increments ``num_step``; every
+    ``decrement_every``-th forward (``num_step % decrement_every == 0`` after the increment) also decrements ``warm``
+    (warm phase) or ``iter`` (ramp, if > 0), so each λ value holds for ``decrement_every`` forwards. ``norm1`` is the per-token norm of the LN branch (a module or any callable).
     See :class:`normlab.nn.PRepBatchNorm`.
     """
     op = "prep_batch_norm"
@@ -145,7 +145,7 @@ def prep_batch_norm(
         y = lam * norm1(xs) + (1.0 - lam) * _rep_channel_last(xs, *rep_args)
     # Advance the schedule only once the step succeeded (a refused batch leaves it where it was).
     with torch.no_grad():
-        step_now = int(num_step) % decrement_every == 0
+        step_now = (int(num_step) + 1) % decrement_every == 0  # the n-th forward of each group of n
         num_step.add_(1)
         if step_now and in_warm:
             warm.sub_(1)
