@@ -120,7 +120,8 @@ def prep_batch_norm(
 
     Training updates the schedule buffers in place: every forward increments ``num_step``; every
     ``decrement_every``-th forward (``num_step % decrement_every == 0`` after the increment) also decrements ``warm``
-    (warm phase) or ``iter`` (ramp, if > 0), so each λ value holds for ``decrement_every`` forwards. ``norm1`` is the per-token norm of the LN branch (a module or any callable).
+    (warm phase) or ``iter`` (ramp, if > 0), so each λ value holds for ``decrement_every`` forwards.
+    ``norm1`` is the per-token norm of the LN branch (a module or any callable).
     See :class:`normlab.nn.PRepBatchNorm`.
     """
     op = "prep_batch_norm"
