@@ -126,15 +126,16 @@ def power_norm(
     count, psi2, positions = second_moment(flat, mask, group)
     check_count(count, op, x, mask, group)
     with torch.no_grad():
+        # Tensor-valued step logic (no .item()): no host sync, and torch.compile(fullgraph=True) can trace it.
         iters.add_(1)
-        t = int(iters.item())
+        t = iters.to(running_phi.dtype)
         inv_batch = torch.rsqrt(psi2 + eps)
-        inv_fwd = inv_batch if t <= warmup_iters else torch.rsqrt(running_phi.to(ct) + eps)
+        inv_fwd = torch.where(iters <= warmup_iters, inv_batch, torch.rsqrt(running_phi.to(ct) + eps))
         inv_bwd = inv_batch if backward_divisor == "batch" else inv_fwd
         # Running quadratic mean: a cumulative average during warm-up, then (always) the EMA step.
         phi = psi2.to(running_phi.dtype)
-        if t < warmup_iters:
-            running_phi.mul_((t - 1) / t).add_(phi / t)
+        cumulative = running_phi * ((t - 1) / t) + phi / t
+        running_phi.copy_(torch.where(iters < warmup_iters, cumulative, running_phi))
         running_phi.mul_(alpha_fwd).add_((1.0 - alpha_fwd) * phi)
     y = _PowerFunction.apply(xs, w, b, inv_fwd, inv_bwd, ema_gz, alpha_bkw, positions, group)
     return y.to(x.dtype)
