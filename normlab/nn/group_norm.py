@@ -239,8 +239,7 @@ class InstanceNorm(NormBase):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         _no_mask("instance_norm", mask)
-        if self.training and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+        # num_batches_tracked stays 0, as in torch.nn.InstanceNorm*d (its momentum is never cumulative).
         return instance_norm(x, **self.functional_kwargs())
 
     def extra_repr(self) -> str:

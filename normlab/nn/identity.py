@@ -55,6 +55,9 @@ class IdentityNorm(NormBase):
         self.num_features = check_num_features("identity", num_features)
         self.channel_dim = check_layout("identity", "any", channel_dim)
 
+    def reset_parameters(self) -> None:
+        """Nothing to reset: the identity has no parameters or buffers."""
+
     def functional_kwargs(self) -> dict[str, Any]:
         return {"num_features": self.num_features, "channel_dim": self.channel_dim}
 

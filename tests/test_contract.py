@@ -1,0 +1,287 @@
+"""The contract every registered norm satisfies, parametrised over ``list_norms()`` and each spec's ``samples``.
+
+A new norm gets all of this with no new test code (STYLE.md "Tests"; PyTorch's ``ModuleInfo`` suite is the model).
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from tests._contract_cases import (
+    C,
+    Case,
+    all_cases,
+    call,
+    clone,
+    default_cases,
+    float_buffers,
+    input_shape,
+    make_input,
+    make_mask,
+    randomize,
+)
+
+CASES = all_cases()
+DEFAULTS = default_cases()
+MODES = ["train", "eval"]
+
+
+def _ids(cases: list[Case]) -> list[str]:
+    return [c.id for c in cases]
+
+
+def _set_mode(m: torch.nn.Module, mode: str) -> torch.nn.Module:
+    return m.train(mode == "train")
+
+
+def _masks(case: Case, m: torch.nn.Module) -> list[torch.Tensor | None]:
+    return [None, make_mask(m)] if case.uses_mask(m) else [None]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+def test_forward_matches_float64_reference(case: Case, mode: str) -> None:
+    assert case.spec.reference is not None, f"{case.spec.name} registers no float64 reference"
+    for dtype, rtol, atol in ((torch.float64, 1e-10, 1e-10), (torch.float32, 1e-5, 1e-5)):
+        proto = _set_mode(randomize(case.build(dtype=dtype)), mode)
+        for mask in _masks(case, proto):
+            m = clone(proto)  # a fresh module per call: the reference describes the first call
+            x = make_input(m, dtype)
+            expected = case.spec.reference(m, x.double(), mask=mask)
+            got = call(m, x, mask)
+            assert got.shape == x.shape or got.shape == expected.shape
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.double(), expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+def test_gradcheck_float64(case: Case, mode: str) -> None:
+    if mode == "train" and case.spec.custom_backward:
+        pytest.skip("custom_backward norms implement the paper's approximate gradient; tested against their recursion")
+    m = _set_mode(randomize(case.build(dtype=torch.float64)), mode)
+    x = make_input(m, torch.float64).requires_grad_(True)
+    names = [n for n, _ in m.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for _, p in m.named_parameters()]
+    mask = make_mask(m) if case.uses_mask(m) else None
+
+    initial_buffers = {n: b.detach().clone() for n, b in m.named_buffers()}
+
+    def f(inp: torch.Tensor, *ps: torch.Tensor) -> torch.Tensor:
+        # Fresh buffers per call: gradcheck evaluates many times, and train-mode norms advance their state.
+        state = {**{n: b.clone() for n, b in initial_buffers.items()}, **dict(zip(names, ps))}
+        kwargs = {} if mask is None else {"mask": mask}
+        return functional_call(m, state, (inp,), kwargs, strict=False)
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+def test_module_equals_functional(case: Case, mode: str) -> None:
+    fn = case.spec.functional
+    if fn is None:
+        pytest.skip("composition without a functional op")
+    proto = _set_mode(randomize(case.build()), mode)
+    for mask in _masks(case, proto):
+        m, twin = clone(proto), clone(proto)
+        x = make_input(m)
+        kwargs = twin.functional_kwargs()  # type: ignore[operator]
+        if mask is not None:
+            kwargs["mask"] = mask
+        torch.testing.assert_close(call(m, x, mask), fn(x, **kwargs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+def test_train_eval_semantics(case: Case) -> None:
+    proto = randomize(case.build())
+    m = clone(proto)
+    x = make_input(m)
+    stats_before = float_buffers(m)
+    m.train()
+    y_train = m(x)
+    changed = [k for k, v in float_buffers(m).items() if not torch.equal(v, stats_before[k])]
+    if case.spec.has_running_stats and stats_before:
+        assert changed, f"{case.id}: a train-mode forward left every running buffer unchanged"
+    m.eval()
+    frozen = float_buffers(m)
+    y_eval = m(x)
+    y_eval_again = m(x)
+    for k, v in float_buffers(m).items():
+        assert torch.equal(v, frozen[k]), f"{case.id}: eval-mode forward changed buffer {k}"
+    torch.testing.assert_close(y_eval, y_eval_again, rtol=0, atol=0)
+    if not case.spec.batch_dependent and not stats_before:
+        torch.testing.assert_close(y_train, y_eval, rtol=0, atol=0)
+    if case.spec.batch_dependent and case.spec.has_running_stats and stats_before:
+        # On a new batch, eval (running statistics) must differ from train (that batch's statistics).
+        x2 = make_input(m, scale=3.0) + 0.5
+        y_eval2 = m(x2)
+        y_train2 = clone(proto).train()(x2)
+        assert not torch.allclose(y_train2, y_eval2), f"{case.id}: eval mode should use running, not batch, statistics"
+
+
+TORCH_CASES = [c for c in CASES if c.spec.torch_equivalent is not None and c.spec.torch_equivalent(C, c.kwargs)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", TORCH_CASES, ids=_ids(TORCH_CASES))
+def test_torch_state_dict_loads_strict_and_matches(case: Case, mode: str) -> None:
+    assert case.spec.torch_equivalent is not None
+    theirs = case.spec.torch_equivalent(C, case.kwargs)
+    assert theirs is not None
+    randomize(theirs, seed=3)
+    ours = case.build()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    _set_mode(ours, mode), _set_mode(theirs, mode)
+    x = make_input(ours)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+    for k, v in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[k], v, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+def test_save_load_round_trip(case: Case) -> None:
+    m = randomize(case.build()).eval()
+    x = make_input(m)
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    fresh = case.build().eval()
+    fresh.load_state_dict(torch.load(buf, weights_only=True), strict=True)
+    torch.testing.assert_close(fresh(x), m(x), rtol=0, atol=0)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    whole = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(whole(x), m(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+def test_factory_kwargs_meta_and_float64(case: Case) -> None:
+    meta = case.build(device="meta")
+    assert all(t.device.type == "meta" for t in [*meta.parameters(), *meta.buffers()])
+    materialised = meta.to_empty(device="cpu")
+    materialised.reset_parameters()  # type: ignore[operator]
+    reference = case.build()
+    for (k, a), (_, b) in zip(materialised.state_dict().items(), reference.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{case.id}: {k} after meta -> reset_parameters")
+    m64 = case.build(dtype=torch.float64)
+    assert all(t.dtype == torch.float64 for t in [*m64.parameters(), *m64.buffers()] if t.is_floating_point())
+    x = make_input(m64, torch.float64)
+    assert m64(x).dtype == torch.float64
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+def test_non_contiguous_and_channels_last(case: Case) -> None:
+    proto = randomize(case.build()).eval()
+    x = make_input(proto)
+    wide = torch.stack([x, torch.full_like(x, 7.0)], dim=-1)
+    x_nc = wide[..., 0]
+    assert not x_nc.is_contiguous()
+    torch.testing.assert_close(proto(x_nc), proto(x), rtol=0, atol=1e-6)
+    if x.dim() == 4:
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(proto(x_cl), proto(x), rtol=0, atol=1e-6)
+    m_train = randomize(case.build()).train()
+    torch.testing.assert_close(clone(m_train)(x_nc), clone(m_train)(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+def test_low_precision_dtype_contract(case: Case, mode: str, dtype: torch.dtype) -> None:
+    """Statistics in float32, output in the input dtype, compared with float64 on the same (rounded) inputs."""
+    m = _set_mode(randomize(case.build()), mode)
+    x = make_input(m, dtype)
+    expected = case.spec.reference(m, x.double()) if case.spec.reference else None
+    y = m(x)
+    assert y.dtype == dtype
+    assert expected is not None
+    # Only the final rounding to the output dtype may differ: half an ulp of the output, plus float32 noise.
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(y.double(), expected, rtol=ulp, atol=ulp * 1e-2)
+
+
+@pytest.mark.parametrize("case", DEFAULTS, ids=_ids(DEFAULTS))
+def test_fp16_large_inputs_do_not_overflow(case: Case) -> None:
+    """No statistic overflows: every output whose exact value fits in fp16 is finite, and so is every buffer."""
+    m = case.build()
+    x = make_input(m, torch.float32, scale=3e4).clamp(-6e4, 6e4)
+    x.view(-1)[0] = 6e4
+    x16 = x.half()
+    fp16_max = torch.finfo(torch.float16).max
+    for mode in MODES:
+        mm = _set_mode(clone(m), mode)
+        assert case.spec.reference is not None
+        expected = case.spec.reference(mm, x16.double())
+        y = mm(x16)
+        representable = expected.abs() < fp16_max * 0.999
+        assert representable.any()
+        assert torch.isfinite(y[representable]).all(), f"{case.id}: fp16 |x| <= 6e4 overflowed in {mode} mode"
+        for k, v in float_buffers(mm).items():
+            assert torch.isfinite(v).all(), f"{case.id}: buffer {k} overflowed on fp16 input in {mode} mode"
+
+
+@pytest.mark.parametrize("case", DEFAULTS, ids=_ids(DEFAULTS))
+def test_nan_propagates_and_nothing_crashes(case: Case) -> None:
+    """Policy: NaN/inf inputs are neither hidden nor raised on; a NaN input yields NaN outputs."""
+    for mode in MODES:
+        m = _set_mode(randomize(case.build()), mode)
+        x = make_input(m)
+        x.view(-1)[4] = float("nan")
+        assert torch.isnan(m(x)).any(), f"{case.id}: a NaN input vanished in {mode} mode"
+        x = make_input(m)
+        x.view(-1)[4] = float("inf")
+        m(x)  # must not raise
+
+
+@pytest.mark.parametrize("case", DEFAULTS, ids=_ids(DEFAULTS))
+def test_wrong_channel_count_names_sizes(case: Case) -> None:
+    m = case.build()
+    shape = list(input_shape(m))
+    cd = m.channel_dim if m.channel_dim >= 0 else len(shape) + m.channel_dim  # type: ignore[operator]
+    shape[cd] = C + 3
+    with pytest.raises(ValueError, match=rf"expected input with shape .*{C}.*but got input of size \[.*{C + 3}"):
+        m(torch.randn(shape))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool], ids=["int64", "bool"])
+@pytest.mark.parametrize("case", DEFAULTS, ids=_ids(DEFAULTS))
+def test_integer_and_bool_inputs_are_refused(case: Case, dtype: torch.dtype) -> None:
+    m = case.build()
+    with pytest.raises(TypeError, match=rf"expected a floating-point input .*got dtype {dtype}"):
+        m(torch.ones(input_shape(m), dtype=dtype))
+
+
+@pytest.mark.parametrize("case", DEFAULTS, ids=_ids(DEFAULTS))
+def test_empty_batch(case: Case) -> None:
+    """Eval mode: an empty batch gives an empty output. Train mode: batch statistics of nothing are refused."""
+    m = randomize(case.build())
+    shape = (0, *input_shape(m)[1:])
+    x = torch.randn(shape)
+    assert m.eval()(x).shape == shape
+    if case.spec.batch_dependent:
+        with pytest.raises(ValueError, match=r"expected more than 1 (valid )?.*value per channel"):
+            m.train()(x)
+    else:
+        assert m.train()(x).shape == shape
+
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", DEFAULTS, ids=_ids(DEFAULTS))
+def test_torch_compile_fullgraph_parity(case: Case, mode: str) -> None:
+    torch._dynamo.reset()
+    m = _set_mode(randomize(case.build()), mode)
+    eager, compiled_src = clone(m), clone(m)
+    x = make_input(m)
+    compiled = torch.compile(compiled_src, fullgraph=True, backend="inductor")
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+    for k, v in float_buffers(eager).items():
+        torch.testing.assert_close(float_buffers(compiled_src)[k], v, rtol=1e-5, atol=1e-6)
