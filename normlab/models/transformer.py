@@ -1,0 +1,220 @@
+"""Compact decoder-only language model (:class:`DecoderLM`) with every norm placement, and the helpers the ViT shares
+(model output, block stack, initialisation rules).
+
+Placements and init rules follow ``shared/specs/placement.md``: GPT-2 init N(0, 0.02) (Radford et al. 2019),
+Sandwich-LN scaled init 0.02/√(2L) (CogView, https://arxiv.org/abs/2105.13290), DeepNorm α/β
+(https://arxiv.org/abs/2203.00555), LayerNorm Scaling (https://arxiv.org/abs/2502.05795), Mix-LN
+(https://arxiv.org/abs/2412.13795), σReparam (https://arxiv.org/abs/2303.06296), DyT α₀
+(https://arxiv.org/abs/2503.10622).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from normlab.models.block import Block
+from normlab.models.config import TransformerConfig, deepnorm_coefficients
+from normlab.models.layers import apply_norm, build_slot_norm
+from normlab.nn.sigma_reparam import SigmaReparamLinear
+
+__all__ = [
+    "DYT_ALPHA_DECODER",
+    "DYT_ALPHA_ENCODER",
+    "DecoderLM",
+    "ModelOutput",
+    "block_placements",
+    "build_blocks",
+    "init_transformer_weights",
+]
+
+# DyT α₀ defaults (ln-replacements.md §4.4). Decoder LMs: the LLaMA recipe's smallest listed model (7B) uses
+# 0.8 for the attention-input DyT and 0.2 for the FFN-input and final DyT; the rule "wider models need smaller α₀"
+# means a small model should not go below these, so we take them as the small-model default. Every slot other than
+# attn_in uses the FFN value. Encoders (ViT, non-LLM tasks): 0.5 everywhere. An explicit alpha_init in norm_kwargs
+# or a slot override wins.
+DYT_ALPHA_DECODER = {"attn_in": 0.8, "attn_out": 0.2, "mlp_in": 0.2, "mlp_out": 0.2, "mlp_inner": 0.2, "final": 0.2}
+DYT_ALPHA_ENCODER = dict.fromkeys(DYT_ALPHA_DECODER, 0.5)
+
+
+@dataclass
+class ModelOutput:
+    """What :class:`DecoderLM` and :class:`~normlab.models.ViTEncoder` return.
+
+    Attributes:
+        logits: ``(B, N, vocab_size)`` (decoder) or ``(B, num_classes)`` (ViT).
+        loss: mean cross-entropy when labels are given, else ``None``.
+        hidden_states: with ``output_hidden_states=True``: the embedding output and each block's output
+            (``n_layers + 1`` tensors of shape ``(B, N, d_model)``), before the final norm.
+    """
+
+    logits: Tensor
+    loss: Tensor | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+
+
+def block_placements(config: TransformerConfig) -> list[str]:
+    """The effective placement of each block: Mix-LN makes the first ``floor(mix_alpha * L)`` blocks ``"post"`` and
+    the rest ``"pre"``; every other placement is the same for all blocks."""
+    if config.placement == "mix":
+        k = config.n_post_layers
+        return ["post" if i < k else "pre" for i in range(config.n_layers)]
+    return [config.placement] * config.n_layers
+
+
+def build_blocks(config: TransformerConfig, *, n_tokens: int, arch: str) -> nn.ModuleList:
+    """The block stack, with 1-based ``layer_idx`` and the effective placement per block."""
+    dyt_alpha = DYT_ALPHA_DECODER if arch == "decoder" else DYT_ALPHA_ENCODER
+    return nn.ModuleList(
+        Block(config, i + 1, p, n_tokens=n_tokens, arch=arch, dyt_alpha=dyt_alpha)
+        for i, p in enumerate(block_placements(config))
+    )
+
+
+def _linear_like(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Linear, SigmaReparamLinear))
+
+
+@torch.no_grad()
+def init_transformer_weights(model: nn.Module, config: TransformerConfig, *, arch: str) -> None:
+    """Initialise linear, embedding and block weights by the rules of the placement (spec §1.1, §5.1, §8.1, §9.1).
+
+    - Every linear (and conv patch embedding) weight and every embedding: N(0, ``init_std``); biases 0;
+      ``pos_embed`` N(0, ``init_std / 2``) (GPT-2's 0.01 for 0.02). Norms keep their own ``reset_parameters``.
+    - ``sandwich``: ``out_proj`` and ``fc2``/``down_proj`` get N(0, ``init_std / sqrt(2L)``) (CogView).
+    - ``deepnorm``: Xavier-normal with gain β = (8L)^{-1/4} on ``v_proj``, ``out_proj`` and the FFN weights
+      (``fc1``, ``fc2`` or ``gate_proj``, ``up_proj``, ``down_proj``), gain 1 on ``q_proj``, ``k_proj`` (the paper's
+      pseudocode; torchscale instead divides its default init by 1/β, spec §5.2).
+    - ``sigma_reparam``: after all of that, each σReparam linear recomputes ``u``, σ and γ from its new weight.
+    """
+    for m in model.modules():
+        if _linear_like(m) or isinstance(m, (nn.Conv2d, nn.Embedding)):
+            nn.init.normal_(_param(m, "weight"), std=config.init_std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(_param(m, "bias"))
+    pos_embed = getattr(model, "pos_embed", None)
+    if isinstance(pos_embed, nn.Parameter):
+        nn.init.normal_(pos_embed, std=config.init_std / 2)
+    n_layers = config.n_layers
+    for block in cast(nn.ModuleList, model.blocks):
+        attn, mlp = cast(nn.Module, block.attn), cast(nn.Module, block.mlp)
+        out_names = [("attn", "out_proj"), ("mlp", "fc2"), ("mlp", "down_proj")]
+        out_layers = [getattr(attn if o == "attn" else mlp, n) for o, n in out_names if hasattr(getattr(block, o), n)]
+        if block.placement == "sandwich":
+            for lin in out_layers:
+                nn.init.normal_(_param(lin, "weight"), std=config.init_std / math.sqrt(2 * n_layers))
+        if block.placement == "deepnorm":
+            beta = deepnorm_coefficients(n_layers, arch)[1]
+            for name in ("q_proj", "k_proj"):
+                nn.init.xavier_normal_(_param(getattr(attn, name), "weight"), gain=1.0)
+            ffn_names = ("fc1", "fc2", "gate_proj", "up_proj", "down_proj")
+            ffn = [getattr(mlp, n) for n in ffn_names if hasattr(mlp, n)]
+            for lin in [getattr(attn, "v_proj"), getattr(attn, "out_proj"), *ffn]:  # noqa: B009
+                nn.init.xavier_normal_(_param(lin, "weight"), gain=beta)
+    for m in model.modules():
+        if isinstance(m, SigmaReparamLinear):
+            m.reset_sigma()
+
+
+def _param(module: nn.Module, name: str) -> Tensor:
+    return cast(Tensor, getattr(module, name))
+
+
+def causal_padding_mask(attention_mask: Tensor, causal: bool) -> Tensor:
+    """Boolean SDPA mask ``(B, 1, N, N)``: key valid (and key ≤ query when causal). Every query may attend to itself,
+    so the rows of padded queries are never all-masked (their outputs are ignored downstream)."""
+    b, n = attention_mask.shape
+    valid = attention_mask.bool()
+    allowed = valid[:, None, None, :].expand(b, 1, n, n)
+    if causal:
+        allowed = allowed & torch.ones(n, n, dtype=torch.bool, device=valid.device).tril()
+    return allowed | torch.eye(n, dtype=torch.bool, device=valid.device)
+
+
+class DecoderLM(nn.Module):
+    r"""Decoder-only language model: token + learned position embeddings, ``n_layers`` :class:`Block`\ s with the
+    configured placement, an optional final norm and a linear LM head (not tied).
+
+    Module names (the contract diagnostics, surgery and the lab use): ``embed``, ``pos_embed`` (a parameter of shape
+    ``(1, max_seq_len, d_model)``), ``blocks``, ``final_norm`` (or ``None``), ``lm_head``.
+
+    Args:
+        config: a :class:`TransformerConfig`.
+
+    Example:
+        >>> model = DecoderLM(TransformerConfig(d_model=32, n_layers=2, n_heads=2, placement="peri"))
+        >>> ids = torch.randint(0, 256, (2, 10))
+        >>> out = model(ids, labels=ids)
+        >>> out.logits.shape, out.loss.shape
+        (torch.Size([2, 10, 256]), torch.Size([]))
+    """
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        if not isinstance(config, TransformerConfig):
+            raise TypeError(f"DecoderLM: expected a TransformerConfig, got {type(config).__name__}")
+        self.config = config
+        d = config.d_model
+        self.embed = nn.Embedding(config.vocab_size, d)
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.max_seq_len, d))
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = build_blocks(config, n_tokens=config.max_seq_len, arch="decoder")
+        self.final_norm = (
+            build_slot_norm(config, "final", d, dyt_alpha=DYT_ALPHA_DECODER) if config.final_norm else None
+        )
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        init_transformer_weights(self, config, arch="decoder")
+
+    def _check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor | None) -> None:
+        if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+            got = input_ids.dtype if isinstance(input_ids, Tensor) else type(input_ids).__name__
+            raise TypeError(f"DecoderLM: expected input_ids to be an integer (long) tensor, got {got}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"DecoderLM: expected input_ids of shape [B, N], got size {list(input_ids.shape)}")
+        n = input_ids.shape[1]
+        if n > self.config.max_seq_len:
+            raise ValueError(f"DecoderLM: sequence length {n} exceeds max_seq_len={self.config.max_seq_len}")
+        for name, t in (("attention_mask", attention_mask), ("labels", labels)):
+            if t is not None and (not isinstance(t, Tensor) or t.shape != input_ids.shape):
+                shape = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"DecoderLM: expected {name} of size {list(input_ids.shape)}, got {shape}")
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> ModelOutput:
+        """Logits for every position; with ``labels`` the next-token cross-entropy.
+
+        Args:
+            input_ids: ``(B, N)`` token ids.
+            attention_mask: ``(B, N)``, 1/``True`` = real token, 0 = padding. Padded keys are not attended to, and
+                batch-statistic norms get it as ``mask``.
+            labels: ``(B, N)``; shifted inside (position ``t`` predicts ``labels[:, t + 1]``); targets equal to -100
+                or at padded positions are ignored.
+            output_hidden_states: also return the ``n_layers + 1`` residual-stream tensors.
+        """
+        self._check_inputs(input_ids, attention_mask, labels)
+        n = input_ids.shape[1]
+        mask = attention_mask.bool() if attention_mask is not None else None
+        attn_mask = causal_padding_mask(attention_mask, self.config.causal) if attention_mask is not None else None
+        x = self.drop(self.embed(input_ids) + self.pos_embed[:, :n])
+        hidden: list[Tensor] = [x]
+        for block in self.blocks:
+            x = block(x, mask, attn_mask, self.config.causal)
+            hidden.append(x)
+        logits = self.lm_head(apply_norm(self.final_norm, x, mask))
+        loss = None
+        if labels is not None:
+            targets = labels[:, 1:].long()
+            if mask is not None:
+                targets = targets.masked_fill(~mask[:, 1:], -100)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        return ModelOutput(logits=logits, loss=loss, hidden_states=tuple(hidden) if output_hidden_states else None)
