@@ -273,9 +273,25 @@ def test_empty_batch(case: Case) -> None:
 
 
 
+# Known graph breaks, kept strict so the entry must go when the norm becomes traceable.
+# 2026-11-23: UnifiedNorm's train-mode step counters (warm-up, window fill) branch on host values.
+COMPILE_XFAIL = {("unified_norm", "train"): "train-mode step-counter branches read host values (.item())"}
+COMPILE_CASES = [
+    pytest.param(
+        c,
+        mode,
+        id=f"{c.id}-{mode}",
+        marks=[pytest.mark.xfail(strict=True, reason=COMPILE_XFAIL[(c.spec.name, mode)])]
+        if (c.spec.name, mode) in COMPILE_XFAIL
+        else [],
+    )
+    for c in DEFAULTS
+    for mode in MODES
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", DEFAULTS, ids=_ids(DEFAULTS))
+@pytest.mark.parametrize(("case", "mode"), COMPILE_CASES)
 def test_torch_compile_fullgraph_parity(case: Case, mode: str) -> None:
     torch._dynamo.reset()
     m = _set_mode(randomize(case.build()), mode)

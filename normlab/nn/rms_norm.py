@@ -194,6 +194,10 @@ class SRMSNorm(RMSNorm):
     Paper: Qin et al. 2023, https://arxiv.org/abs/2307.14995. Default ``eps=1e-6`` inside the root, as the
     lightning-attention code; ``eps_placement="outside", eps=1e-8`` is the TransNormer-era (fairseq-evo) variant.
 
+    Args:
+        num_features: channel count ``C``.
+        **kwargs: ``eps``, ``eps_placement``, ``channel_dim`` as :class:`RMSNorm`; ``affine``/``bias`` must stay off.
+
     Example:
         >>> SRMSNorm(4)(torch.tensor([1.0, 2.0, 3.0, 4.0]))
         tensor([0.3651, 0.7303, 1.0954, 1.4606])

@@ -1,0 +1,58 @@
+"""Group/Instance/Layer/Scale norm specifics and input-policy tests the contract suite cannot express."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from normlab import DyT, GroupNorm, InstanceNorm, LayerNorm, RMSNorm, ScaleNorm, create_norm
+
+
+def test_group_norm_groups() -> None:
+    assert GroupNorm(64).num_groups == 32 and GroupNorm(48).num_groups == 24 and GroupNorm(7).num_groups == 7
+    with pytest.raises(ValueError, match=r"expected num_groups to be a positive divisor of num_channels=6, got num_groups=4"):
+        GroupNorm(6, num_groups=4)
+    x = torch.randn(2, 6, 5)
+    torch.testing.assert_close(GroupNorm(6, num_groups=1, affine=False)(x), LayerNorm((6, 5), affine=False)(x))
+
+
+def test_masks_refused_where_statistics_pool_positions() -> None:
+    with pytest.raises(ValueError, match="padding masks are not supported; expected mask=None"):
+        GroupNorm(4, channel_dim=-1)(torch.randn(2, 3, 4), mask=torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="expected more than 1 spatial element per channel"):
+        InstanceNorm(4)(torch.randn(2, 4, 1))
+
+
+def test_per_token_norms_ignore_mask() -> None:
+    x = torch.randn(2, 3, 4)
+    m = LayerNorm(4)
+    torch.testing.assert_close(m(x, mask=torch.zeros(2, 3, dtype=torch.bool)), m(x))
+
+
+def test_layer_norm_channel_first_and_bias_switch() -> None:
+    x = torch.randn(2, 6, 3, 3)
+    ln2d = LayerNorm(6, channel_dim=1)
+    torch.testing.assert_close(ln2d(x), LayerNorm(6)(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+    assert LayerNorm(6, bias=False).bias is None
+    assert "channel_dim=1" in repr(ln2d)
+    with pytest.raises(ValueError, match=r"expected normalized_shape of positive ints, got 0"):
+        LayerNorm(0)
+    with pytest.raises(ValueError, match=r"a multi-dim normalized_shape=\[2, 3\] needs channel_dim=-1, got 1"):
+        LayerNorm((2, 3), channel_dim=1)
+
+
+def test_eps_placement_validated_and_torch_names_accepted() -> None:
+    with pytest.raises(ValueError, match=r"expected eps_placement in \('inside', 'outside'\), got 'middle'"):
+        RMSNorm(4, eps_placement="middle")  # type: ignore[arg-type]
+    assert LayerNorm(4, elementwise_affine=False).weight is None
+    with pytest.raises(TypeError, match="expected channel_dim to be an int, got str"):
+        DyT(4, channel_dim="last")  # type: ignore[arg-type]
+
+
+def test_scale_norm_init_and_inf_policy() -> None:
+    assert ScaleNorm(16).scale.item() == pytest.approx(4.0)
+    x = torch.zeros(2, 4)
+    x[0, 1] = float("inf")
+    y = create_norm("layer_norm", 4)(x)
+    assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()  # inf poisons its own token only
+    assert DyT(4)(x)[0, 1].item() == pytest.approx(1.0)  # tanh's limit: the documented exception
