@@ -37,7 +37,9 @@ def check_layout(op: str, layout: Layout, channel_dim: int) -> int:
     if not isinstance(channel_dim, int) or isinstance(channel_dim, bool):
         raise TypeError(f"{op}: expected channel_dim to be an int, got {type(channel_dim).__name__}")
     if layout == "token" and channel_dim != -1:
-        raise ValueError(f"{op}: this norm works on token tensors (*, C) only; expected channel_dim=-1, got {channel_dim}")
+        raise ValueError(
+            f"{op}: this norm works on token tensors (*, C) only; expected channel_dim=-1, got {channel_dim}"
+        )
     if layout == "channel_first" and channel_dim != 1:
         raise ValueError(f"{op}: this norm works on (N, C, *) tensors only; expected channel_dim=1, got {channel_dim}")
     return channel_dim
@@ -65,7 +67,9 @@ class NormBase(nn.Module):
 
     def folded_affine(self) -> FoldedAffine:
         """Eval-mode per-channel affine of a foldable norm (``NormSpec.foldable``); others raise ``TypeError``."""
-        raise TypeError(f"{type(self).__name__} is not foldable: its eval-mode output is not a fixed per-channel affine")
+        raise TypeError(
+            f"{type(self).__name__} is not foldable: its eval-mode output is not a fixed per-channel affine"
+        )
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -86,7 +86,8 @@ class LayerNorm(NormBase):
                 shape_or_int = shape
                 if channel_dim != -1:
                     raise ValueError(
-                        f"layer_norm: a multi-dim normalized_shape={list(shape)} needs channel_dim=-1, got {channel_dim}"
+                        f"layer_norm: a multi-dim normalized_shape={list(shape)} needs channel_dim=-1, "
+                        f"got {channel_dim}"
                     )
         else:
             shape_or_int = normalized_shape

@@ -339,7 +339,12 @@ class ScaleNorm(NormBase):
             nn.init.constant_(self.scale, math.sqrt(self.num_features))
 
     def functional_kwargs(self) -> dict[str, Any]:
-        return {"num_features": self.num_features, "scale": self.scale, "eps": self.eps, "channel_dim": self.channel_dim}
+        return {
+            "num_features": self.num_features,
+            "scale": self.scale,
+            "eps": self.eps,
+            "channel_dim": self.channel_dim,
+        }
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         return scale_norm(x, **self.functional_kwargs())

@@ -7,7 +7,7 @@ parameters, buffers and ``training`` flag, computes in float64 and does **not** 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor
@@ -26,7 +26,12 @@ __all__ = [
 ]
 
 
+@overload
+def to64(t: Tensor) -> Tensor: ...
+@overload
+def to64(t: None) -> None: ...
 def to64(t: Tensor | None) -> Tensor | None:
+    """A detached float64 copy (``None`` stays ``None``)."""
     return None if t is None else t.detach().to(torch.float64)
 
 

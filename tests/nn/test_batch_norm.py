@@ -40,7 +40,9 @@ def test_token_and_channel_first_layouts_agree() -> None:
 
 
 def test_one_value_per_channel_in_training_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"expected more than 1 value per channel when training, got input of size \[1, 4\]"):
+    with pytest.raises(
+        ValueError, match=r"expected more than 1 value per channel when training, got input of size \[1, 4\]"
+    ):
         BatchNorm(4)(torch.randn(1, 4))
     assert BatchNorm(4).eval()(torch.randn(1, 4)).shape == (1, 4)
 

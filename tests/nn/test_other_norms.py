@@ -10,7 +10,9 @@ from normlab import DyT, GroupNorm, InstanceNorm, LayerNorm, RMSNorm, ScaleNorm,
 
 def test_group_norm_groups() -> None:
     assert GroupNorm(64).num_groups == 32 and GroupNorm(48).num_groups == 24 and GroupNorm(7).num_groups == 7
-    with pytest.raises(ValueError, match=r"expected num_groups to be a positive divisor of num_channels=6, got num_groups=4"):
+    with pytest.raises(
+        ValueError, match=r"expected num_groups to be a positive divisor of num_channels=6, got num_groups=4"
+    ):
         GroupNorm(6, num_groups=4)
     x = torch.randn(2, 6, 5)
     torch.testing.assert_close(GroupNorm(6, num_groups=1, affine=False)(x), LayerNorm((6, 5), affine=False)(x))
