@@ -94,8 +94,9 @@ class TransformerConfig:
         norm_kwargs: keyword arguments for ``norm``.
         norm_overrides: per-slot overrides, keys in ``attn_in, attn_out, mlp_in, mlp_out, qk, final, mlp_inner``.
             A value is a norm choice (built without ``norm_kwargs``), ``None`` (no norm in that slot), or a dict
-            ``{"norm": choice, "kwargs": {...}}`` where either key may be left out (a missing ``norm`` keeps the
-            slot's default norm, a missing ``kwargs`` means none). A slot the placement does not have is an error.
+            ``{"norm": choice, "kwargs": {...}}``: with ``norm`` the slot gets that norm with exactly ``kwargs``;
+            without it the slot keeps its default norm and ``kwargs`` is merged over its default kwargs (e.g.
+            ``{"attn_in": {"kwargs": {"alpha_init": 1.0}}}``). A slot the placement does not have is an error.
         placement: ``pre | post | peri | mix | lns | deepnorm | sandwich | normformer``.
         qk_norm: ``none | l2 | rms | layer``; ``l2`` is QKNorm (unit q, k per head and a learnable logit scale g,
             init ``log2(T^2 - T)`` with ``T = max_seq_len`` (decoder) or the token count (ViT), replacing

@@ -1,0 +1,128 @@
+"""Tests of normlab/models/config.py: validation, serialisation, slot bookkeeping, DeepNorm coefficients."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+
+import pytest
+
+from normlab.models import PLACEMENTS, TransformerConfig, deepnorm_coefficients
+from normlab.nn import LayerNorm
+
+
+def test_defaults_match_the_contract() -> None:
+    cfg = TransformerConfig()
+    assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.mlp, cfg.mlp_ratio) == (128, 4, 4, "gelu", 4.0)
+    assert (cfg.norm, cfg.placement, cfg.qk_norm, cfg.qk_norm_per_head) == ("layer_norm", "pre", "none", True)
+    assert (cfg.final_norm, cfg.sigma_reparam, cfg.mix_alpha, cfg.dropout) == (True, False, 0.25, 0.0)
+    assert (cfg.vocab_size, cfg.max_seq_len, cfg.causal) == (256, 256, True)
+    assert cfg.d_head == 32 and cfg.d_ffn == 512
+
+
+def test_asdict_is_json_and_round_trips() -> None:
+    cfg = TransformerConfig(
+        d_model=64,
+        placement="mix",
+        norm="rms_norm",
+        norm_kwargs={"eps": 1e-6},
+        norm_overrides={"final": "layer_norm", "attn_in": {"kwargs": {"eps": 1e-5}}, "mlp_out": None},
+        qk_norm="rms",
+        qk_norm_per_head=False,
+    )
+    text = json.dumps(dataclasses.asdict(cfg))
+    back = TransformerConfig.from_dict(json.loads(text))
+    assert back == cfg
+    assert back.to_dict() == dataclasses.asdict(cfg)
+
+
+def test_from_dict_rejects_unknown_keys() -> None:
+    with pytest.raises(ValueError, match=r"unknown keys \['d_modle'\]"):
+        TransformerConfig.from_dict({"d_modle": 64})
+    with pytest.raises(TypeError, match="expected a dict"):
+        TransformerConfig.from_dict([("d_model", 64)])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"placement": "prenorm"}, ValueError, r"expected placement in .*'pre'.*got 'prenorm'"),
+        ({"d_model": 30, "n_heads": 4}, ValueError, "d_model divisible by n_heads, got d_model=30, n_heads=4"),
+        ({"n_layers": 0}, ValueError, "expected n_layers to be an int >= 1, got 0"),
+        ({"mlp": "relu"}, ValueError, r"expected mlp in \('gelu', 'swiglu'\), got 'relu'"),
+        ({"qk_norm": "l1"}, ValueError, r"expected qk_norm in .*got 'l1'"),
+        ({"qk_norm": "l2", "qk_norm_per_head": False}, ValueError, "qk_norm_per_head=True, got False"),
+        ({"mix_alpha": 1.5}, ValueError, r"expected mix_alpha in \[0.0, 1.0\], got 1.5"),
+        ({"dropout": 1.0}, ValueError, r"expected dropout in \[0.0, 1.0\), got 1.0"),
+        ({"mlp_ratio": 0}, ValueError, "expected mlp_ratio to be a positive number, got 0"),
+        ({"final_norm": 1}, TypeError, "expected final_norm to be a bool, got 1"),
+        ({"image_size": 30, "patch_size": 4}, ValueError, "image_size divisible by patch_size"),
+        ({"norm": 3}, TypeError, "expected norm to be a registry key, a norm class or a partial, got int"),
+        ({"norm_overrides": {"attn_mid": "rms_norm"}}, ValueError, "unknown norm_overrides slot 'attn_mid'"),
+        ({"norm_overrides": {"attn_out": "rms_norm"}}, ValueError, r"slot\(s\) \['attn_out'\] that placement='pre'"),
+        ({"norm_overrides": {"qk": "rms_norm"}}, ValueError, r"slot\(s\) \['qk'\]"),
+        ({"norm_overrides": {"final": "rms_norm"}, "final_norm": False}, ValueError, r"slot\(s\) \['final'\]"),
+        ({"norm_overrides": {"final": {"norm": "rms_norm", "kw": {}}}}, ValueError, r"unknown keys \['kw'\]"),
+        ({"norm_kwargs": [1]}, TypeError, "expected norm_kwargs to be a dict, got list"),
+    ],
+)
+def test_invalid_values_raise(kwargs: dict, exc: type[Exception], match: str) -> None:
+    with pytest.raises(exc, match=match):
+        TransformerConfig(**kwargs)
+
+
+def test_unknown_norm_key_raises_the_registry_keyerror() -> None:
+    with pytest.raises(KeyError, match="unknown norm 'layer_nrom'; did you mean 'layer_norm'"):
+        TransformerConfig(norm="layer_nrom")
+    with pytest.raises(KeyError, match="unknown norm 'nope'"):
+        TransformerConfig(norm_overrides={"final": {"norm": "nope"}})
+
+
+def test_norm_may_be_a_class_or_partial() -> None:
+    assert TransformerConfig(norm=LayerNorm).norm is LayerNorm
+    TransformerConfig(norm=functools.partial(LayerNorm, eps=1e-3))
+
+
+@pytest.mark.parametrize(
+    ("placement", "slots"),
+    [
+        ("pre", ("attn_in", "mlp_in", "final")),
+        ("lns", ("attn_in", "mlp_in", "final")),
+        ("post", ("attn_out", "mlp_out", "final")),
+        ("deepnorm", ("attn_out", "mlp_out", "final")),
+        ("peri", ("attn_in", "attn_out", "mlp_in", "mlp_out", "final")),
+        ("sandwich", ("attn_in", "attn_out", "mlp_in", "mlp_out", "final")),
+        ("normformer", ("attn_in", "attn_out", "mlp_in", "final", "mlp_inner")),
+        ("mix", ("attn_in", "attn_out", "mlp_in", "mlp_out", "final")),
+    ],
+)
+def test_slots_in_use(placement: str, slots: tuple[str, ...]) -> None:
+    assert TransformerConfig(placement=placement).slots_in_use() == slots
+
+
+def test_mix_with_no_post_layer_has_no_out_slots() -> None:
+    cfg = TransformerConfig(placement="mix", n_layers=3, mix_alpha=0.25)  # floor(0.75) = 0
+    assert cfg.n_post_layers == 0
+    assert "attn_out" not in cfg.slots_in_use()
+
+
+def test_every_placement_is_listed() -> None:
+    assert set(PLACEMENTS) == {"pre", "post", "peri", "mix", "lns", "deepnorm", "sandwich", "normformer"}
+
+
+@pytest.mark.parametrize(("m", "alpha", "beta"), [(6, 1.861, 0.380), (12, 2.213, 0.320), (24, 2.632, 0.269)])
+def test_deepnorm_coefficients_match_the_spec_table(m: int, alpha: float, beta: float) -> None:
+    a, b = deepnorm_coefficients(m, "decoder")
+    # The spec's table is rounded to 3 digits (its 0.320 for M=12 is 0.3195 rounded up), so compare to 1e-3.
+    assert a == pytest.approx(alpha, abs=1e-3) and b == pytest.approx(beta, abs=1e-3)
+    assert deepnorm_coefficients(m, "encoder") == (a, b)  # encoder-only uses the same formulas with N blocks
+    assert math.isclose(a, (2 * m) ** 0.25) and math.isclose(b, (8 * m) ** -0.25)
+
+
+def test_deepnorm_coefficients_errors() -> None:
+    with pytest.raises(ValueError, match="expected arch 'decoder' or 'encoder', got 'encdec'"):
+        deepnorm_coefficients(6, "encdec")
+    with pytest.raises(ValueError, match="expected n_layers to be an int >= 1, got 0"):
+        deepnorm_coefficients(0)
