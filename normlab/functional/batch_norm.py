@@ -171,6 +171,22 @@ def batch_norm(
     if not use_batch_stats and x.numel() == 0:
         return x.clone()
     flat = xs.reshape(-1, num_features)
+    if training and mask is None and stats_group(process_group, sync_stats) is None and flat.shape[0] > 1:
+        # Native kernel for the common single-process, unmasked training case: the same statistics and the
+        # same running-stat update (unbiased variance, momentum or cumulative factor) as the general path.
+        factor = momentum
+        if running_mean is not None and running_var is not None and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+            if momentum is None:
+                factor = 1.0 / float(num_batches_tracked.item())
+        elif momentum is None:
+            raise ValueError(f"{op}: momentum=None (cumulative average) needs num_batches_tracked")
+        y = F.batch_norm(
+            xs.movedim(-1, 1), running_mean, running_var,
+            weight.to(ct) if weight is not None else None, bias.to(ct) if bias is not None else None,
+            True, 0.0 if factor is None else factor, eps,
+        ).movedim(1, -1)
+        return y.movedim(-1, cd).to(x.dtype)
     mean, var = batch_statistics(
         flat, mask, x_shape=list(x.shape), training=training, running_mean=running_mean, running_var=running_var,
         momentum=momentum, num_batches_tracked=num_batches_tracked, process_group=process_group,
