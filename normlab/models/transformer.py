@@ -197,8 +197,8 @@ class DecoderLM(nn.Module):
             input_ids: ``(B, N)`` token ids.
             attention_mask: ``(B, N)``, 1/``True`` = real token, 0 = padding. Padded keys are not attended to, and
                 batch-statistic norms get it as ``mask``.
-            labels: ``(B, N)``; shifted inside (position ``t`` predicts ``labels[:, t + 1]``); targets equal to -100
-                or at padded positions are ignored.
+            labels: ``(B, N)``; shifted inside (position ``t`` predicts ``labels[:, t + 1]``); a pair is ignored when
+                the target is -100 or either position ``t`` or ``t + 1`` is padding.
             output_hidden_states: also return the ``n_layers + 1`` residual-stream tensors.
         """
         self._check_inputs(input_ids, attention_mask, labels)
@@ -215,6 +215,8 @@ class DecoderLM(nn.Module):
         if labels is not None:
             targets = labels[:, 1:].long()
             if mask is not None:
-                targets = targets.masked_fill(~mask[:, 1:], -100)
+                # A pair counts only when both the predicting position and the target are real tokens; a padded
+                # input position (e.g. the last left pad predicting the first token) has a meaningless prediction.
+                targets = targets.masked_fill(~(mask[:, 1:] & mask[:, :-1]), -100)
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
         return ModelOutput(logits=logits, loss=loss, hidden_states=tuple(hidden) if output_hidden_states else None)
