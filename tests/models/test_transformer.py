@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from normlab import list_norms
 from normlab.models import PLACEMENTS, DecoderLM, TransformerConfig
 from normlab.models.layers import is_batch_dependent
 from normlab.nn import DyT
@@ -215,3 +216,31 @@ def test_input_errors() -> None:
         model(torch.zeros(2, N, dtype=torch.long), attention_mask=torch.ones(2, N - 1))
     with pytest.raises(TypeError, match="expected a TransformerConfig, got dict"):
         DecoderLM({"d_model": 16})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", [s.name for s in list_norms()])
+def test_every_registered_norm_builds_and_backpropagates_in_the_decoder(name: str) -> None:
+    model = DecoderLM(_tiny(norm=name, placement="peri", n_layers=2))
+    ids = torch.randint(0, 32, (3, N))
+    mask = torch.ones(3, N, dtype=torch.bool)
+    mask[0, :2] = False
+    out = model(ids, attention_mask=mask, labels=ids)
+    assert out.loss is not None and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", [s.name for s in list_norms(batch_dependent=True)])
+def test_every_batch_statistic_norm_gets_the_padding_mask(name: str) -> None:
+    model = DecoderLM(_tiny(norm=name, placement="pre", n_layers=2)).train()
+    ids = torch.randint(0, 32, (3, N))
+    mask = torch.ones(3, N, dtype=torch.bool)
+    mask[0, :3] = False
+    mask[2, 5:] = False
+    other = ids.clone()
+    other[~mask] = (ids[~mask] + 11) % 32
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    a = model(ids, attention_mask=mask).logits
+    model.load_state_dict(state)
+    b = model(other, attention_mask=mask).logits
+    torch.testing.assert_close(a[mask], b[mask])
