@@ -36,8 +36,8 @@ __all__ = [
 # DyT α₀ defaults (ln-replacements.md §4.4). Decoder LMs: the LLaMA recipe's smallest listed model (7B) uses
 # 0.8 for the attention-input DyT and 0.2 for the FFN-input and final DyT; the rule "wider models need smaller α₀"
 # means a small model should not go below these, so we take them as the small-model default. Every slot other than
-# attn_in uses the FFN value. Encoders (ViT, non-LLM tasks): 0.5 everywhere. An explicit alpha_init in norm_kwargs
-# or a slot override wins.
+# attn_in uses the FFN value (a DyT qk norm keeps DyT's own 0.5). Encoders (ViT, non-LLM tasks): 0.5 everywhere.
+# An explicit alpha_init in norm_kwargs or a slot override wins.
 DYT_ALPHA_DECODER = {"attn_in": 0.8, "attn_out": 0.2, "mlp_in": 0.2, "mlp_out": 0.2, "mlp_inner": 0.2, "final": 0.2}
 DYT_ALPHA_ENCODER = dict.fromkeys(DYT_ALPHA_DECODER, 0.5)
 
