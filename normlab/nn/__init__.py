@@ -10,6 +10,7 @@ from normlab.nn.layer_norm import LayerNorm
 from normlab.nn.power_norm import GroupScaling, PowerNorm
 from normlab.nn.rep_batch_norm import PRepBatchNorm, RepBatchNorm
 from normlab.nn.rms_norm import CRMSNorm, PartialRMSNorm, RMSNorm, ScaleNorm, SRMSNorm
+from normlab.nn.sigma_reparam import SigmaReparamLinear
 from normlab.nn.unified_norm import UnifiedNorm
 
 __all__ = [
@@ -28,5 +29,6 @@ __all__ = [
     "RepBatchNorm",
     "SRMSNorm",
     "ScaleNorm",
+    "SigmaReparamLinear",
     "UnifiedNorm",
 ]
