@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from normlab.registry import Layout
 
-__all__ = ["FoldedAffine", "NormBase", "check_layout", "check_num_features"]
+__all__ = ["FoldedAffine", "NormBase", "batch_stat_affine", "check_layout", "check_num_features"]
 
 
 @dataclass
@@ -30,6 +30,19 @@ class FoldedAffine:
     scale: Tensor
     shift: Tensor
     keep: nn.Module | None = None
+
+
+def batch_stat_affine(
+    running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Float64 ``(scale, shift)`` of BatchNorm's eval form: ``scale = γ/sqrt(rv + eps)``, ``shift = β - scale·rm``."""
+    scale = (running_var.detach().double() + eps).rsqrt()
+    if weight is not None:
+        scale = scale * weight.detach().double()
+    shift = -scale * running_mean.detach().double()
+    if bias is not None:
+        shift = shift + bias.detach().double()
+    return scale, shift
 
 
 def check_layout(op: str, layout: Layout, channel_dim: int) -> int:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.functional.batch_norm import batch_norm
-from normlab.nn._base import FoldedAffine, NormBase, check_layout, check_num_features
+from normlab.nn._base import FoldedAffine, NormBase, batch_stat_affine, check_layout, check_num_features
 from normlab.registry import Paper, register_norm
 from normlab.testing import reference as ref
 
@@ -160,13 +160,7 @@ class BatchNorm(NormBase):
             raise RuntimeError("batch_norm: folded_affine() needs eval mode (running statistics); call .eval() first")
         if self.running_mean is None or self.running_var is None:
             raise TypeError("batch_norm: track_running_stats=False uses batch statistics in eval mode; not foldable")
-        scale = torch.rsqrt(self.running_var.detach().double() + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight.detach().double()
-        shift = -scale * self.running_mean.detach().double()
-        if self.bias is not None:
-            shift = shift + self.bias.detach().double()
-        return FoldedAffine(scale, shift)
+        return FoldedAffine(*batch_stat_affine(self.running_mean, self.running_var, self.weight, self.bias, self.eps))
 
     def extra_repr(self) -> str:
         return (

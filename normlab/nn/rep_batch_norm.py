@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.functional.rep_batch_norm import prep_batch_norm, prep_lambda, rep_batch_norm
-from normlab.nn._base import FoldedAffine, NormBase, check_layout, check_num_features
+from normlab.nn._base import FoldedAffine, NormBase, batch_stat_affine, check_layout, check_num_features
 from normlab.registry import Paper, create_norm, register_norm
 from normlab.testing import reference_batchstat as ref
 
@@ -146,12 +146,7 @@ class RepBatchNorm(NormBase):
         """``scale = γ/sqrt(running_var + eps) + α``, ``shift = β − γ·running_mean/sqrt(running_var + eps)``."""
         if self.training:
             raise RuntimeError("rep_batch_norm: folded_affine() needs eval mode (running statistics); call .eval()")
-        bn_scale = torch.rsqrt(self.running_var.detach().double() + self.eps)
-        if self.weight is not None:
-            bn_scale = bn_scale * self.weight.detach().double()
-        shift = -bn_scale * self.running_mean.detach().double()
-        if self.bias is not None:
-            shift = shift + self.bias.detach().double()
+        bn_scale, shift = batch_stat_affine(self.running_mean, self.running_var, self.weight, self.bias, self.eps)
         return FoldedAffine(bn_scale + self.alpha.detach().double(), shift)
 
     def extra_repr(self) -> str:
