@@ -6,6 +6,7 @@ with QK-norm and σReparam options. See ``shared/specs/placement.md`` and the pa
 from __future__ import annotations
 
 from normlab.models.block import BLOCK_PLACEMENTS, Block
+from normlab.models.cnn import CNNConfig, DigitsCNN
 from normlab.models.config import NORM_SLOTS, PLACEMENTS, QK_NORMS, TransformerConfig, deepnorm_coefficients
 from normlab.models.layers import MLP, Attention
 from normlab.models.transformer import DecoderLM, ModelOutput, block_placements
@@ -19,7 +20,9 @@ __all__ = [
     "QK_NORMS",
     "Attention",
     "Block",
+    "CNNConfig",
     "DecoderLM",
+    "DigitsCNN",
     "ModelOutput",
     "TransformerConfig",
     "ViTEncoder",
