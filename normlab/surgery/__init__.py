@@ -2,6 +2,23 @@
 
 from __future__ import annotations
 
+from normlab.surgery.fold import FoldRecord, FoldReport, fold_norms, norm_affine
+from normlab.surgery.fold_math import (
+    fold_affine_into_conv_input,
+    fold_affine_into_conv_output,
+    fold_affine_into_linear_input,
+    fold_affine_into_linear_output,
+)
 from normlab.surgery.sync import convert_sync_norms
 
-__all__ = ["convert_sync_norms"]
+__all__ = [
+    "FoldRecord",
+    "FoldReport",
+    "convert_sync_norms",
+    "fold_affine_into_conv_input",
+    "fold_affine_into_conv_output",
+    "fold_affine_into_linear_input",
+    "fold_affine_into_linear_output",
+    "fold_norms",
+    "norm_affine",
+]

@@ -1,0 +1,384 @@
+"""Exact inference folding of BN-type norms into adjacent linear/conv layers: :func:`fold_norms` and its report.
+
+In eval mode BatchNorm (https://arxiv.org/abs/1502.03167), RepBN / PRepBN after its ramp (SLAB,
+https://arxiv.org/abs/2405.11582), Unified Normalization (https://arxiv.org/abs/2208.01313), PowerNorm's per-channel
+stage (https://arxiv.org/abs/2003.07845) and the identity are a fixed per-channel affine ``a ⊙ x + c``
+(``NormBase.folded_affine()``). :func:`fold_norms` moves that affine into the linear layers that read the norm's
+output (pre-norm: q, k, v, fc1, gate, up, the LM head) or into the linear/conv that writes its input (conv→BN,
+Peri-LN branch-output norms), then replaces the norm by ``nn.Identity()`` (or by the per-token module that must stay,
+PowerNorm's GroupScaling). The tensor math lives in :mod:`normlab.surgery.fold_math`; where a norm's layers are comes
+from :mod:`normlab.surgery._fold_plan`. Spec: ``shared/specs/ln-replacements.md`` §9.
+
+The fold is exact up to float rounding, or it is refused: train mode, a norm that is not foldable, a weight tied to
+another module, a norm whose output is also the residual stream (Post-LN, DeepNorm), a conv with zero padding after a
+norm. Everything is validated before anything is changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from normlab.nn._base import FoldedAffine
+from normlab.registry import NormSpec
+from normlab.surgery._fold_plan import (
+    Direction,
+    Plan,
+    Refusal,
+    find_norms,
+    plan_fx,
+    plan_map,
+    plan_structure,
+)
+from normlab.surgery.fold_math import (
+    _padding_is_zero,
+    fold_affine_into_conv_input,
+    fold_affine_into_conv_output,
+    fold_affine_into_linear_input,
+    fold_affine_into_linear_output,
+)
+
+__all__ = ["FoldRecord", "FoldReport", "KeptAfterFold", "Refusal", "fold_norms", "norm_affine"]
+
+
+@dataclass(frozen=True)
+class FoldRecord:
+    """One folded norm.
+
+    Attributes:
+        norm: the norm's module path.
+        norm_type: its class name.
+        direction: ``"into_consumers"`` (the layers reading its output) or ``"into_producer"`` (the layer writing its
+            input).
+        targets: module paths of the layers whose weights changed.
+        replaced_by: class name of what now stands where the norm was (``Identity`` or the kept module).
+        found_by: ``"structure"`` (normlab model), ``"fx"`` (traced graph) or ``"map"`` (the ``consumers`` argument).
+    """
+
+    norm: str
+    norm_type: str
+    direction: Direction
+    targets: tuple[str, ...]
+    replaced_by: str
+    found_by: str
+
+    def __str__(self) -> str:
+        arrow = "->" if self.direction == "into_consumers" else "<-"
+        targets = ", ".join(self.targets)
+        return f"{self.norm} ({self.norm_type}) {arrow} {targets}  [{self.found_by}; now {self.replaced_by}]"
+
+
+@dataclass
+class FoldReport:
+    """What :func:`fold_norms` did.
+
+    Attributes:
+        model: the folded model (the input itself when ``inplace=True``, else a folded deep copy).
+        folded: one :class:`FoldRecord` per folded norm.
+        refused: one :class:`Refusal` per norm left in place, with the reason (empty unless ``strict=False``).
+        inplace: whether ``model`` is the module that was passed in.
+    """
+
+    model: nn.Module
+    folded: list[FoldRecord] = field(default_factory=list)
+    refused: list[Refusal] = field(default_factory=list)
+    inplace: bool = False
+
+    def __str__(self) -> str:
+        lines = [f"fold_norms: folded {len(self.folded)} norm(s), refused {len(self.refused)}"]
+        lines += [f"  folded  {r}" for r in self.folded]
+        lines += [f"  refused {r}" for r in self.refused]
+        return "\n".join(lines)
+
+
+class KeptAfterFold(nn.Module):
+    """The part of a folded norm that stays in the graph (PowerNorm's GroupScaling), accepting the norm's call form.
+
+    The norm may have been called as ``norm(x, mask=...)``; the kept per-token module takes ``x`` only.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return self.module(x)
+
+
+def _torch_batch_norm_affine(m: nn.modules.batchnorm._BatchNorm) -> FoldedAffine:
+    if m.running_mean is None or m.running_var is None:
+        raise TypeError(
+            f"{type(m).__name__}: track_running_stats=False uses batch statistics in eval mode; not foldable"
+        )
+    scale = torch.rsqrt(m.running_var.detach().double() + m.eps)
+    if m.weight is not None:
+        scale = scale * m.weight.detach().double()
+    shift = -scale * m.running_mean.detach().double()
+    if m.bias is not None:
+        shift = shift + m.bias.detach().double()
+    return FoldedAffine(scale, shift)
+
+
+def norm_affine(norm: nn.Module) -> FoldedAffine:
+    """The eval-mode per-channel affine of a norm module, or the error saying why it has none.
+
+    Registered norms must have the ``foldable`` trait and answer ``folded_affine()``; ``torch.nn.BatchNorm*d`` with
+    running stats is handled here; any other module exposing ``folded_affine()`` is asked.
+
+    Raises:
+        TypeError: not foldable. RuntimeError: the norm's own refusal (train mode, PRepBN ramp not over).
+    """
+    spec = getattr(type(norm), "norm_spec", None)
+    if isinstance(spec, NormSpec) and not spec.foldable:
+        raise TypeError(
+            f"{spec.name} is not foldable (registry trait foldable=False): its eval-mode output is not a fixed "
+            "per-channel affine"
+        )
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        return _torch_batch_norm_affine(norm)
+    fa = getattr(norm, "folded_affine", None)
+    if not callable(fa):
+        raise TypeError(f"{type(norm).__name__} is not foldable: its output depends on per-sample statistics")
+    affine = fa()
+    if not isinstance(affine, FoldedAffine):
+        raise TypeError(f"{type(norm).__name__}.folded_affine() returned {type(affine).__name__}, not a FoldedAffine")
+    scale, shift = affine.scale, affine.shift
+    if scale.dim() != 1 or shift.shape != scale.shape:
+        raise ValueError(
+            f"{type(norm).__name__}.folded_affine(): expected 1-D scale and shift of one size, got "
+            f"{list(scale.shape)} and {list(shift.shape)}"
+        )
+    if not bool(torch.isfinite(scale).all() & torch.isfinite(shift).all()):
+        raise ValueError(f"{type(norm).__name__}.folded_affine() has non-finite entries (running variance near 0?)")
+    return affine
+
+
+def _channel_dim(norm: nn.Module) -> int:
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        return 1
+    return int(getattr(norm, "channel_dim", -1))
+
+
+def _check_target(
+    plan: Plan, target: str, layer: nn.Module | None, n: int, channel_dim: int, owners: Mapping[int, list[str]]
+) -> str | None:
+    """Why ``layer`` cannot take this fold exactly, or ``None``."""
+    if not isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)):
+        kind = type(layer).__name__ if layer is not None else "missing"
+        return f"target {target} is {kind}, not nn.Linear or a ConvNd (parametrised/σReparam layers are not folded)"
+    if parametrize.is_parametrized(layer):
+        return f"target {target} has a parametrization; its weight is computed, not stored"
+    for name in ("weight", "bias"):
+        p = getattr(layer, name)
+        if p is not None and len(owners.get(id(p), ())) > 1:
+            others = [o for o in owners[id(p)] if o != f"{target}.{name}"]
+            return f"the {name} of {target} is shared/tied with {', '.join(others)}; folding would change them too"
+        if p is not None and len(owners.get(id(p), ())) == 0:
+            return f"the {name} of {target} is not a parameter of the model"
+    need = n * plan.repeat
+    if isinstance(layer, nn.Linear):
+        if channel_dim not in (-1, 1):  # channel_dim=1 assumes (N, C) activations, as torch's fuse_linear_bn_eval
+            return f"the norm normalizes axis {channel_dim}, but {target} (nn.Linear) reads the last axis"
+        have = layer.in_features if plan.direction == "into_consumers" else layer.out_features
+        side = "in_features" if plan.direction == "into_consumers" else "out_features"
+        return None if have == need else f"{target} has {side}={have}, the norm has {need} channels"
+    if channel_dim != 1:
+        return f"the norm normalizes axis {channel_dim}, but {target} (a conv) has channels on axis 1"
+    if plan.direction == "into_consumers":
+        if layer.transposed:
+            return f"{target} is a transposed conv after the norm: border outputs sum fewer taps, so b' is not exact"
+        if layer.padding_mode == "zeros" and not _padding_is_zero(layer.padding, layer.kernel_size):
+            return (
+                f"{target} is a conv with zero padding ({layer.padding}) after the norm: the padded border taps "
+                "would miss the norm's shift, so the fold is not exact (spec §9.2)"
+            )
+    have = layer.in_channels if plan.direction == "into_consumers" else layer.out_channels
+    return None if have == need else f"{target} has {have} channels on the folded side, the norm has {need}"
+
+
+def _validate(
+    plan: Plan, norm: nn.Module, modules: Mapping[str, nn.Module], owners: Mapping[int, list[str]]
+) -> FoldedAffine | Refusal:
+    name = type(norm).__name__
+    try:
+        affine = norm_affine(norm)
+    except (TypeError, RuntimeError, ValueError) as exc:
+        return Refusal(plan.norm, name, str(exc), type(exc))
+    if affine.keep is not None and plan.direction == "into_producer":
+        return Refusal(
+            plan.norm,
+            name,
+            f"it keeps {type(affine.keep).__name__} (a per-token op) between the layer before it and its affine, "
+            "so it folds only into layers that read its output, and here its output goes elsewhere (e.g. a residual "
+            "add)",
+        )
+    n = affine.scale.numel()
+    cdim = _channel_dim(norm)
+    for target in plan.targets:
+        why = _check_target(plan, target, modules.get(target), n, cdim, owners)
+        if why is not None:
+            return Refusal(plan.norm, name, why, TypeError if "not nn.Linear" in why else ValueError)
+    return affine
+
+
+def _write(layer: nn.Linear | nn.modules.conv._ConvNd, weight: Tensor, bias: Tensor) -> None:
+    w = layer.weight
+    with torch.no_grad():
+        w.copy_(weight)
+        if layer.bias is None:
+            layer.bias = nn.Parameter(bias.to(w.device), requires_grad=w.requires_grad)
+        else:
+            layer.bias.copy_(bias)
+
+
+def _apply(model: nn.Module, plan: Plan, affine: FoldedAffine) -> str:
+    a, c = affine.scale.double(), affine.shift.double()
+    for target in plan.targets:
+        layer = model.get_submodule(target)
+        if not isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)):  # validated before; keeps mypy precise
+            raise TypeError(f"fold_norms: {target} is {type(layer).__name__}, not nn.Linear or a ConvNd")
+        w, b = layer.weight, layer.bias
+        if plan.direction == "into_consumers":
+            cs = c * plan.shift_factor
+            if isinstance(layer, nn.Linear):
+                new = fold_affine_into_linear_input(w, b, a, cs)
+            else:
+                new = fold_affine_into_conv_input(
+                    w, b, a, cs, groups=layer.groups, padding=layer.padding, padding_mode=layer.padding_mode
+                )
+        else:
+            ar, cr = a.repeat(plan.repeat), c.repeat(plan.repeat)
+            if isinstance(layer, nn.Linear):
+                new = fold_affine_into_linear_output(w, b, ar, cr)
+            else:
+                new = fold_affine_into_conv_output(w, b, ar, cr, transposed=layer.transposed, groups=layer.groups)
+        _write(layer, *new)
+    keep = affine.keep
+    if keep is None:
+        replacement: nn.Module = nn.Identity()
+    else:
+        params = inspect.signature(keep.forward).parameters.values()
+        takes_mask = any(p.name == "mask" or p.kind is p.VAR_KEYWORD for p in params)
+        # normlab models pass a mask only to registered batch-statistic norms, so the bare module works there.
+        replacement = keep if takes_mask or plan.found_by == "structure" else KeptAfterFold(keep)
+    parent_path, _, attr = plan.norm.rpartition(".")
+    setattr(model.get_submodule(parent_path), attr, replacement)
+    return type(replacement).__name__
+
+
+def _is_normlab_model(model: nn.Module) -> bool:
+    from normlab.models import DecoderLM, ViTEncoder
+
+    return isinstance(model, (DecoderLM, ViTEncoder))
+
+
+def fold_norms(
+    model: nn.Module,
+    consumers: Mapping[str, Sequence[str] | str] | None = None,
+    *,
+    inplace: bool = False,
+    strict: bool = True,
+) -> FoldReport:
+    """Fold every foldable norm of an eval-mode model into its adjacent linear layers; return a :class:`FoldReport`.
+
+    Where each norm goes: for normlab's :class:`~normlab.models.DecoderLM` / :class:`~normlab.models.ViTEncoder` the
+    known structure (input norms into q/k/v and fc1 or gate/up, branch-output norms into out_proj/fc2, QK-norms into
+    q_proj/k_proj, the final norm into the head); for other modules ``torch.fx`` tracing (into the single linear/conv
+    whose output only the norm reads, else into its users if all are linear/conv layers reading only it); or
+    ``consumers``, an explicit ``{norm_path: [linear paths]}`` map, which replaces discovery (only the named norms
+    are folded, and the listed layers must be all that read each norm's output).
+
+    Everything is checked before anything changes: in strict mode one refusal raises and leaves ``model`` untouched;
+    with ``strict=False`` the refused norms stay and are listed in ``report.refused``.
+
+    Args:
+        model: a module in eval mode.
+        consumers: optional explicit map, see above.
+        inplace: fold ``model`` itself. Default ``False``: fold a deep copy, returned as ``report.model`` (a fold is
+            lossy by design: the norm's statistics are gone afterwards).
+        strict: raise on any norm that cannot be folded exactly (default); else fold the rest and report.
+
+    Returns:
+        The report; ``report.model`` is the folded model.
+
+    Raises:
+        RuntimeError: the model or a norm is in train mode. TypeError / ValueError / RuntimeError (strict): the first
+            refused norm's error type, with every refusal listed. TypeError: an untraceable model without
+            ``consumers``, or a malformed ``consumers``. ValueError: ``consumers`` names a missing or non-norm module.
+
+    Example:
+        >>> from normlab.nn import BatchNorm
+        >>> net = nn.Sequential(nn.Linear(4, 8), BatchNorm(8, channel_dim=-1), nn.ReLU()).eval()
+        >>> report = fold_norms(net)
+        >>> report.folded[0].targets, report.folded[0].direction, type(report.model[1]).__name__
+        (('0',), 'into_producer', 'Identity')
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fold_norms: expected an nn.Module, got {type(model).__name__}")
+    norms = find_norms(model)
+    training = [p for p, m in norms.items() if m.training]
+    if model.training or training:
+        where = f"norms in train mode: {', '.join(training[:5])}" if training else "model.training=True"
+        raise RuntimeError(
+            f"fold_norms: needs eval mode (train-mode norms use batch statistics, not a fixed affine); got {where}; "
+            "call model.eval() first"
+        )
+    if consumers is not None:
+        items = plan_map(model, norms, consumers)
+    elif _is_normlab_model(model):
+        items = plan_structure(model, norms)
+    else:
+        items = plan_fx(model, norms)
+
+    modules = dict(model.named_modules(remove_duplicate=False))
+    owners: dict[int, list[str]] = {}  # every path of every parameter: a layer at two paths or a tied weight
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    accepted: list[tuple[Plan, FoldedAffine]] = []
+    refused: list[Refusal] = []
+    claimed: dict[tuple[str, Direction], str] = {}
+    for item in items:
+        if isinstance(item, Refusal):
+            refused.append(item)
+            continue
+        result = _validate(item, norms[item.norm], modules, owners)
+        if isinstance(result, Refusal):
+            refused.append(result)
+            continue
+        clash = [claimed[(t, item.direction)] for t in item.targets if (t, item.direction) in claimed]
+        if clash:
+            refused.append(
+                Refusal(
+                    item.norm,
+                    type(norms[item.norm]).__name__,
+                    f"a target layer is already folded with {clash[0]} in the same direction, so it reads two "
+                    "different inputs; neither fold would be exact",
+                )
+            )
+            continue
+        claimed.update({(t, item.direction): item.norm for t in item.targets})
+        accepted.append((item, result))
+
+    if strict and refused:
+        listing = "\n".join(f"  - {r}" for r in refused)
+        raise refused[0].error(
+            f"fold_norms: refused to fold {len(refused)} norm(s); the model was not changed "
+            f"(pass strict=False to fold the others and list these in FoldReport.refused):\n{listing}"
+        )
+
+    target = model if inplace else copy.deepcopy(model)
+    folded: list[FoldRecord] = []
+    for plan, affine in accepted:
+        if not inplace:  # the copy's own norm: its keep module must be the copy's, not the original's
+            affine = norm_affine(target.get_submodule(plan.norm))
+        kept = _apply(target, plan, affine)
+        norm_type = type(norms[plan.norm]).__name__
+        folded.append(FoldRecord(plan.norm, norm_type, plan.direction, plan.targets, kept, plan.found_by))
+    return FoldReport(model=target, folded=folded, refused=refused, inplace=inplace)
