@@ -1,0 +1,169 @@
+"""What an arm trains on: a :class:`Task` builds the model from a config dict, draws training batches from a seeded
+generator, computes the loss and evaluates on a fixed validation set that every arm and seed shares.
+
+* ``lm_stdlib``: byte-level next-token prediction on the Python stdlib source (:mod:`normlab.data.text`) with
+  :class:`~normlab.models.DecoderLM`. Validation: ``eval_batches × eval_batch_size`` evenly spaced windows of the
+  held-out files. Batch-statistic norms are evaluated in eval mode (running statistics): in a causal LM their
+  train-mode batch statistics would mix in future tokens of other sequences.
+* ``digits``: 10-way classification of scikit-learn's 8×8 digits with :class:`~normlab.models.DigitsCNN`.
+  Validation: the whole held-out split (loss and accuracy).
+
+Under DDP each rank draws its own training stream (the generator is seeded with ``(seed, rank)``) and evaluates a
+slice of the validation set; the sums are all-reduced.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from normlab.lab.config import SuiteConfig
+from normlab.lab.dist import DistInfo, all_reduce_sum
+
+__all__ = ["DigitsTask", "LMTask", "Task", "make_task"]
+
+Batch = dict[str, Tensor]
+
+
+class Task:
+    """Interface of a lab task (see the module docstring)."""
+
+    unit = "samples/s"
+    eval_metrics: tuple[str, ...] = ("val_loss",)
+
+    def __init__(self, cfg: SuiteConfig, dist: DistInfo, device: torch.device) -> None:
+        self.cfg = cfg
+        self.dist = dist
+        self.device = device
+
+    def build_model(self, model_cfg: dict[str, Any]) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def sample(self, rng: np.random.Generator, batch_size: int) -> Batch:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def units(self, batch: Batch) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        return model(**batch).loss
+
+    def diagnostics_batch(self) -> Batch:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _eval_batches(self) -> list[Batch]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Validation metrics in eval mode, reduced over ranks; restores the model's train/eval mode."""
+        was_training = model.training
+        model.eval()
+        loss_sum = correct = count = 0.0
+        try:
+            for batch in self._eval_batches():
+                out = model(**batch)
+                n = self._eval_count(batch)
+                loss_sum += float(out.loss) * n
+                count += n
+                if "labels" in batch and "val_acc" in self.eval_metrics:
+                    correct += float((out.logits.argmax(-1) == batch["labels"]).sum())
+        finally:
+            model.train(was_training)
+        loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], self.dist, self.device)
+        out_metrics = {"val_loss": loss_sum / max(count, 1.0)}
+        if "val_acc" in self.eval_metrics:
+            out_metrics["val_acc"] = correct / max(count, 1.0)
+        return out_metrics
+
+    def _eval_count(self, batch: Batch) -> float:
+        return float(next(iter(batch.values())).shape[0])
+
+
+class LMTask(Task):
+    """Byte-level LM on the stdlib corpus."""
+
+    unit = "tokens/s"
+
+    def __init__(self, cfg: SuiteConfig, dist: DistInfo, device: torch.device) -> None:
+        super().__init__(cfg, dist, device)
+        from normlab.data.text import load_stdlib_corpus, strided_windows
+
+        self.corpus = load_stdlib_corpus(val_fraction=cfg.val_fraction)
+        total = cfg.eval_batches * cfg.eval_batch_size
+        windows = strided_windows(self.corpus.val, cfg.seq_len, total)
+        mine = windows[dist.rank :: dist.world_size]  # each rank evaluates its slice
+        self._val = [mine[i : i + cfg.eval_batch_size] for i in range(0, len(mine), cfg.eval_batch_size)]
+        self._diag = windows[: min(8, total)]
+
+    def build_model(self, model_cfg: dict[str, Any]) -> nn.Module:
+        from normlab.models import DecoderLM, TransformerConfig
+
+        return DecoderLM(TransformerConfig.from_dict(model_cfg))
+
+    def sample(self, rng: np.random.Generator, batch_size: int) -> Batch:
+        from normlab.data.text import random_windows
+
+        ids = random_windows(self.corpus.train, self.cfg.seq_len, batch_size, rng).to(self.device)
+        return {"input_ids": ids, "labels": ids}
+
+    def units(self, batch: Batch) -> int:
+        return int(batch["input_ids"].numel())
+
+    def _eval_batches(self) -> list[Batch]:
+        return [{"input_ids": w.to(self.device), "labels": w.to(self.device)} for w in self._val]
+
+    def _eval_count(self, batch: Batch) -> float:
+        # The model's loss is a mean over the (seq_len - 1) predicted positions of every window.
+        ids = batch["input_ids"]
+        return float(ids.shape[0] * (ids.shape[1] - 1))
+
+    def diagnostics_batch(self) -> Batch:
+        ids = self._diag.to(self.device)
+        return {"input_ids": ids, "labels": ids}
+
+
+class DigitsTask(Task):
+    """DigitsCNN on scikit-learn's digits."""
+
+    unit = "samples/s"
+    eval_metrics = ("val_loss", "val_acc")
+
+    def __init__(self, cfg: SuiteConfig, dist: DistInfo, device: torch.device) -> None:
+        super().__init__(cfg, dist, device)
+        from normlab.data.images import load_digits_split
+
+        self.data = load_digits_split(val_fraction=cfg.val_fraction)
+        x, y = self.data.x_val[dist.rank :: dist.world_size], self.data.y_val[dist.rank :: dist.world_size]
+        bs = cfg.eval_batch_size
+        self._val = [{"x": x[i : i + bs], "labels": y[i : i + bs]} for i in range(0, len(x), bs)]
+
+    def build_model(self, model_cfg: dict[str, Any]) -> nn.Module:
+        from normlab.models.cnn import CNNConfig, DigitsCNN
+
+        return DigitsCNN(CNNConfig.from_dict(model_cfg))
+
+    def sample(self, rng: np.random.Generator, batch_size: int) -> Batch:
+        idx = torch.from_numpy(rng.integers(0, len(self.data.y_train), size=batch_size))
+        return {"x": self.data.x_train[idx].to(self.device), "labels": self.data.y_train[idx].to(self.device)}
+
+    def units(self, batch: Batch) -> int:
+        return int(batch["x"].shape[0])
+
+    def _eval_batches(self) -> list[Batch]:
+        return [{k: v.to(self.device) for k, v in b.items()} for b in self._val]
+
+    def diagnostics_batch(self) -> Batch:
+        return {k: v.to(self.device) for k, v in self._val[0].items()}
+
+
+def make_task(cfg: SuiteConfig, dist: DistInfo, device: torch.device) -> Task:
+    """The :class:`Task` of ``cfg.task``."""
+    if cfg.task == "lm_stdlib":
+        return LMTask(cfg, dist, device)
+    if cfg.task == "digits":
+        return DigitsTask(cfg, dist, device)
+    raise ValueError(f"make_task: expected task in ('lm_stdlib', 'digits'), got {cfg.task!r}")
