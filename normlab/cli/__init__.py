@@ -13,12 +13,15 @@ from collections.abc import Sequence
 __all__ = ["build_parser", "main"]
 
 # Subcommand modules, in the order `normlab --help` lists them.
-_SUBCOMMANDS = ("ls", "env")
+_SUBCOMMANDS = ("ls", "env", "lab", "report")
 
 _EPILOG = """examples:
   normlab ls                      list every registered norm with its traits and paper
   normlab ls --foldable           only the norms that fold into a linear layer at inference
   normlab env                     versions of normlab, torch and Python, git SHA, CPU/GPU
+  normlab lab                     run the default lab suite; writes runs/default-<time>/ with report.md/.html
+  normlab lab --list              the packaged lab suites
+  normlab report RUN_DIR          re-render a lab run's report from its files
 """
 
 
@@ -49,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
     parser = build_parser()
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv_list)
+    args.argv = ["normlab", *argv_list]  # the command line, recorded in lab runs' env.json
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0

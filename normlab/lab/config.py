@@ -28,6 +28,7 @@ __all__ = [
     "SuiteError",
     "apply_overrides",
     "list_suites",
+    "model_config_class",
     "load_suite",
     "parse_suite",
     "read_suite_dict",
@@ -196,7 +197,8 @@ def _check_value(key: str, value: Any) -> str | None:
     return None
 
 
-def _model_class(task: str) -> Any:
+def model_config_class(task: str) -> Any:
+    """The model config dataclass of a task: ``CNNConfig`` for ``digits``, else ``TransformerConfig``."""
     if task == "digits":
         from normlab.models.cnn import CNNConfig
 
@@ -228,7 +230,7 @@ def parse_suite(data: dict[str, Any], origin: str = "suite") -> SuiteConfig:
         else:
             values[key] = copy.deepcopy(value)
     cfg = SuiteConfig(**values)
-    model_cls = _model_class(cfg.task)
+    model_cls = model_config_class(cfg.task)
     model_fields = {f.name for f in dataclasses.fields(model_cls)}
     bad_model = sorted(set(cfg.model) - model_fields)
     if bad_model:

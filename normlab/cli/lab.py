@@ -1,0 +1,153 @@
+"""``normlab lab``: run a suite of small experiments on real offline data, then write and print the report.
+
+Also works unchanged under ``torchrun --nproc_per_node=N normlab lab ...`` (DDP; rank 0 writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+NAME = "lab"
+HELP = "run a suite of experiments (default: the 'default' suite) into runs/<suite>-<time>/ and render its report"
+
+_EXAMPLES = """examples:
+  normlab lab                              the default suite (LayerNorm/RMSNorm/DyT/BatchNorm/... byte-level LMs)
+  normlab lab --list                       packaged suites
+  normlab lab --suite placement --dry-run  validate a suite against the registry and config schema, run nothing
+  normlab lab --suite my.toml --steps 50 --seeds 0 --set model.d_model=64
+  normlab lab --resume runs/default-20250101-120000   finish a run that was interrupted
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = _EXAMPLES
+    p.add_argument("--suite", default=None, help="packaged suite name or a TOML file (default: 'default')")
+    p.add_argument("--list", action="store_true", help="list the packaged suites and exit")
+    p.add_argument("--dry-run", action="store_true", help="validate the suite (every problem at once) and exit")
+    p.add_argument("--out", default=None, help="run directory (must not exist or be empty)")
+    p.add_argument("--runs-dir", default="runs", help="parent of new run directories (default: runs)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument("--steps", type=int, default=None, help="override the suite's steps")
+    p.add_argument("--seeds", default=None, help="override the seeds, comma-separated (e.g. 0,1,2)")
+    p.add_argument("--arms", default=None, help="only these arms, comma-separated")
+    p.add_argument("--batch-size", type=int, default=None, help="override the suite's batch_size")
+    p.add_argument("--lr", type=float, default=None, help="override the suite's lr")
+    p.add_argument("--eval-every", type=int, default=None, help="override the suite's eval_every")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any suite key (TOML value; dotted for tables: model.d_model=64); repeatable")
+    p.add_argument("--no-report", action="store_true", help="do not render the report at the end")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def _parse_value(text: str) -> Any:
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except ValueError:
+        return text  # a bare string
+
+
+def overrides_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], list[str] | None]:
+    """CLI overrides as dotted keys, and the arm filter."""
+    out: dict[str, Any] = {}
+    for key in ("steps", "batch_size", "lr", "eval_every"):
+        if getattr(args, key) is not None:
+            out[key] = getattr(args, key)
+    if args.seeds is not None:
+        try:
+            out["seeds"] = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError as exc:
+            raise ValueError(f"--seeds: expected comma-separated ints, got {args.seeds!r}") from exc
+    for item in args.set:
+        if "=" not in item:
+            raise ValueError(f"--set: expected KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = _parse_value(value.strip())
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
+    return out, arms
+
+
+def _print_suites() -> None:
+    from normlab.cli.ls import format_table
+    from normlab.lab.config import list_suites
+
+    rows = [["suite", "description"]] + [[k, v] for k, v in list_suites().items()]
+    print(format_table(rows))
+
+
+def finish_report(run_dir: Path, *, plots: bool = True) -> int:
+    """Render the report of ``run_dir`` and print where it is and the summary table."""
+    from normlab.lab.report import format_summary_table, render_report
+
+    try:
+        md = render_report(run_dir, plots=plots)
+    except ImportError as exc:  # matplotlib missing: tables only
+        print(f"normlab: {exc}; writing the report without plots", file=sys.stderr)
+        md = render_report(run_dir, plots=False)
+    print(f"run dir: {run_dir}")
+    print(f"report:  {md}  ({md.with_suffix('.html')})")
+    print()
+    print(format_summary_table(run_dir))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from normlab.lab.config import SuiteError, load_suite
+    from normlab.lab.dist import broadcast_object, init_distributed, shutdown
+    from normlab.lab.runner import load_run_config, new_run_dir, run_suite
+
+    if args.list:
+        _print_suites()
+        return 0
+    try:
+        overrides, arms = overrides_from_args(args)
+        if args.resume:
+            given = [flag for flag, v in (("--suite", args.suite), ("--out", args.out), ("--dry-run", args.dry_run))
+                     if v]
+            if given or overrides or arms:
+                raise ValueError(f"--resume takes the config stored in the run directory; drop {given or 'overrides'}")
+            run_dir = Path(args.resume)
+            cfg = load_run_config(run_dir)
+        else:
+            cfg = load_suite(args.suite or "default", overrides, arms)
+    except (SuiteError, ValueError, FileNotFoundError) as exc:
+        print(f"normlab lab: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        from normlab.lab.validate import check_suite
+
+        problems = check_suite(cfg)
+        if problems:
+            print(str(SuiteError(problems, f"suite {cfg.name!r}")), file=sys.stderr)
+            return 2
+        runs = len(cfg.arms) * len(cfg.seeds)
+        print(f"suite {cfg.name!r} is valid: {len(cfg.arms)} arms x {len(cfg.seeds)} seeds = {runs} runs of "
+              f"{cfg.steps} steps ({', '.join(a.name for a in cfg.arms)})")
+        return 0
+    if not args.resume:
+        run_dir = Path(args.out) if args.out else new_run_dir(cfg.name, args.runs_dir)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            print(f"normlab lab: --out {run_dir} exists and is not empty; pick another or --resume it", file=sys.stderr)
+            return 2
+    dist = init_distributed()
+    try:
+        run_dir = Path(broadcast_object(str(run_dir), dist))
+        result = run_suite(cfg, run_dir, argv=getattr(args, "argv", None) or ["normlab", *sys.argv[1:]],
+                           resume=bool(args.resume), progress=not args.no_progress, dist=dist)
+    finally:
+        shutdown(dist)
+    if not dist.is_main:
+        return 0
+    if not args.no_report:
+        finish_report(run_dir)
+    else:
+        print(f"run dir: {run_dir}")
+    errors = sorted(f"{a}/seed{s}" for (a, s), st in result.statuses.items() if st == "error")
+    if errors:
+        print(f"\n{len(errors)} run(s) failed with an error: {', '.join(errors)} (see the report)", file=sys.stderr)
+        return 1
+    return 0
