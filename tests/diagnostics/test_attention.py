@@ -100,3 +100,21 @@ def test_warns_without_attention() -> None:
     with pytest.warns(UserWarning, match="no attention call was seen"):
         rows = collect(ToyModel([Scale(1.0)]), torch.tensor([[1, 2]]), ["attention_entropy"])
     assert rows == []
+
+
+def test_hugging_face_llama_with_gqa_and_padding() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.zero_()  # q = 0 (RoPE keeps it 0): uniform over the allowed keys
+    ids = torch.randint(0, 100, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    rows = collect(model, {"input_ids": ids, "attention_mask": mask}, ["attention_entropy"])
+    raw = (math.lgamma(8) + math.lgamma(5)) / 11  # mean of log(i + 1) over the 7 + 4 valid queries
+    assert len(rows) == 2 * 2 + 2 * 2 * 4
+    for r in rows:
+        assert r["value"] == pytest.approx(raw if r["variant"] == "raw" else 1.0, rel=1e-9)
