@@ -9,7 +9,7 @@ Public API::
 
 from __future__ import annotations
 
-from normlab import functional, nn
+from normlab import diagnostics, functional, models, nn, surgery
 from normlab.nn import (
     BatchNorm,
     CRMSNorm,
@@ -51,9 +51,12 @@ __all__ = [
     "UnifiedNorm",
     "__version__",
     "create_norm",
+    "diagnostics",
     "functional",
     "get_norm",
     "list_norms",
+    "models",
     "nn",
     "register_norm",
+    "surgery",
 ]

@@ -79,3 +79,12 @@ def test_every_exported_norm_class_is_registered() -> None:
         obj = getattr(normlab.nn, name)
         if inspect.isclass(obj) and issubclass(obj, NormBase) and obj is not NormBase:
             assert obj in registered, f"normlab.nn.{name} is a norm but not registered"
+
+
+def test_import_needs_only_torch_and_numpy() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, normlab; print(sorted(m for m in ('matplotlib', 'sklearn', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
