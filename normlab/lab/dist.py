@@ -69,7 +69,7 @@ def shutdown(info: DistInfo) -> None:
 
 def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device | None = None) -> list[float]:
     """Sum ``values`` over ranks (identity when not distributed)."""
-    if not info.enabled or info.world_size == 1:
+    if not info.enabled:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device or info.device())
     torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)

@@ -4,7 +4,7 @@ per-layer diagnostics. Every function is deterministic in its inputs, so a repor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,7 @@ def plot_curves(
     _save(fig, path)
 
 
-def plot_throughput(values: dict[str, Sequence[float]], path: Path, *, unit: str) -> None:
+def plot_throughput(values: Mapping[str, Sequence[float]], path: Path, *, unit: str) -> None:
     """Median throughput per arm, with a p20–p80 error bar."""
     plt = _pyplot()
     arms = [a for a, v in values.items() if len(v)]

@@ -176,7 +176,7 @@ def _prepare_resume(run_dir: Path, cfg: SuiteConfig) -> tuple[set[tuple[str, int
             if (arm.name, seed) in done:
                 path.unlink(missing_ok=True)
             elif path.exists():
-                ckpt_steps[(arm.name, seed)] = int(torch.load(path, map_location="cpu", weights_only=False)["step"])
+                ckpt_steps[(arm.name, seed)] = int(torch.load(path, map_location="cpu", weights_only=False)["state"]["step"])
 
     def keep(row: dict[str, Any]) -> bool:
         key = (row["arm"], row["seed"])
@@ -312,7 +312,7 @@ def _run_one(
             if dist.is_main:
                 _atomic_torch_save({"model": model.state_dict(), "optim": opt.state_dict(), "state": state}, ckpt)
         ddp: nn.Module = model
-        if dist.enabled and dist.world_size > 1:
+        if dist.enabled:  # also at world size 1, so that the DDP path is the one tests exercise
             ddp = nn.parallel.DistributedDataParallel(model)
         limit = cfg.divergence_factor * state["initial_loss"]
         interval = {"loss": 0.0, "grad": 0.0, "n": 0, "units": 0, "time": 0.0}

@@ -1,0 +1,111 @@
+"""Suite config: packaged suites validate, every problem is reported at once, CLI > file > defaults."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from normlab.lab.config import SuiteConfig, SuiteError, apply_overrides, list_suites, load_suite, parse_suite
+from normlab.lab.runner import lr_at
+from normlab.lab.validate import check_suite
+from tests.lab.conftest import toml_of
+
+
+@pytest.mark.parametrize("name", ["default", "placement", "digits"])
+def test_packaged_suites_validate_and_build(name: str) -> None:
+    assert name in list_suites()
+    cfg = load_suite(name)
+    assert cfg.name == name and len(cfg.seeds) >= 2 and cfg.arms
+    assert check_suite(cfg) == []
+
+
+def test_default_suite_has_the_required_arms() -> None:
+    cfg = load_suite("default")
+    norms = {cfg.arm_model(a)["norm"] for a in cfg.arms}
+    assert {"layer_norm", "rms_norm", "dyt", "batch_norm"} <= norms
+
+
+def test_every_problem_is_reported_at_once(tiny: dict[str, Any]) -> None:
+    tiny["stepz"] = 3
+    tiny["steps"] = 0
+    tiny["lr"] = -1.0
+    tiny["seeds"] = []
+    tiny["model"]["widht"] = 3
+    tiny["arms"] = [
+        {"name": "a", "norm": "bathc_norm"},
+        {"name": "a", "norm": "layer_norm", "colour": "red"},
+        {"norm": "rms_norm", "n_heads": 3},  # no name; 32 % 3 != 0
+    ]
+    with pytest.raises(SuiteError) as info:
+        parse_suite(tiny, "bad.toml")
+    problems = info.value.problems
+    text = "\n".join(problems)
+    for pattern in (
+        r"unknown top-level key\(s\) \['stepz'\]",
+        r"steps: expected an int >= 1, got 0",
+        r"lr: expected a number in \(0.0, inf\], got -1.0",
+        r"seeds: expected a non-empty list",
+        r"model: unknown key\(s\) \['widht'\]",
+        r"arms\[0\] \(a\): unknown norm 'bathc_norm'; did you mean 'batch_norm'",
+        r"arms\[1\]\.name: duplicate arm name 'a'",
+        r"arms\[1\] \(a\): unknown key 'colour'",
+        r"arms\[2\]\.name: expected a non-empty string",
+        r"d_model divisible by n_heads, got d_model=32, n_heads=3",
+    ):
+        assert any(re.search(pattern, p) for p in problems), (pattern, text)
+    assert str(info.value).startswith(f"bad.toml: {len(problems)} problem(s):")
+
+
+def test_shape_problems_that_only_building_finds(tiny: dict[str, Any]) -> None:
+    tiny["arms"] = [{"name": "gn", "norm": "group_norm", "norm_kwargs": {"num_groups": 7}},
+                    {"name": "ok", "norm": "layer_norm"}]
+    cfg = parse_suite(tiny)
+    problems = check_suite(cfg)
+    assert len(problems) == 1 and "arms[0] (gn)" in problems[0] and "num_groups" in problems[0]
+
+
+def test_precedence_cli_over_file_over_defaults(tmp_path: Path, tiny: dict[str, Any]) -> None:
+    del tiny["lr"]  # falls back to the dataclass default
+    path = tmp_path / "s.toml"
+    path.write_text(toml_of(tiny))
+    cfg = load_suite(path, {"steps": 30, "model.d_model": 64, "seeds": [3]}, arms=["bn"])
+    assert cfg.steps == 30 and cfg.seeds == [3] and cfg.model["d_model"] == 64
+    assert cfg.batch_size == 4  # file
+    assert cfg.lr == SuiteConfig().lr  # default
+    assert [a.name for a in cfg.arms] == ["bn"]
+    with pytest.raises(SuiteError, match=r"--arms: unknown arm\(s\) \['xx'\]"):
+        apply_overrides(tiny, {}, arms=["xx"])
+
+
+def test_round_trip_through_to_dict(tiny: dict[str, Any]) -> None:
+    tiny["arms"][1]["lr"] = 1e-3
+    cfg = parse_suite(tiny)
+    again = parse_suite(cfg.to_dict())
+    assert again == cfg
+    assert cfg.arm_train(cfg.arms[1])["lr"] == 1e-3 and cfg.arm_train(cfg.arms[0])["lr"] == 3e-3
+    assert cfg.arm_model(cfg.arms[0])["max_seq_len"] == 16
+    assert cfg.eval_steps() == [0, 5, 10, 15, 20]
+
+
+def test_unknown_suite_and_invalid_toml(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="unknown suite 'nope'.*default"):
+        load_suite("nope")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("steps = = 3\n")
+    with pytest.raises(SuiteError, match="invalid TOML"):
+        load_suite(bad)
+
+
+def test_lr_schedule_warmup_then_cosine() -> None:
+    assert lr_at(0, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+    assert lr_at(9, 100, 1.0, 10, 0.1) == pytest.approx(1.0)
+    assert lr_at(10, 100, 1.0, 10, 0.1) == pytest.approx(1.0)
+    mid = lr_at(55, 100, 1.0, 10, 0.1)
+    assert mid == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+    values = [lr_at(s, 100, 1.0, 10, 0.1) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
