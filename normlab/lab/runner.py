@@ -176,7 +176,8 @@ def _prepare_resume(run_dir: Path, cfg: SuiteConfig) -> tuple[set[tuple[str, int
             if (arm.name, seed) in done:
                 path.unlink(missing_ok=True)
             elif path.exists():
-                ckpt_steps[(arm.name, seed)] = int(torch.load(path, map_location="cpu", weights_only=False)["state"]["step"])
+                saved = torch.load(path, map_location="cpu", weights_only=False)
+                ckpt_steps[(arm.name, seed)] = int(saved["state"]["step"])
 
     def keep(row: dict[str, Any]) -> bool:
         key = (row["arm"], row["seed"])

@@ -1,0 +1,74 @@
+"""A real ``kill -9`` of ``normlab lab`` in a subprocess mid-run, then ``--resume``: rows complete and unique."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from normlab.cli import main
+from normlab.lab.config import parse_suite
+from normlab.lab.schema import read_rows, row_key
+from tests.lab.conftest import toml_of
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_completes_without_duplicates(tmp_path: Path, tiny: dict[str, Any]) -> None:
+    tiny.update(steps=60, eval_every=10, diagnostics_at=[0, 60], seeds=[0, 1])
+    suite = tmp_path / "kill.toml"
+    suite.write_text(toml_of(tiny))
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "normlab", "lab", "--suite", str(suite), "--out", str(run_dir), "--no-report"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    rows_path = run_dir / "rows.jsonl"
+    deadline = time.monotonic() + 90
+    try:
+        # kill once the second run (bn, seed 0) has written an eval past step 0: mid-suite, mid-run
+        while time.monotonic() < deadline:
+            if rows_path.exists() and b'"arm": "bn"' in rows_path.read_bytes() and b'"step": 20' in (
+                b"".join(line for line in rows_path.read_bytes().splitlines() if b'"arm": "bn"')
+            ):
+                break
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            time.sleep(0.02)
+        else:
+            pytest.fail("the run did not reach the kill point in time")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    before, _ = read_rows(rows_path)
+    assert not any(r["kind"] == "status" and r["arm"] == "bn" and r["seed"] == 1 for r in before)  # unfinished
+    assert list((run_dir / "ckpt").glob("*.pt"))
+
+    assert main(["lab", "--resume", str(run_dir), "--no-report", "--no-progress"]) == 0
+    rows, torn = read_rows(rows_path)
+    assert not torn
+    keys = [row_key(r) for r in rows]
+    assert len(keys) == len(set(keys))
+    cfg = parse_suite(json.loads((run_dir / "env.json").read_text())["config"])
+    for arm in cfg.arms:
+        for seed in cfg.seeds:
+            mine = [r for r in rows if r["arm"] == arm.name and r["seed"] == seed]
+            assert [r["status"] for r in mine if r["kind"] == "status"] == ["ok"]
+            assert sorted(r["step"] for r in mine if r["metric"] == "val_loss") == cfg.eval_steps()
+            assert sorted(r["step"] for r in mine if r["metric"] == "train_loss") == cfg.eval_steps()[1:]
+    # the rows that survived the kill are kept as they were
+    kept = {row_key(r): r for r in rows}
+    survivors = [r for r in before if row_key(r) in kept]
+    assert all(kept[row_key(r)] == r for r in survivors)
+    assert not list((run_dir / "ckpt").glob("*"))
+    events = [json.loads(line)["event"] for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert events == ["start", "resume", "finish"]
