@@ -296,7 +296,9 @@ def fold_norms(
     are folded, and the listed layers must be all that read each norm's output).
 
     Everything is checked before anything changes: in strict mode one refusal raises and leaves ``model`` untouched;
-    with ``strict=False`` the refused norms stay and are listed in ``report.refused``.
+    with ``strict=False`` the refused norms stay and are listed in ``report.refused``. A norm normalising axis 1
+    (``channel_dim=1``, torch ``BatchNorm1d``) next to an ``nn.Linear`` is taken to see 2-D ``(N, C)`` activations,
+    the same assumption ``torch.nn.utils.fuse_linear_bn_eval`` makes; a conv neighbour needs ``channel_dim=1``.
 
     Args:
         model: a module in eval mode.
