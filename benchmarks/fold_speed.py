@@ -22,6 +22,8 @@ which exist before the forward starts. ``null`` if this torch build's profiler d
     python benchmarks/fold_speed.py                 # both models, batch 1 and 8
     python benchmarks/fold_speed.py --quick         # tiny models, 3 repetitions (a smoke run)
 
+The script sets ``OMP_WAIT_POLICY=PASSIVE`` unless it is already set (see the comment at the imports).
+
 Rows (JSONL, long format) and ``env.json`` go to ``--out`` (default ``benchmarks/results/fold_speed-<time>``).
 """
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -36,13 +39,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from torch import Tensor, nn
+# 2026-11: on this shared 2-core machine, 2 intra-op threads with OpenMP's default spin-waiting made a ViT-S forward
+# 12x slower (1.5 s instead of 0.13 s) whenever another process held a core: every parallel region waited for the
+# descheduled thread. Passive waiting removes that. It must be set before torch starts OpenMP, hence before the import;
+# env.json records the value in force.
+_TORCH_PRELOADED = "torch" in sys.modules  # then the setting below comes too late (e.g. under pytest)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from normlab.cli.env import collect_env
-from normlab.models import DecoderLM, TransformerConfig, ViTEncoder
-from normlab.surgery import fold_norms
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from normlab.cli.env import collect_env  # noqa: E402
+from normlab.models import DecoderLM, TransformerConfig, ViTEncoder  # noqa: E402
+from normlab.surgery import fold_norms  # noqa: E402
 
 # (variant name, registry norm, fold it?)
 VARIANTS = [
@@ -248,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=False)
     config = {"models": models, "batches": batches, "reps": reps, "vocab": args.vocab, "variants": VARIANTS}
     env = collect_env() | {"argv": sys.argv, "threads": torch.get_num_threads(), "config": config, "seed": 0}
+    env |= {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch_imported_before_script": _TORCH_PRELOADED}
     (out / "env.json").write_text(json.dumps(env, indent=2, default=str))
     rows: list[dict[str, Any]] = []
     with open(out / "rows.jsonl", "w") as f:
