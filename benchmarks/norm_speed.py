@@ -12,18 +12,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch import nn
+# 2026-11-23: with OpenMP's default spin-waiting, 2-thread ops slow down many-fold whenever another
+# process holds a core (seen on the shared 2-core machine); passive waiting makes ratios comparable.
+# It must be set before torch is imported; env.json records the value in force.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import normlab
-from normlab.cli.env import collect_env
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import normlab  # noqa: E402
+from normlab.cli.env import collect_env  # noqa: E402
 
 SHAPES = [(512, 768), (8192, 1024), (2048, 4096)]
 QUICK_SHAPES = [(256, 128)]
@@ -66,6 +72,7 @@ def _time(fn: Callable[[], object], inner: int) -> float:
 def run(shapes: list[tuple[int, int]], reps: int, out_dir: Path) -> list[dict[str, object]]:
     out_dir.mkdir(parents=True, exist_ok=False)
     env = collect_env() | {"argv": sys.argv, "reps": reps, "shapes": shapes, "threads": torch.get_num_threads()}
+    env["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     (out_dir / "env.json").write_text(json.dumps(env, indent=2))
     rows: list[dict[str, object]] = []
     for t, c in shapes:
