@@ -84,8 +84,8 @@ class SuiteConfig:
         seeds: each arm runs once per seed (model init and data order).
         diagnostics_at: steps at which the diagnostics run on a fixed validation batch.
         diagnostics: metric names of :func:`normlab.diagnostics.collect` recorded at ``diagnostics_at``.
-        divergence_factor: an arm diverges when its training loss is NaN/inf or exceeds this factor times its
-            step-0 validation loss.
+        divergence_factor: an arm diverges when its training loss (any step) or validation loss (at an eval) is
+            NaN/inf or exceeds this factor times its step-0 validation loss.
         val_fraction: share of the data held out for validation.
         model: base model configuration shared by every arm.
         arms: the arms.

@@ -241,7 +241,8 @@ def _document(data: RunData, plot_files: list[tuple[str, str]]) -> list[Block]:
         + f" per process, world size {env.get('world_size', 1)}",
         f"AdamW lr {cfg.lr:g} (betas {cfg.betas}, weight decay {cfg.weight_decay:g}), {cfg.warmup_steps} warmup "
         f"steps then cosine to {cfg.min_lr_ratio:g}×lr, grad clip {cfg.grad_clip:g}; eval every {cfg.eval_every} "
-        f"steps; divergence: loss NaN/inf or > {cfg.divergence_factor:g}× the step-0 validation loss",
+        f"steps; divergence: training or validation loss NaN/inf or > {cfg.divergence_factor:g}× the step-0 "
+        "validation loss",
         f"base model: `{json.dumps(cfg.model, sort_keys=True)}`",
         f"created {env.get('created', '?')}; command `{' '.join(env.get('command', []))}`",
         f"normlab {versions.get('normlab', '?')}, torch {versions.get('torch', '?')}, Python "

@@ -363,9 +363,12 @@ def _run_one(
             metrics = task.evaluate(model)
             rows += [row(step, "eval", k, v) for k, v in metrics.items()]
             log.write(rows + diagnostics(model, step))
-            if not math.isfinite(metrics["val_loss"]):
+            if not math.isfinite(metrics["val_loss"]) or metrics["val_loss"] > limit:
                 bar.update(cfg.steps - step)
-                raise _Diverged(f"validation loss is not finite at step {step}")
+                raise _Diverged(
+                    f"validation loss {metrics['val_loss']:.4g} (eval mode) at step {step} exceeds the limit "
+                    f"{limit:.4g} or is not finite, while the training loss was {rows[0]['value']}"
+                )
             if dist.is_main and step < cfg.steps:
                 _atomic_torch_save({"model": model.state_dict(), "optim": opt.state_dict(), "state": state}, ckpt)
     except _Diverged as exc:
