@@ -4,6 +4,7 @@ per-layer diagnostics. Every function is deterministic in its inputs, so a repor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,16 +36,26 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def plot_curves(
-    series: dict[str, dict[int, list[float]]], path: Path, *, title: str, ylabel: str, log_y: bool = False
+    series: dict[str, dict[int, list[float]]],
+    path: Path,
+    *,
+    title: str,
+    ylabel: str,
+    log_y: bool = False,
+    clip_to_start: bool = True,
 ) -> None:
     """One line per arm: the mean over seeds at each step, a band from the min to the max seed.
 
     Args:
         series: ``{arm: {step: [value per seed]}}``; NaN values (a diverged seed) are left out of the mean.
         path: output PNG.
+        clip_to_start: cap the y axis at 1.05 × the median over arms of their first plotted mean, so that one
+            blown-up arm does not flatten the others (its curve leaves the top of the plot).
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    firsts = []
+    lows = []
     for i, (arm, by_step) in enumerate(series.items()):
         steps = sorted(by_step)
         vals = [np.asarray(by_step[s], dtype=float) for s in steps]
@@ -58,6 +69,13 @@ def plot_curves(
         color = f"C{i % 10}"
         ax.plot(xs, mean, color=color, label=arm, linewidth=1.6)
         ax.fill_between(xs, lo, hi, color=color, alpha=0.18, linewidth=0)
+        firsts.append(float(mean[0]))
+        lows.append(float(np.min(lo)))
+    if clip_to_start and firsts and not log_y:
+        top = 1.05 * float(np.median(firsts))
+        bottom = min(lows)
+        if math.isfinite(top) and math.isfinite(bottom) and top > bottom:
+            ax.set_ylim(bottom - 0.02 * (top - bottom), top)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
