@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=None, help="override the suite's eval_every")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any suite key (TOML value; dotted for tables: model.d_model=64); repeatable")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's); 1 is much faster on a machine shared with "
+                        "other jobs")
     p.add_argument("--no-report", action="store_true", help="do not render the report at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
@@ -133,6 +136,13 @@ def run(args: argparse.Namespace) -> int:
         if run_dir.exists() and any(run_dir.iterdir()):
             print(f"normlab lab: --out {run_dir} exists and is not empty; pick another or --resume it", file=sys.stderr)
             return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"normlab lab: --threads expects an int >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
     dist = init_distributed()
     try:
         run_dir = Path(broadcast_object(str(run_dir), dist))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +43,13 @@ def test_run_then_report_then_refuse_and_resume_rules(
     suite = tmp_path / "t.toml"
     suite.write_text(toml_of(tiny))
     out = tmp_path / "run"
-    assert main(["lab", "--suite", str(suite), "--out", str(out), "--no-progress", "--set", "lr=0.002"]) == 0
+    assert main(["lab", "--suite", str(suite), "--out", str(out), "--no-progress", "--set", "lr=0.002",
+                 "--threads", "1"]) == 0
     text = capsys.readouterr().out
     assert f"run dir: {out}" in text and "report.md" in text and "final val loss" in text
     assert (out / "report.html").exists()
     assert '"lr": 0.002' in (out / "env.json").read_text()  # CLI beats the file
+    assert json.loads((out / "env.json").read_text())["env"]["torch_threads"] == 1
     md = (out / "report.md").read_text()
     assert main(["report", str(out)]) == 0
     assert (out / "report.md").read_text() == md
