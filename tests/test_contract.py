@@ -207,6 +207,33 @@ def test_low_precision_dtype_contract(case: Case, mode: str, dtype: torch.dtype)
     torch.testing.assert_close(y.double(), expected, rtol=ulp, atol=ulp * 1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+def test_low_precision_module(case: Case, mode: str, dtype: torch.dtype) -> None:
+    """A module built in fp16/bf16: statistics in float32, parameters and buffers keep their dtype, output in the
+    input dtype, and the result equals the float64 reference of the same (upcast) inputs and parameters."""
+    assert case.spec.reference is not None
+    m = _set_mode(randomize(case.build(dtype=dtype)), mode)
+    dtypes = {k: v.dtype for k, v in [*m.named_parameters(), *m.named_buffers()]}
+    # Stats in float32 (relative error ~1e-6) then one rounding to ``dtype`` (half an ulp, eps/2 relative):
+    # rtol = eps allows one extra rounding; atol covers float32 noise around zero.
+    ulp = torch.finfo(dtype).eps
+    for mask in _masks(case, m):
+        x = make_input(m, dtype)
+        expected = case.spec.reference(clone(m), x.double(), mask=mask)
+        # The same module in float32: its buffers after the same step are what the low-precision ones round to.
+        m32 = clone(m).float()
+        y = call(m, x, mask)
+        call(m32, x.float(), mask)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.double(), expected, rtol=ulp, atol=ulp * 1e-2)
+        assert {k: v.dtype for k, v in [*m.named_parameters(), *m.named_buffers()]} == dtypes
+        for k, v in float_buffers(m32).items():
+            got = float_buffers(m)[k].double()
+            torch.testing.assert_close(got, v.double(), rtol=ulp, atol=ulp * 1e-2, msg=lambda s, k=k: f"{k}: {s}")
+
+
 @pytest.mark.parametrize("case", DEFAULTS, ids=_ids(DEFAULTS))
 def test_fp16_large_inputs_do_not_overflow(case: Case) -> None:
     """No statistic overflows: every output whose exact value fits in fp16 is finite, and so is every buffer."""

@@ -91,8 +91,16 @@ def update_running_stats(
     else:
         factor = momentum
     unbiased = var * (count / (count - 1.0).clamp_min(1.0))
-    running_mean.mul_(1.0 - factor).add_(mean.detach().to(running_mean.dtype), alpha=factor)
-    running_var.mul_(1.0 - factor).add_(unbiased.detach().to(running_var.dtype), alpha=factor)
+    _ema_(running_mean, mean.detach(), factor)
+    _ema_(running_var, unbiased.detach(), factor)
+
+
+def _ema_(buf: Tensor, new: Tensor, factor: float) -> None:
+    """``buf <- (1 - factor) * buf + factor * new`` in ``new``'s (statistics) dtype, rounded once into ``buf``."""
+    if buf.dtype == new.dtype:
+        buf.mul_(1.0 - factor).add_(new, alpha=factor)
+    else:  # e.g. fp16 buffers of a half module: update in float32, round once (in-place fp16 steps round twice)
+        buf.copy_(buf.to(new.dtype).mul_(1.0 - factor).add_(new, alpha=factor))
 
 
 def batch_statistics(
@@ -208,7 +216,17 @@ def batch_norm(
                 factor = 1.0 / float(num_batches_tracked.item())
         elif momentum is None:
             raise ValueError(f"{op}: momentum=None (cumulative average) needs num_batches_tracked")
-        y = _native(xs, flat, cd, running_mean, running_var, weight, bias, True, 0.0 if factor is None else factor, eps)
+        # torch's kernel wants running buffers in the compute dtype: a half module's buffers go in as float32
+        # copies (statistics in float32) and the updated values are rounded back into the buffers.
+        rm, rv = running_mean, running_var
+        upcast = rm is not None and rv is not None and rm.dtype != ct
+        if upcast:
+            rm, rv = rm.to(ct) if rm is not None else None, rv.to(ct) if rv is not None else None
+        y = _native(xs, flat, cd, rm, rv, weight, bias, True, 0.0 if factor is None else factor, eps)
+        if upcast:
+            for buf, new in ((running_mean, rm), (running_var, rv)):
+                if buf is not None and new is not None:
+                    buf.copy_(new)
         return y.to(x.dtype)
     mean, var = batch_statistics(
         flat, mask, x_shape=list(x.shape), training=training, running_mean=running_mean, running_var=running_var,

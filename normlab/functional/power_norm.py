@@ -128,14 +128,15 @@ def power_norm(
     with torch.no_grad():
         # Tensor-valued step logic (no .item()): no host sync, and torch.compile(fullgraph=True) can trace it.
         iters.add_(1)
-        t = iters.to(running_phi.dtype)
+        old_phi = running_phi.to(ct)
+        t = iters.to(ct)
         inv_batch = torch.rsqrt(psi2 + eps)
-        inv_fwd = torch.where(iters <= warmup_iters, inv_batch, torch.rsqrt(running_phi.to(ct) + eps))
+        inv_fwd = torch.where(iters <= warmup_iters, inv_batch, torch.rsqrt(old_phi + eps))
         inv_bwd = inv_batch if backward_divisor == "batch" else inv_fwd
-        # Running quadratic mean: a cumulative average during warm-up, then (always) the EMA step.
-        phi = psi2.to(running_phi.dtype)
-        cumulative = running_phi * ((t - 1) / t) + phi / t
-        running_phi.copy_(torch.where(iters < warmup_iters, cumulative, running_phi))
-        running_phi.mul_(alpha_fwd).add_((1.0 - alpha_fwd) * phi)
+        # Running quadratic mean: a cumulative average during warm-up, then (always) the EMA step. Computed in
+        # float32 and rounded once into the buffer's dtype (two in-place fp16 steps would round twice).
+        cumulative = old_phi * ((t - 1) / t) + psi2 / t
+        new_phi = torch.where(iters < warmup_iters, cumulative, old_phi)
+        running_phi.copy_((new_phi * alpha_fwd + (1.0 - alpha_fwd) * psi2).to(running_phi.dtype))
     y = _PowerFunction.apply(xs, w, b, inv_fwd, inv_bwd, ema_gz, alpha_bkw, positions, group)
     return y.to(x.dtype)
