@@ -221,8 +221,13 @@ class TransformerConfig:
                 _check_norm_choice(f"norm_overrides[{slot!r}]", value)
         unused = [s for s in self.norm_overrides if s not in self.slots_in_use()]
         if unused:
+            mix = (
+                f" (mix_alpha={self.mix_alpha}: {self.n_post_layers} of {self.n_layers} blocks Post-LN)"
+                if self.placement == "mix"
+                else ""
+            )
             raise ValueError(
-                f"TransformerConfig: norm_overrides for slot(s) {unused} that placement={self.placement!r}, "
+                f"TransformerConfig: norm_overrides for slot(s) {unused} that placement={self.placement!r}{mix}, "
                 f"qk_norm={self.qk_norm!r}, final_norm={self.final_norm} does not have; slots in use: "
                 f"{self.slots_in_use()}"
             )
@@ -245,15 +250,15 @@ class TransformerConfig:
     def slots_in_use(self) -> tuple[str, ...]:
         """The norm slots this configuration builds (the keys ``norm_overrides`` may name)."""
         slots: list[str] = []
-        if self.placement in ("pre", "peri", "lns", "sandwich", "normformer", "mix"):
+        # Mix-LN builds its first n_post_layers blocks Post-LN (after-add norms only) and the rest Pre-LN (input norms
+        # only), so a slot is in use only if some block has it: mix_alpha = 1 has no Pre-LN block, 0 no Post-LN block.
+        some_pre = self.placement == "mix" and self.n_post_layers < self.n_layers
+        some_post = self.placement == "mix" and self.n_post_layers > 0
+        if self.placement in ("pre", "peri", "lns", "sandwich", "normformer") or some_pre:
             slots += ["attn_in", "mlp_in"]
-        if self.placement in ("post", "peri", "deepnorm", "sandwich", "normformer") or (
-            self.placement == "mix" and self.n_post_layers > 0
-        ):
+        if self.placement in ("post", "peri", "deepnorm", "sandwich", "normformer") or some_post:
             slots.append("attn_out")
-        if self.placement in ("post", "peri", "deepnorm", "sandwich") or (
-            self.placement == "mix" and self.n_post_layers > 0
-        ):
+        if self.placement in ("post", "peri", "deepnorm", "sandwich") or some_post:
             slots.append("mlp_out")
         if self.placement == "normformer":
             slots.append("mlp_inner")

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from normlab.models import PLACEMENTS, TransformerConfig, deepnorm_coefficients
+from normlab.models import PLACEMENTS, DecoderLM, TransformerConfig, deepnorm_coefficients
 from normlab.nn import LayerNorm
 
 
@@ -102,10 +102,42 @@ def test_slots_in_use(placement: str, slots: tuple[str, ...]) -> None:
     assert TransformerConfig(placement=placement).slots_in_use() == slots
 
 
-def test_mix_with_no_post_layer_has_no_out_slots() -> None:
-    cfg = TransformerConfig(placement="mix", n_layers=3, mix_alpha=0.25)  # floor(0.75) = 0
-    assert cfg.n_post_layers == 0
-    assert "attn_out" not in cfg.slots_in_use()
+@pytest.mark.parametrize(
+    ("n_layers", "mix_alpha", "slots"),
+    [
+        (3, 0.25, ("attn_in", "mlp_in", "final")),  # floor(0.75) = 0: every block Pre-LN
+        (4, 0.0, ("attn_in", "mlp_in", "final")),
+        (4, 0.25, ("attn_in", "attn_out", "mlp_in", "mlp_out", "final")),  # 1 Post-LN block, 3 Pre-LN
+        (4, 0.9, ("attn_in", "attn_out", "mlp_in", "mlp_out", "final")),  # floor(3.6) = 3: one Pre-LN block left
+        (4, 1.0, ("attn_out", "mlp_out", "final")),  # every block Post-LN
+        (2, 0.5, ("attn_in", "attn_out", "mlp_in", "mlp_out", "final")),
+    ],
+)
+def test_mix_slots_follow_the_blocks_that_exist(n_layers: int, mix_alpha: float, slots: tuple[str, ...]) -> None:
+    assert TransformerConfig(placement="mix", n_layers=n_layers, mix_alpha=mix_alpha).slots_in_use() == slots
+
+
+@pytest.mark.parametrize(
+    ("n_layers", "mix_alpha", "slot"),
+    [(4, 1.0, "attn_in"), (4, 1.0, "mlp_in"), (3, 0.25, "attn_out"), (4, 0.0, "mlp_out")],
+)
+def test_mix_override_of_a_slot_no_block_has_is_an_error(n_layers: int, mix_alpha: float, slot: str) -> None:
+    match = rf"slot\(s\) \['{slot}'\] that placement='mix' \(mix_alpha={mix_alpha}: \d of {n_layers} blocks Post-LN\)"
+    with pytest.raises(ValueError, match=match):
+        TransformerConfig(placement="mix", n_layers=n_layers, mix_alpha=mix_alpha, norm_overrides={slot: "rms_norm"})
+
+
+def test_mix_slots_in_use_are_the_slots_the_model_builds() -> None:
+    for n_layers, mix_alpha in ((3, 0.25), (4, 0.5), (4, 1.0)):
+        cfg = TransformerConfig(d_model=16, n_heads=2, placement="mix", n_layers=n_layers, mix_alpha=mix_alpha)
+        model = DecoderLM(cfg)
+        built = {
+            slot
+            for b in model.blocks
+            for slot in ("attn_in", "attn_out", "mlp_in", "mlp_out")
+            if getattr(b, f"{slot}_norm") is not None
+        }
+        assert built | {"final"} == set(cfg.slots_in_use()), (n_layers, mix_alpha)
 
 
 def test_every_placement_is_listed() -> None:
