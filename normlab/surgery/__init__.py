@@ -9,11 +9,13 @@ from normlab.surgery.fold_math import (
     fold_affine_into_linear_input,
     fold_affine_into_linear_output,
 )
+from normlab.surgery.recalibrate import RecalibrationReport, recalibrate_stats
 from normlab.surgery.sync import convert_sync_norms
 
 __all__ = [
     "FoldRecord",
     "FoldReport",
+    "RecalibrationReport",
     "convert_sync_norms",
     "fold_affine_into_conv_input",
     "fold_affine_into_conv_output",
@@ -21,4 +23,5 @@ __all__ = [
     "fold_affine_into_linear_output",
     "fold_norms",
     "norm_affine",
+    "recalibrate_stats",
 ]

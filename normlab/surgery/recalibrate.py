@@ -1,0 +1,350 @@
+"""Statistics recalibration: :func:`recalibrate_stats` re-estimates the running statistics of a model's batch-statistic
+norms on data, with every parameter and every other piece of state left as it was.
+
+SLAB (Guo et al., ICML 2024, https://arxiv.org/abs/2405.11582, §5.1) makes this part of its recipe: drop-path
+shifts the variance the RepBN statistics were gathered under, so after training all parameters are frozen and only
+the RepBN statistics are updated on training data. The same pass fits every norm whose eval form uses running
+statistics: BatchNorm (https://arxiv.org/abs/1502.03167), RepBN / PRepBN, PowerNorm
+(https://arxiv.org/abs/2003.07845), Unified Normalization (https://arxiv.org/abs/2208.01313) and ``torch.nn``
+BatchNorm layers ("precise BN").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.hooks import RemovableHandle
+
+from normlab.registry import NormSpec
+
+__all__ = ["RecalibrationReport", "recalibrate_stats"]
+
+
+@dataclass
+class RecalibrationReport:
+    """What :func:`recalibrate_stats` did.
+
+    Attributes:
+        model: the model (changed in place: only the listed norms' running statistics).
+        recalibrated: module paths of the norms whose running statistics were re-estimated.
+        calls: per recalibrated norm, how many batch statistics it saw (forward calls during the pass).
+        skipped: ``(path, reason)`` for batch-statistic norms without running statistics (nothing to recalibrate).
+        num_batches: batches run through the model.
+        momentum: the update used (``None`` = cumulative average).
+        reset: whether the statistics started from their initial values.
+    """
+
+    model: nn.Module
+    recalibrated: list[str] = field(default_factory=list)
+    calls: dict[str, int] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    num_batches: int = 0
+    momentum: float | None = None
+    reset: bool = True
+
+    def __str__(self) -> str:
+        how = "cumulative average" if self.momentum is None else f"EMA, momentum={self.momentum}"
+        lines = [
+            f"recalibrate_stats: {len(self.recalibrated)} norm(s) over {self.num_batches} batch(es) ({how}, "
+            f"reset={self.reset})"
+        ]
+        lines += [f"  {p}: {self.calls.get(p, 0)} batch statistic(s)" for p in self.recalibrated]
+        lines += [f"  skipped {p}: {why}" for p, why in self.skipped]
+        return "\n".join(lines)
+
+
+@dataclass
+class _Target:
+    """One norm and how to make its training forward write its pure batch statistic into its running buffers.
+
+    ``stats``: the running buffers the eval form reads, with their reset values. ``overrides``: attributes set for
+    the pass (``(object, name, value)``). ``counters``: buffers set before every call (``value``) and restored after
+    the pass (schedules and step counters, so the pass does not move them). ``keep``: other buffers the training
+    forward writes that are restored after the pass.
+    """
+
+    path: str
+    module: nn.Module
+    stats: list[tuple[Tensor, float]]
+    overrides: list[tuple[Any, str, Any]] = field(default_factory=list)
+    counters: list[tuple[Tensor, int]] = field(default_factory=list)
+    keep: list[Tensor] = field(default_factory=list)
+    tracked: Tensor | None = None
+    calls: int = 0
+
+
+def _bn_stats(m: nn.Module) -> list[tuple[Tensor, float]] | None:
+    rm, rv = getattr(m, "running_mean", None), getattr(m, "running_var", None)
+    if not isinstance(rm, Tensor) or not isinstance(rv, Tensor):
+        return None
+    return [(rm, 0.0), (rv, 1.0)]
+
+
+def _buf(m: nn.Module, name: str) -> Tensor:
+    t = getattr(m, name, None)
+    if not isinstance(t, Tensor):
+        raise TypeError(f"recalibrate_stats: {type(m).__name__} has no tensor {name!r}")
+    return t
+
+
+def _tracked(m: nn.Module) -> Tensor | None:
+    nbt = getattr(m, "num_batches_tracked", None)
+    return nbt if isinstance(nbt, Tensor) else None
+
+
+_NO_STATS = "track_running_stats=False: eval mode uses batch statistics, there are no running statistics"
+
+
+def _target(path: str, m: nn.Module, spec: NormSpec | None) -> _Target | str:
+    """The recalibration rule of one batch-statistic norm, or why it has nothing to recalibrate."""
+    name = "batch_norm" if spec is None else spec.name
+    if name in ("batch_norm", "rep_batch_norm"):
+        # momentum 1 makes the update `running <- batch statistic` (torch semantics: unbiased variance).
+        stats = _bn_stats(m)
+        if stats is None:
+            return _NO_STATS
+        return _Target(path, m, stats, overrides=[(m, "momentum", 1.0)], tracked=_tracked(m))
+    if name == "prep_batch_norm":
+        # Held at warm = iter = 0, i.e. lambda = 0: the pass runs the RepBN that eval uses (batch statistics), and
+        # the schedule buffers are put back afterwards, so the LayerNorm -> RepBN ramp continues where it was.
+        rep = m.get_submodule("norm2")
+        stats = _bn_stats(rep)
+        if stats is None:  # pragma: no cover - PRepBN always tracks running statistics
+            return _NO_STATS
+        return _Target(
+            path, m, stats, overrides=[(rep, "momentum", 1.0)],
+            counters=[(_buf(m, "warm"), 0), (_buf(m, "iter"), 0), (_buf(m, "num_step"), 0)], tracked=_tracked(rep),
+        )
+    if name == "power_norm":
+        # Step t = 1 <= warmup_iters: normalise by the batch quadratic mean; alpha_fwd = 0 makes the update
+        # `running_phi <- batch quadratic mean` (of the group-scaled input, over valid tokens, synced across ranks).
+        return _Target(
+            path, m, [(_buf(m, "running_phi"), 1.0)], overrides=[(m, "alpha_fwd", 0.0), (m, "warmup_iters", 1)],
+            counters=[(_buf(m, "iters"), 0)], keep=[_buf(m, "ema_gz")],
+        )
+    if name == "unified_norm":
+        # Step t = 1 <= window: the statistic is the batch second moment (no window mean, no outlier filter, r = 1);
+        # momentum 0 makes the update `running_var <- batch second moment`. The window is put back afterwards.
+        return _Target(
+            path, m, [(_buf(m, "running_var"), 1.0)],
+            overrides=[(m, "momentum", 0.0), (m, "outlier_filtration", False)],
+            counters=[(_buf(m, "iters"), 0)],
+            keep=[_buf(m, name) for name in ("buffer_x2", "buffer_gz", "ema_gz", "skip_counter")],
+        )
+    raise TypeError(
+        f"recalibrate_stats: norm {path} ({type(m).__name__}, registered as {name!r}) has running statistics but no "
+        "recalibration rule; add one in normlab/surgery/recalibrate.py"
+    )
+
+
+def _find_targets(model: nn.Module) -> tuple[list[_Target], list[tuple[str, str]]]:
+    targets: list[_Target] = []
+    skipped: list[tuple[str, str]] = []
+    inside: list[str] = []  # paths of selected norms: a norm nested in one is run by its parent's forward
+    for path, m in model.named_modules():
+        if any(p == "" or path.startswith(p + ".") for p in inside):
+            continue
+        spec = getattr(type(m), "norm_spec", None)
+        registered = isinstance(spec, NormSpec) and spec.cls is type(m)
+        if registered and isinstance(spec, NormSpec) and spec.has_running_stats and spec.batch_dependent:
+            rule = _target(path or "<model>", m, spec)
+        elif isinstance(m, _BatchNorm):  # torch.nn.BatchNorm1d/2d/3d and SyncBatchNorm
+            rule = _target(path or "<model>", m, None)
+        else:
+            continue
+        inside.append(path)
+        if isinstance(rule, str):
+            skipped.append((path or "<model>", rule))
+        else:
+            targets.append(rule)
+    return targets, skipped
+
+
+def _default_forward(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, Tensor):
+        return model(batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    raise TypeError(
+        f"recalibrate_stats: expected each batch to be a Tensor, a tuple/list of positional arguments or a mapping of "
+        f"keyword arguments, got {type(batch).__name__}; pass forward=(model, batch) -> ... for other batches"
+    )
+
+
+def _blend(old: Tensor, new: Tensor, weight: float) -> Tensor:
+    """``old + weight·(new − old)`` in at least float32 (half buffers round once)."""
+    ct = torch.promote_types(old.dtype, torch.float32)
+    return old.to(ct).lerp(new.to(ct), weight).to(old.dtype)
+
+
+def recalibrate_stats(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    reset: bool = True,
+    momentum: float | None = None,
+    max_batches: int | None = None,
+) -> RecalibrationReport:
+    """Re-estimate the running statistics of every batch-statistic norm of ``model`` on ``batches``; nothing else moves.
+
+    SLAB's final step (freeze all parameters, update only the RepBN statistics on training data), for every norm
+    with the registry traits ``has_running_stats`` and ``batch_dependent`` (BatchNorm, RepBN, PRepBN, PowerNorm,
+    UnifiedNorm) and every ``torch.nn.BatchNorm*d`` / ``SyncBatchNorm``.
+
+    During the pass the whole model is in eval mode (dropout and drop-path off) except those norms, which run in
+    train mode and normalise with their batch statistic; everything runs under ``torch.no_grad()``. Per norm call
+    the batch statistic is the one its training forward computes (valid tokens only when the model passes a mask;
+    all-reduced across ranks when the norm syncs):
+
+    * BatchNorm / RepBN / PRepBN: the mean and the unbiased variance (``running_mean``, ``running_var``);
+    * PowerNorm: the quadratic mean of the GroupScaled input (``running_phi``);
+    * UnifiedNorm: the second moment of the input (``running_var``).
+
+    The running statistic becomes their cumulative average over the pass (``momentum=None``: every call weighs the
+    same, "precise BN"), or follows ``running <- (1 − momentum)·running + momentum·batch`` (torch's convention,
+    whatever the norm's own momentum convention is).
+
+    What does not move: parameters and their ``requires_grad``; every module's train/eval flag (restored);
+    PRepBN's schedule (``warm``, ``iter``, ``num_step``): the pass runs its RepBN branch as eval does (λ held at 0)
+    and the LayerNorm → RepBN ramp resumes where it was; PowerNorm's and UnifiedNorm's step counter ``iters`` (so
+    their warm-up and calibration-ratio schedules are not advanced by forwards that are not training steps), UN's
+    windows (``buffer_x2``, ``buffer_gz``), ``ema_gz`` and ``skip_counter``. ``num_batches_tracked`` of BatchNorm
+    types counts the pass's calls, as torch's would (from 0 after a reset).
+
+    Args:
+        model: any module; changed in place.
+        batches: an iterable of batches (e.g. a DataLoader over training data, without augmentation noise you do
+            not want in the statistics).
+        forward: ``forward(model, batch)`` runs one batch. Default: ``model(batch)`` for a Tensor, ``model(*batch)``
+            for a tuple/list, ``model(**batch)`` for a mapping.
+        reset: start from the initial statistics (mean 0, variance / quadratic mean 1). Default ``True``.
+        momentum: ``None`` (default) for the cumulative average of the pass, which replaces the old statistics and so
+            needs ``reset=True``; or a float in ``(0, 1]`` for the EMA above (with ``reset=False`` it blends into the
+            statistics the model has).
+        max_batches: stop after this many batches (``None``: all of ``batches``).
+
+    Returns:
+        A :class:`RecalibrationReport`.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, a batch of an unknown kind, a bad argument type, or a
+            registered batch-statistic norm without a rule. ValueError: ``momentum`` out of range, ``momentum=None``
+            with ``reset=False``, ``max_batches < 1``, no batch-statistic norm with running statistics, no batch.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)).eval()
+        >>> report = recalibrate_stats(net, [torch.randn(16, 4) + 3.0 for _ in range(4)])
+        >>> report.recalibrated, report.num_batches, net.training
+        (['1'], 4, False)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"recalibrate_stats: expected model to be an nn.Module, got {type(model).__name__}")
+    if not isinstance(reset, bool):
+        raise TypeError(f"recalibrate_stats: expected reset to be a bool, got {type(reset).__name__}")
+    if momentum is not None:
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+            got = type(momentum).__name__
+            raise TypeError(f"recalibrate_stats: expected momentum to be a float or None, got {got}")
+        if not 0.0 < float(momentum) <= 1.0:
+            raise ValueError(f"recalibrate_stats: expected momentum in (0, 1] or None, got {momentum!r}")
+    elif not reset:
+        raise ValueError(
+            "recalibrate_stats: momentum=None (cumulative average over the pass) replaces the statistics and needs "
+            "reset=True, got reset=False; pass a momentum in (0, 1] to blend into the existing statistics"
+        )
+    bad_max = isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    if max_batches is not None and bad_max:
+        raise ValueError(f"recalibrate_stats: expected max_batches to be an int >= 1 or None, got {max_batches!r}")
+    if forward is not None and not callable(forward):
+        raise TypeError(f"recalibrate_stats: expected forward to be callable or None, got {type(forward).__name__}")
+    if not isinstance(batches, Iterable) or isinstance(batches, (Tensor, str, bytes)):
+        raise TypeError(
+            f"recalibrate_stats: expected batches to be an iterable of batches (a list, a DataLoader), got "
+            f"{type(batches).__name__}"
+        )
+
+    targets, skipped = _find_targets(model)
+    if not targets:
+        why = f" (skipped: {'; '.join(f'{p}: {r}' for p, r in skipped)})" if skipped else ""
+        raise ValueError(
+            f"recalibrate_stats: {type(model).__name__} has no batch-statistic norm with running statistics to "
+            f"recalibrate{why}"
+        )
+    run = forward if forward is not None else _default_forward
+    mom = None if momentum is None else float(momentum)
+
+    modes = {m: m.training for m in model.modules()}
+    saved_attrs = [(obj, name, getattr(obj, name)) for t in targets for obj, name, _ in t.overrides]
+    saved_bufs = [(b, b.clone()) for t in targets for b in [*(c for c, _ in t.counters), *t.keep]]
+    # The statistics themselves come back only when the pass fails: an error leaves the model as it was.
+    saved_stats = [(b, b.clone()) for t in targets for b in [*(s for s, _ in t.stats), t.tracked] if b is not None]
+    ok = False
+    handles: list[RemovableHandle] = []
+    count = 0
+    try:
+        with torch.no_grad():
+            if reset:
+                for t in targets:
+                    for buf, init in t.stats:
+                        buf.fill_(init)
+                    if t.tracked is not None:
+                        t.tracked.zero_()
+            for obj, name, value in (o for t in targets for o in t.overrides):
+                setattr(obj, name, value)
+            model.eval()
+            for t in targets:
+                t.module.train()
+                handles += _hooks(t, mom)
+            for batch in batches:
+                if max_batches is not None and count >= max_batches:
+                    break
+                run(model, batch)
+                count += 1
+            ok = count > 0
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for buf, value in saved_bufs if ok else saved_bufs + saved_stats:
+                buf.copy_(value)
+        for obj, name, value in saved_attrs:
+            setattr(obj, name, value)
+        for m, training in modes.items():
+            m.training = training
+    if count == 0:
+        raise ValueError("recalibrate_stats: expected at least one batch, got an empty batches iterable")
+    return RecalibrationReport(
+        model=model,
+        recalibrated=[t.path for t in targets],
+        calls={t.path: t.calls for t in targets},
+        skipped=skipped,
+        num_batches=count,
+        momentum=mom,
+        reset=reset,
+    )
+
+
+def _hooks(t: _Target, momentum: float | None) -> list[RemovableHandle]:
+    """Before a call: set the counters and remember the statistics; after it: blend in the batch statistic."""
+    old: list[Tensor] = []
+
+    def pre(module: nn.Module, args: Any) -> None:
+        for buf, value in t.counters:
+            buf.fill_(value)
+        old[:] = [buf.clone() for buf, _ in t.stats]
+
+    def post(module: nn.Module, args: Any, output: Any) -> None:
+        t.calls += 1
+        weight = 1.0 / t.calls if momentum is None else momentum
+        for (buf, _), before in zip(t.stats, old, strict=True):
+            buf.copy_(_blend(before, buf, weight))  # buf holds the batch statistic the forward wrote
+
+    return [t.module.register_forward_pre_hook(pre), t.module.register_forward_hook(post)]
