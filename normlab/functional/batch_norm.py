@@ -209,13 +209,15 @@ def batch_norm(
     if training and mask is None and stats_group(process_group, sync_stats) is None and flat.shape[0] > 1:
         # Native kernel for the common single-process, unmasked training case: the same statistics and the
         # same running-stat update (unbiased variance, momentum or cumulative factor) as the general path.
+        # Without running buffers momentum is unused (torch accepts momentum=None there too).
         factor = momentum
-        if running_mean is not None and running_var is not None and num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-            if momentum is None:
-                factor = 1.0 / float(num_batches_tracked.item())
-        elif momentum is None:
-            raise ValueError(f"{op}: momentum=None (cumulative average) needs num_batches_tracked")
+        if running_mean is not None and running_var is not None:
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+                if momentum is None:
+                    factor = 1.0 / float(num_batches_tracked.item())
+            elif momentum is None:
+                raise ValueError(f"{op}: momentum=None (cumulative average) needs num_batches_tracked")
         # torch's kernel wants running buffers in the compute dtype: a half module's buffers go in as float32
         # copies (statistics in float32) and the updated values are rounded back into the buffers.
         rm, rv = running_mean, running_var

@@ -77,3 +77,27 @@ def test_fold_affine_matches_eval_output() -> None:
     torch.testing.assert_close(bn.double()(x), x * fa.scale + fa.shift)
     with pytest.raises(RuntimeError, match="needs eval mode"):
         bn.train().folded_affine()
+
+
+@pytest.mark.parametrize("channel_dim", [1, -1])
+def test_no_running_stats_with_momentum_none_matches_torch(channel_dim: int) -> None:
+    """momentum=None only matters for running stats; without them torch accepts it and so must we."""
+    ours = BatchNorm(4, track_running_stats=False, momentum=None, channel_dim=channel_dim)
+    theirs = torch.nn.BatchNorm1d(4, track_running_stats=False, momentum=None)
+    x = torch.randn(3, 4, 5)
+    for mode in (True, False):
+        ours.train(mode), theirs.train(mode)
+        got = ours(x if channel_dim == 1 else x.transpose(1, 2))
+        torch.testing.assert_close(got if channel_dim == 1 else got.transpose(1, 2), theirs(x))
+
+
+def test_cumulative_average_without_a_step_counter_is_refused() -> None:
+    from normlab.functional import batch_norm
+
+    x = torch.randn(3, 4, 5)
+    for mask in (None, torch.ones(3, 5, dtype=torch.bool)):
+        with pytest.raises(ValueError, match=r"momentum=None \(cumulative average\) needs num_batches_tracked"):
+            batch_norm(
+                x.transpose(1, 2) if mask is not None else x, 4, torch.zeros(4), torch.ones(4), training=True,
+                momentum=None, channel_dim=-1 if mask is not None else 1, mask=mask,
+            )
