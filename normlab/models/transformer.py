@@ -143,6 +143,34 @@ class DecoderLM(nn.Module):
     Module names (the contract diagnostics, surgery and the lab use): ``embed``, ``pos_embed`` (a parameter of shape
     ``(1, max_seq_len, d_model)``), ``blocks``, ``final_norm`` (or ``None``), ``lm_head``.
 
+    DyT α₀ (when a slot's norm is ``dyt`` and no ``alpha_init`` is given; :data:`DYT_ALPHA_DECODER`). The DyT paper's
+    LLaMA recipe (``shared/specs/ln-replacements.md`` §4.4) sets one α₀ for the attention-input DyT and a smaller
+    one for the FFN-input and final DyT; we use its smallest listed model's values (7B: 0.8 and 0.2), since wider
+    models need smaller α₀ and ours are narrow. The recipe only has Pre-LN slots, so the rest is our choice, made
+    by slot, not by what the norm's output feeds:
+
+    ================================  =======================================  ===================
+    slot                              placements that have it                  α₀
+    ================================  =======================================  ===================
+    ``attn_in`` (A, attention input)  pre, lns, peri, sandwich, normformer,    0.8
+                                      Mix-LN's Pre-LN blocks
+    ``mlp_in`` (A, FFN input)         the same                                 0.2
+    ``attn_out`` / ``mlp_out``        B: peri, sandwich, normformer (attn);    0.2
+                                      C: post, deepnorm, Mix-LN's Post-LN
+                                      blocks
+    ``mlp_inner``                     normformer                               0.2
+    ``final``                         all, with ``final_norm=True``            0.2
+    ``qk``                            ``qk_norm`` rms/layer, ``qk`` override   0.5 (DyT's default)
+                                      set to ``dyt``
+    ================================  =======================================  ===================
+
+    So a Post-LN or DeepNorm decoder starts every DyT at 0.2, even though its after-add norm after the FFN feeds
+    the next block's attention. The spec gives no value for Post-LN placements (the recipe is for Pre-LN LLaMA); to
+    use 0.8 there pass ``norm_overrides={"mlp_out": {"kwargs": {"alpha_init": 0.8}}}``. The recipe's
+    other LLaMA changes (no β, a learnable √d multiplier after the token embedding) are not applied: ``dyt`` keeps
+    its β and the embedding is unscaled. :class:`~normlab.models.ViTEncoder` uses 0.5 in every slot
+    (:data:`DYT_ALPHA_ENCODER`, the recipe for non-LLM tasks).
+
     Args:
         config: a :class:`TransformerConfig`.
 

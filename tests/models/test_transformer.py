@@ -188,6 +188,35 @@ def test_dyt_alpha_defaults_in_the_decoder() -> None:
     assert {m.alpha_init for m in explicit.modules() if isinstance(m, DyT)} == {0.5}
 
 
+@pytest.mark.parametrize(
+    ("placement", "expected"),
+    [
+        ("post", {"attn_out": 0.2, "mlp_out": 0.2}),  # no attention-input slot: 0.2 everywhere (see DecoderLM)
+        ("deepnorm", {"attn_out": 0.2, "mlp_out": 0.2}),
+        ("normformer", {"attn_in": 0.8, "attn_out": 0.2, "mlp_in": 0.2}),
+        ("lns", {"attn_in": 0.8, "mlp_in": 0.2}),
+    ],
+)
+def test_dyt_alpha_defaults_per_placement(placement: str, expected: dict[str, float]) -> None:
+    model = DecoderLM(_tiny(norm="dyt", placement=placement))
+    for block in model.blocks:
+        got = {
+            s: m.alpha_init for s in ("attn_in", "attn_out", "mlp_in", "mlp_out") if (m := getattr(block, f"{s}_norm"))
+        }
+        assert got == expected
+    assert {m.alpha_init for m in model.modules() if isinstance(m, DyT)} == set(expected.values()) | {0.2}
+    assert model.final_norm is not None and model.final_norm.alpha_init == 0.2
+
+
+def test_dyt_alpha_defaults_for_mix_ln_and_qk() -> None:
+    model = DecoderLM(_tiny(norm="dyt", placement="mix", n_layers=4, mix_alpha=0.5))
+    post, pre = model.blocks[0], model.blocks[-1]
+    assert (post.attn_out_norm.alpha_init, post.mlp_out_norm.alpha_init) == (0.2, 0.2)
+    assert (pre.attn_in_norm.alpha_init, pre.mlp_in_norm.alpha_init) == (0.8, 0.2)
+    qk = DecoderLM(_tiny(qk_norm="rms", norm_overrides={"qk": "dyt"}))
+    assert {m.alpha_init for m in qk.modules() if isinstance(m, DyT)} == {0.5}
+
+
 def test_final_norm_off_and_slot_override_none() -> None:
     model = DecoderLM(_tiny(final_norm=False, placement="peri", norm_overrides={"attn_in": None, "mlp_in": None}))
     assert model.final_norm is None
