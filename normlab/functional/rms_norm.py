@@ -37,12 +37,20 @@ def partial_size(num_features: int, p: float, rounding: str = "ceil") -> int:
     return k
 
 
+def resolve_eps(eps: float | None, eps_inside: bool) -> float:
+    """``eps``, or its default for the placement: ``1e-6`` inside the root (LLaMA, ``torch.nn.RMSNorm``),
+    ``1e-8`` outside (the official RMSNorm PyTorch code, spec ln-replacements §5.2)."""
+    if eps is not None:
+        return eps
+    return 1e-6 if eps_inside else 1e-8
+
+
 def rms_norm(
     x: Tensor,
     num_features: int,
     weight: Tensor | None = None,
     bias: Tensor | None = None,
-    eps: float = 1e-6,
+    eps: float | None = None,
     eps_inside: bool = True,
     channel_dim: int = -1,
     partial: int | None = None,
@@ -51,7 +59,9 @@ def rms_norm(
 
     ``eps_inside=True`` computes ``x / sqrt(mean(x^2) + eps)`` (LLaMA, T5, ``torch.nn.RMSNorm``);
     ``eps_inside=False`` computes ``x / (sqrt(mean(x^2)) + eps)`` (the official RMSNorm PyTorch code).
+    ``eps=None`` means ``1e-6`` inside, ``1e-8`` outside, as :class:`normlab.nn.RMSNorm`.
     """
+    eps = resolve_eps(eps, eps_inside)
     cd = check_channels(x, num_features, channel_dim, "rms_norm")
     ct = compute_dtype(x)
     xs = x.to(ct)

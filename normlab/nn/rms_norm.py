@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from normlab.functional.rms_norm import crms_norm, partial_size, rms_norm, scale_norm
+from normlab.functional.rms_norm import crms_norm, partial_size, resolve_eps, rms_norm, scale_norm
 from normlab.nn._base import NormBase, check_layout, check_num_features
 from normlab.registry import Paper, register_norm
 from normlab.testing import reference as ref
@@ -44,7 +44,7 @@ def _torch_rms_norm(num_features: int, kw: dict[str, Any]) -> nn.Module | None:
     aliases=("rms",),
     paper=_RMS_PAPER,
     torch_equivalent=_torch_rms_norm,
-    samples=({"eps_placement": "outside", "eps": 1e-8}, {"bias": True}, {"affine": False}, {"channel_dim": 1}),
+    samples=({"eps_placement": "outside"}, {"bias": True}, {"affine": False}, {"channel_dim": 1}),
     description="per-token root mean square; eps inside (default) or outside the root",
 )
 class RMSNorm(NormBase):
@@ -58,12 +58,13 @@ class RMSNorm(NormBase):
     channel axis of each token.
 
     ``eps_placement="inside"`` (default) is the LLaMA / T5 / ``torch.nn.RMSNorm`` convention and the official
-    TensorFlow code; ``"outside"`` computes ``x / (rms + eps)`` as the official PyTorch code does (which uses
-    ``eps=1e-8``). The two differ for tiny inputs (spec §5.5).
+    TensorFlow code; ``"outside"`` computes ``x / (rms + eps)`` as the official PyTorch code does, with that
+    code's ``eps=1e-8`` as default. The two differ for tiny inputs (spec §5.5).
 
     Args:
         num_features: channel count ``C``.
-        eps: default ``1e-6``.
+        eps: default ``None``: ``1e-6`` with ``eps_placement="inside"``, ``1e-8`` with ``"outside"``. The
+            resolved value is the ``eps`` attribute.
         eps_placement: ``"inside"`` or ``"outside"`` the square root.
         affine: learn the gain ``weight`` (init 1). Default ``True``.
         bias: learn an offset ``bias`` (init 0), as the official code's ``bias=True``. Default ``False``.
@@ -81,7 +82,7 @@ class RMSNorm(NormBase):
         self,
         num_features: int,
         *,
-        eps: float = 1e-6,
+        eps: float | None = None,
         eps_placement: Literal["inside", "outside"] = "inside",
         affine: bool = True,
         bias: bool = False,
@@ -93,9 +94,9 @@ class RMSNorm(NormBase):
         op = type(self).norm_spec.name if hasattr(type(self), "norm_spec") else "rms_norm"  # type: ignore[attr-defined]
         self.num_features = check_num_features(op, num_features)
         self.channel_dim = check_layout(op, "any", channel_dim)
-        self.eps = eps
-        self.eps_placement = eps_placement
         self._eps_inside = _eps_inside(op, eps_placement)
+        self.eps = resolve_eps(eps, self._eps_inside)
+        self.eps_placement = eps_placement
         self.affine = affine
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
@@ -139,7 +140,7 @@ class RMSNorm(NormBase):
     layout="any",
     aliases=("prms", "partial_rms_norm"),
     paper=_RMS_PAPER,
-    samples=({"p": 0.5}, {"p": 0.3, "k_rounding": "floor"}, {"eps_placement": "outside", "eps": 1e-8}),
+    samples=({"p": 0.5}, {"p": 0.3, "k_rounding": "floor"}, {"eps_placement": "outside"}),
     description="RMSNorm whose RMS is estimated from the first ceil(p*C) channels (p=6.25%)",
 )
 class PartialRMSNorm(RMSNorm):
@@ -185,14 +186,15 @@ class PartialRMSNorm(RMSNorm):
         "TransNormerLLM: A Faster and Better Large Language Model with Improved TransNormer",
         "https://arxiv.org/abs/2307.14995",
     ),
-    samples=({"eps_placement": "outside", "eps": 1e-8},),
+    samples=({"eps_placement": "outside"},),
     description="RMSNorm with no learnable parameters (TransNormerLLM)",
 )
 class SRMSNorm(RMSNorm):
     r"""Simple RMSNorm: ``x / sqrt(mean(x^2) + eps)`` with no gain or bias (TransNormerLLM).
 
     Paper: Qin et al. 2023, https://arxiv.org/abs/2307.14995. Default ``eps=1e-6`` inside the root, as the
-    lightning-attention code; ``eps_placement="outside", eps=1e-8`` is the TransNormer-era (fairseq-evo) variant.
+    lightning-attention code; ``eps_placement="outside"`` (whose default eps is ``1e-8``) is the TransNormer-era
+    (fairseq-evo) variant.
 
     Args:
         num_features: channel count ``C``.

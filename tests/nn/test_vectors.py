@@ -24,6 +24,28 @@ def test_rms_norm_eps_placements() -> None:
     _close(inside(SMALL), [0.0982946, -0.1965893, 0.2948839, 0.0])
 
 
+@pytest.mark.parametrize("cls", [RMSNorm, PartialRMSNorm, SRMSNorm])
+def test_default_eps_follows_its_placement(cls: type[RMSNorm]) -> None:
+    """Default eps: 1e-6 inside the root (LLaMA / torch.nn.RMSNorm), 1e-8 outside (official RMSNorm / fairseq-evo
+    code, spec §5.2 and §7.1); an explicit eps wins either way and is what extra_repr and the state report."""
+    assert cls(4).eps == 1e-6
+    out = cls(4, eps_placement="outside")
+    assert out.eps == 1e-8 and "eps=1e-08" in repr(out)
+    assert cls(4, eps=1e-5, eps_placement="outside").eps == 1e-5
+    assert cls(4, eps=1e-8).eps == 1e-8
+    if cls is RMSNorm:  # spec §5.5: the small vector tells the two eps values apart outside the root
+        _close(RMSNorm(4, eps_placement="outside", dtype=torch.float64)(SMALL), [0.5344939, -1.0689878, 1.6034817, 0.0])
+
+
+def test_functional_rms_norm_default_eps_follows_its_placement() -> None:
+    from normlab.functional import rms_norm
+
+    expected = RMSNorm(4, eps=1e-8, eps_placement="outside", dtype=torch.float64)(SMALL)
+    torch.testing.assert_close(rms_norm(SMALL, 4, eps_inside=False), expected, rtol=0, atol=0)
+    expected = RMSNorm(4, eps=1e-6, dtype=torch.float64)(SMALL)
+    torch.testing.assert_close(rms_norm(SMALL, 4), expected, rtol=0, atol=0)
+
+
 def test_prms_norm_partial_and_rounding() -> None:
     m = PartialRMSNorm(4, p=0.5, eps=1e-8, eps_placement="outside", dtype=torch.float64)
     assert m.k == 2
