@@ -27,6 +27,10 @@ WORLD = 2
 B, N, C, STEPS = 4, 5, 4, 4
 TOKEN_ROWS = ([0, 1], [2, 3])  # sequences per rank
 IMAGE_ROWS = ([0, 1, 2], [3])  # uneven per-rank batch for the channel-first case
+# Uneven sequences per rank for the norms whose backward averages over all positions (PN, UN): the position count
+# is summed across ranks, so 15 positions on rank 0 and 5 on rank 1 must weigh like 20 in one process.
+UNEVEN_ROWS = ([0, 1, 2], [3])
+UNEVEN_NORMS = ("batch_norm", "power_norm", "unified_norm", "unified_norm_no_filter")
 # Valid lengths per sequence and step; step 1 leaves rank 1 (sequences 2, 3) with padding only; step 3 has no mask.
 LENGTHS: tuple[tuple[int, ...] | None, ...] = ((5, 3, 4, 2), (2, 5, 0, 0), (1, 1, 5, 5), None)
 
@@ -120,6 +124,13 @@ def _worker(rank: int, port: int, outdir: str) -> None:
         for name in TOKEN_NORMS:
             group = pair if name == "unified_norm" else None  # an explicit group for one case, WORLD for the rest
             results[name] = run_tokens(name, TOKEN_ROWS[rank], process_group=group)
+        for name in UNEVEN_NORMS:
+            results[f"{name}_uneven"] = run_tokens(name, UNEVEN_ROWS[rank])
+        # A one-rank subgroup per rank (every rank creates every group): process_group is honoured, not WORLD.
+        singles = [dist.new_group([r]) for r in range(WORLD)]
+        results["power_norm_subgroup"] = run_tokens(
+            "power_norm", TOKEN_ROWS[rank], process_group=singles[rank], steps=1
+        )
         # One step only: at step 1 rank 1 has no valid token, which a per-rank statistic refuses.
         results["batch_norm_local"] = run_tokens("batch_norm", TOKEN_ROWS[rank], sync_stats=False, steps=1)
         results["power_norm_local"] = run_tokens("power_norm", TOKEN_ROWS[rank], sync_stats=False, steps=1)
@@ -172,6 +183,19 @@ def _compare(ref: list[dict[str, Any]], per_rank: list[list[dict[str, Any]]], ro
 @pytest.mark.parametrize("name", list(TOKEN_NORMS))
 def test_two_ranks_match_one_process(ranks: list[dict[str, Any]], name: str) -> None:
     _compare(run_tokens(name, [0, 1, 2, 3]), [r[name] for r in ranks], TOKEN_ROWS)
+
+
+@pytest.mark.parametrize("name", UNEVEN_NORMS)
+def test_uneven_sequences_per_rank_match_one_process(ranks: list[dict[str, Any]], name: str) -> None:
+    _compare(run_tokens(name, [0, 1, 2, 3]), [r[f"{name}_uneven"] for r in ranks], UNEVEN_ROWS)
+
+
+def test_a_one_rank_process_group_keeps_statistics_on_that_rank(ranks: list[dict[str, Any]]) -> None:
+    for r, rows in enumerate(TOKEN_ROWS):
+        local = run_tokens("power_norm", rows, steps=1)
+        _compare(local, [ranks[r]["power_norm_subgroup"]], (list(range(len(rows))),))
+    synced = run_tokens("power_norm", [0, 1, 2, 3], steps=1)
+    assert not torch.allclose(ranks[0]["power_norm_subgroup"][0]["y"], synced[0]["y"][:2])
 
 
 @pytest.mark.parametrize("name", ["batch_norm", "power_norm"])
