@@ -169,12 +169,16 @@ class _Logits(nn.Module):
         return self.model(ids).logits
 
 
-def test_folded_model_runs_under_torch_export() -> None:
-    model = _trained_lm(norm="power_norm")  # GroupScaling stays in the graph: the export must carry it
+@pytest.mark.parametrize("norm", ["power_norm", "unified_norm", "rep_batch_norm", "batch_norm"])
+def test_folded_model_runs_under_torch_export(norm: str) -> None:
+    model = _trained_lm(norm=norm)  # power_norm: GroupScaling stays in the graph, the export must carry it
     ids = _windows(HELD_OUT, 2)
     ref = _logits(model, ids)
     folded = _Logits(fold_norms(model).model)
+    assert not any(isinstance(m, get_norm(norm).cls) for m in folded.modules())
     program = torch.export.export(folded, (ids,))
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not any("batch_norm" in op or "var_mean" in op for op in ops), sorted(ops)  # no statistics left
     with torch.no_grad():
         out = program.module()(ids)
     torch.testing.assert_close(out, folded(ids), rtol=1e-6, atol=1e-6)
