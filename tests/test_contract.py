@@ -5,7 +5,9 @@ A new norm gets all of this with no new test code (STYLE.md "Tests"; PyTorch's `
 
 from __future__ import annotations
 
+import inspect
 import io
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -80,20 +82,65 @@ def test_gradcheck_float64(case: Case, mode: str) -> None:
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
+# Functional arguments a module keeps under another name or derives from its public attributes, written out per
+# norm; every other parameter of the functional op is read from the module's public attribute of the same name
+# (``training`` from ``module.training``). Nothing here goes through ``functional_kwargs()``, the plumbing forward
+# itself uses, so a module that forwards the wrong value (or drops one) makes the test fail.
+def _rms_args(m: torch.nn.Module) -> dict[str, object]:
+    return {"eps_inside": m.eps_placement == "inside", "partial": getattr(m, "k", None)}
+
+
+DERIVED_FUNCTIONAL_ARGS: dict[str, Callable[[torch.nn.Module], dict[str, object]]] = {
+    "rms_norm": _rms_args,
+    "prms_norm": _rms_args,
+    "srms_norm": _rms_args,
+    "instance_norm": lambda m: {"use_input_stats": m.training or not m.track_running_stats},
+    # PRepBN's BatchNorm branch lives in its RepBN submodule ``norm2``.
+    "prep_batch_norm": lambda m: {
+        k: getattr(m.norm2, k)
+        for k in ("alpha", "running_mean", "running_var", "weight", "bias", "momentum", "eps",
+                  "num_batches_tracked", "process_group", "sync_stats")
+    },
+}
+
+
+def _functional_args(case: Case, m: torch.nn.Module) -> dict[str, object]:
+    assert case.spec.functional is not None
+    params = list(inspect.signature(case.spec.functional).parameters.values())[1:]  # all but the input
+    derived = DERIVED_FUNCTIONAL_ARGS.get(case.spec.name, lambda _: {})(m)
+    unknown = set(derived) - {p.name for p in params}
+    assert not unknown, f"{case.spec.name}: DERIVED_FUNCTIONAL_ARGS names no parameter of the functional op: {unknown}"
+    kwargs: dict[str, object] = {}
+    for p in params:
+        if p.name in derived:
+            kwargs[p.name] = derived[p.name]
+        elif p.name == "training":
+            kwargs[p.name] = m.training
+        elif hasattr(m, p.name):
+            kwargs[p.name] = getattr(m, p.name)
+        elif p.default is inspect.Parameter.empty:
+            pytest.fail(f"{case.spec.name}: functional parameter {p.name!r} has no module attribute of that name; "
+                        "say where it comes from in DERIVED_FUNCTIONAL_ARGS")
+    return kwargs
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
 def test_module_equals_functional(case: Case, mode: str) -> None:
+    """The module's output equals its functional op called with the module's public attributes."""
     fn = case.spec.functional
     if fn is None:
         pytest.skip("composition without a functional op")
     proto = _set_mode(randomize(case.build()), mode)
     for mask in _masks(case, proto):
-        m, twin = clone(proto), clone(proto)
+        m, twin = clone(proto), clone(proto)  # twin's buffers take the functional call's in-place updates
         x = make_input(m)
-        kwargs = twin.functional_kwargs()  # type: ignore[operator]
+        kwargs = _functional_args(case, twin)
         if mask is not None:
             kwargs["mask"] = mask
         torch.testing.assert_close(call(m, x, mask), fn(x, **kwargs), rtol=0, atol=0)
+        for k, v in float_buffers(m).items():
+            torch.testing.assert_close(float_buffers(twin)[k], v, rtol=0, atol=0, msg=lambda s, k=k: f"{k}: {s}")
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
@@ -168,6 +215,7 @@ def test_factory_kwargs_meta_and_float64(case: Case) -> None:
     materialised = meta.to_empty(device="cpu")
     materialised.reset_parameters()  # type: ignore[operator]
     reference = case.build()
+    assert list(materialised.state_dict()) == list(reference.state_dict())
     for (k, a), (_, b) in zip(materialised.state_dict().items(), reference.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{case.id}: {k} after meta -> reset_parameters")
     m64 = case.build(dtype=torch.float64)
