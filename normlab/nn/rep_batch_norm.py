@@ -187,9 +187,12 @@ class PRepBatchNorm(NormBase):
     ``total_step``, ``num_step``), so a state dict resumes the ramp where it stopped. With ``decrement_every=n``
     the counters move once per ``n`` training forwards (the LLaMA variant uses 16 = its gradient accumulation).
 
-    Foldable once the ramp is over (``warm == iter == 0``): then the network trains and runs as pure RepBN.
-    :meth:`folded_affine` refuses before that. SLAB's recipe then recalibrates: freeze all parameters and keep
-    training-mode forwards running to update only the RepBN statistics.
+    Foldable in eval mode, at any point of the schedule: eval always computes ``RepBN(x)`` with running statistics,
+    whatever λ is, so folding RepBN's affine reproduces the eval output exactly. Mid-ramp (``warm`` or ``iter``
+    not 0) the trained network still relies on the LayerNorm branch, so that eval model (and its fold) is the one
+    SLAB warns about; :meth:`fold_note` says so and ``fold_norms`` records it in the report. SLAB's recipe ends
+    by recalibrating: freeze all parameters and update only the RepBN statistics
+    (:func:`normlab.surgery.recalibrate_stats`).
 
     Args:
         num_features: channel count ``C``.
@@ -295,16 +298,26 @@ class PRepBatchNorm(NormBase):
         return prep_batch_norm(x, mask=mask, **self.functional_kwargs())
 
     def folded_affine(self) -> FoldedAffine:
-        """RepBN's affine, once the ramp is over; before that a fold would drop the LayerNorm the model still uses."""
-        if not self.ramp_finished():
-            raise RuntimeError(
-                f"prep_batch_norm: folded_affine() needs the LayerNorm -> RepBN ramp to be over (warm=0, iter=0), "
-                f"got warm={int(self.warm)}, iter={int(self.iter)} of total_step={int(self.total_step)} "
-                f"(next lambda={self.current_lambda():.6g})"
-            )
+        """RepBN's eval affine: exactly what eval computes, mid-ramp included (see :meth:`fold_note`).
+
+        Refused in train mode, where the output is the λ mix with batch statistics.
+        """
         if self.training:
-            raise RuntimeError("prep_batch_norm: folded_affine() needs eval mode (running statistics); call .eval()")
+            raise RuntimeError(
+                f"prep_batch_norm: folded_affine() needs eval mode (running statistics, RepBN only); got train mode "
+                f"(next lambda={self.current_lambda():.6g}); call .eval()"
+            )
         return self.norm2.folded_affine()
+
+    def fold_note(self) -> str | None:
+        """Why a fold of this norm deserves a second look, or ``None``: an unfinished LayerNorm -> RepBN ramp."""
+        if self.ramp_finished():
+            return None
+        return (
+            f"LayerNorm -> RepBN ramp unfinished (warm={int(self.warm)}, iter={int(self.iter)} of "
+            f"total_step={int(self.total_step)}, next training lambda={self.current_lambda():.6g}): the fold equals "
+            "this eval output (RepBN only), but training still mixed in the LayerNorm branch"
+        )
 
     def extra_repr(self) -> str:
         return (

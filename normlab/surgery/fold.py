@@ -1,6 +1,6 @@
 """Exact inference folding of BN-type norms into adjacent linear/conv layers: :func:`fold_norms` and its report.
 
-In eval mode BatchNorm (https://arxiv.org/abs/1502.03167), RepBN / PRepBN after its ramp (SLAB,
+In eval mode BatchNorm (https://arxiv.org/abs/1502.03167), RepBN / PRepBN (its eval form is RepBN at any λ; SLAB,
 https://arxiv.org/abs/2405.11582), Unified Normalization (https://arxiv.org/abs/2208.01313), PowerNorm's per-channel
 stage (https://arxiv.org/abs/2003.07845) and the identity are a fixed per-channel affine ``a ⊙ x + c``
 (``NormBase.folded_affine()``). :func:`fold_norms` moves that affine into the linear layers that read the norm's
@@ -60,6 +60,7 @@ class FoldRecord:
         targets: module paths of the layers whose weights changed.
         replaced_by: class name of what now stands where the norm was (``Identity`` or the kept module).
         found_by: ``"structure"`` (normlab model), ``"fx"`` (traced graph) or ``"map"`` (the ``consumers`` argument).
+        note: what the norm's ``fold_note()`` said about this fold (e.g. a PRepBN folded mid-ramp), else ``""``.
     """
 
     norm: str
@@ -68,11 +69,19 @@ class FoldRecord:
     targets: tuple[str, ...]
     replaced_by: str
     found_by: str
+    note: str = ""
 
     def __str__(self) -> str:
         arrow = "->" if self.direction == "into_consumers" else "<-"
         targets = ", ".join(self.targets)
-        return f"{self.norm} ({self.norm_type}) {arrow} {targets}  [{self.found_by}; now {self.replaced_by}]"
+        note = f"; note: {self.note}" if self.note else ""
+        return f"{self.norm} ({self.norm_type}) {arrow} {targets}  [{self.found_by}; now {self.replaced_by}{note}]"
+
+
+def _fold_note(norm: nn.Module) -> str:
+    ask = getattr(norm, "fold_note", None)
+    note = ask() if callable(ask) else None
+    return note if isinstance(note, str) else ""
 
 
 @dataclass
@@ -133,7 +142,7 @@ def norm_affine(norm: nn.Module) -> FoldedAffine:
     running stats is handled here; any other module exposing ``folded_affine()`` is asked.
 
     Raises:
-        TypeError: not foldable. RuntimeError: the norm's own refusal (train mode, PRepBN ramp not over).
+        TypeError: not foldable. RuntimeError: the norm's own refusal (train mode).
     """
     spec = getattr(type(norm), "norm_spec", None)
     if isinstance(spec, NormSpec) and not spec.foldable:
@@ -381,6 +390,8 @@ def fold_norms(
         if not inplace:  # the copy's own norm: its keep module must be the copy's, not the original's
             affine = norm_affine(target.get_submodule(plan.norm))
         kept = _apply(target, plan, affine)
-        norm_type = type(norms[plan.norm]).__name__
-        folded.append(FoldRecord(plan.norm, norm_type, plan.direction, plan.targets, kept, plan.found_by))
+        norm = norms[plan.norm]
+        note = _fold_note(norm)
+        record = FoldRecord(plan.norm, type(norm).__name__, plan.direction, plan.targets, kept, plan.found_by, note)
+        folded.append(record)
     return FoldReport(model=target, folded=folded, refused=refused, inplace=inplace)

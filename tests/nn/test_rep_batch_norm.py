@@ -119,15 +119,42 @@ def test_state_dict_resume_continues_the_ramp() -> None:
     torch.testing.assert_close(resumed.norm2.running_var, full.norm2.running_var)
 
 
-def test_fold_refused_until_ramp_is_over() -> None:
-    m = _prep(total_steps=2)
-    m(X)
-    with pytest.raises(RuntimeError, match=r"ramp to be over .*got warm=0, iter=1 of total_step=2"):
-        m.eval().folded_affine()
-    m.train()(X)
+def test_fold_mid_ramp_is_exact_in_eval_and_refused_in_train_mode() -> None:
+    m = _prep(total_steps=4)
+    with torch.no_grad():
+        m.norm2.alpha.fill_(0.3)
+    for _ in range(2):
+        m(X * 2.0 - 1.0)
+    assert m.current_lambda() == 0.5 and not m.ramp_finished()
+    with pytest.raises(RuntimeError, match=r"needs eval mode .*got train mode \(next lambda=0.5\)"):
+        m.folded_affine()
     m.eval()
     fa = m.folded_affine()
-    torch.testing.assert_close(m(X), X * fa.scale + fa.shift, rtol=1e-12, atol=1e-12)
+    x = torch.randn(3, 4, 2, dtype=F64) * 3.0 + 1.0
+    torch.testing.assert_close(X * fa.scale + fa.shift, m(X), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x * fa.scale + fa.shift, m(x), rtol=1e-12, atol=1e-12)
+    assert (m(x) - m.norm1(x)).abs().max() > 0.1  # eval is RepBN only: the LayerNorm branch is not in it
+    note = m.fold_note()
+    assert note is not None and "ramp unfinished (warm=0, iter=2 of total_step=4, next training lambda=0.5)" in note
+    m.train()
+    for _ in range(2):
+        m(X)
+    assert m.ramp_finished() and m.eval().fold_note() is None
+
+
+def test_prep_mask_excludes_padded_tokens_from_statistics() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 2, generator=g, dtype=F64)
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    x[~mask] = 1e4  # padding that would dominate every statistic it entered
+    padded, packed = _prep(total_steps=3), _prep(total_steps=3)
+    for _ in range(2):  # lambda 1, then 2/3: the second output depends on the RepBN statistics
+        y = padded(x, mask=mask)
+        y_ref = packed(x[mask])  # the 5 valid tokens as an (N, C) batch, no padding at all
+        torch.testing.assert_close(y[mask], y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(padded.norm2.running_mean, packed.norm2.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(padded.norm2.running_var, packed.norm2.running_var, rtol=1e-12, atol=1e-12)
+    assert padded.norm2.running_var.max() < 10.0
 
 
 def test_rms_norm_branch_and_two_dim_input() -> None:

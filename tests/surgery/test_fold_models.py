@@ -20,7 +20,7 @@ from normlab.surgery import fold_norms, norm_affine
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SEQ = 48
 FOLDABLE = [s.name for s in list_norms(foldable=True)]
-# PRepBN folds only once its LayerNorm -> RepBN ramp is over: a 4-step ramp ends inside the 8 training steps.
+# A 4-step LayerNorm -> RepBN ramp ends inside the 8 training steps (a mid-ramp fold is tested on its own below).
 NORM_KWARGS: dict[str, dict[str, Any]] = {"prep_batch_norm": {"total_steps": 4}}
 
 
@@ -185,7 +185,7 @@ def test_folded_model_runs_under_torch_export(norm: str) -> None:
     assert _rel(out, ref) <= 1e-5
 
 
-def test_refuses_tied_lm_head_sigma_reparam_non_foldable_norms_and_unfinished_prepbn_ramp() -> None:
+def test_refuses_tied_lm_head_sigma_reparam_and_non_foldable_norms() -> None:
     cfg = {"d_model": 32, "n_layers": 1, "n_heads": 4, "vocab_size": 256, "max_seq_len": SEQ}
     tied = DecoderLM(TransformerConfig(norm="batch_norm", **cfg)).eval()
     tied.lm_head.weight = tied.embed.weight
@@ -198,6 +198,20 @@ def test_refuses_tied_lm_head_sigma_reparam_non_foldable_norms_and_unfinished_pr
     with pytest.raises(TypeError, match=r"refused to fold 2 norm\(s\)"):
         fold_norms(mixed)
     assert [r.norm for r in fold_norms(mixed, strict=False).folded] == ["final_norm"]
-    ramp = DecoderLM(TransformerConfig(norm="prep_batch_norm", **cfg)).eval()
-    with pytest.raises(RuntimeError, match="ramp to be over"):
-        fold_norms(ramp)
+
+
+def test_prep_batch_norm_mid_ramp_folds_exactly_in_eval_with_a_note() -> None:
+    model = _trained_lm(norm="prep_batch_norm", norm_kwargs={"total_steps": 20})  # 8 of 20 ramp steps done
+    assert model.final_norm.current_lambda() == 12 / 20
+    ids = _windows(HELD_OUT, 4)
+    ref = _logits(model, ids)
+    report = fold_norms(model)
+    assert len(report.folded) == 5 and _rel(_logits(report.model, ids), ref) <= 1e-5
+    assert all("ramp unfinished (warm=0, iter=12 of total_step=20, next training lambda=0.6)" in r.note
+               for r in report.folded)
+    assert "note: LayerNorm -> RepBN ramp unfinished" in str(report)
+    model.blocks[0].attn_in_norm.train()
+    with pytest.raises(RuntimeError, match=r"norms in train mode: blocks.0.attn_in_norm"):
+        fold_norms(model)
+    finished = _trained_lm(norm="prep_batch_norm", norm_kwargs={"total_steps": 4})
+    assert all(r.note == "" for r in fold_norms(finished).folded)
