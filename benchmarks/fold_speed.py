@@ -11,7 +11,8 @@ Batches 1 and 8. Before timing, every batch-statistic norm gets random running s
 Timing is interleaved: each repetition runs every variant once, in an order rotated every repetition, so drift on a
 shared machine hits all variants alike. Ratios are taken per repetition (same round) and then summarised as
 p20/p50/p80: ``ratio_to_identity`` (each variant vs the identity limit) and ``layer_norm_over_this`` (how much slower
-LayerNorm is than this variant).
+LayerNorm is than this variant). Each row keeps its raw per-repetition times (``samples_ms``, in repetition order), so
+every summary can be recomputed from the row set.
 
 Memory columns: ``param_bytes`` / ``buffer_bytes`` (exact sizes of the model's tensors) and ``peak_alloc_bytes``:
 the peak of the CPU allocator's total allocated bytes during one forward, read from ``torch.profiler``'s allocation
@@ -202,6 +203,7 @@ def run_case_set(
         ms = np.asarray(samples[c.variant])
         row = base | {"variant": c.variant, "folded": c.variant.endswith("+fold"), "n_folded": c.n_folded}
         row |= dict(zip(("p20_ms", "p50_ms", "p80_ms"), (round(v, 4) for v in _pct(ms))))
+        row["samples_ms"] = [round(float(v), 6) for v in ms]
         refs = (("ratio_to_identity", LIMIT, False), ("layer_norm_over_this", "layer_norm", True))
         for key, ref_name, invert in refs:
             if ref_name in samples:
