@@ -37,27 +37,46 @@ QUICK_SHAPES = [(256, 128)]
 
 @dataclass
 class Variant:
+    """One timed op. ``make_input`` maps the shared ``(1, T, C)`` token tensor to the op's layout and ``to_tokens``
+    maps its output back, so a torch op and its normlab counterpart (``same_as``) can be checked to compute the
+    same thing. ``error`` is set (and ``module`` ``None``) when the op could not even be built."""
+
     name: str
-    module: nn.Module
+    module: nn.Module | None
     make_input: Callable[[torch.Tensor], torch.Tensor]
+    to_tokens: Callable[[torch.Tensor], torch.Tensor] = lambda y: y
+    same_as: str | None = None
+    error: str | None = None
+
+
+def _channels_first(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2).contiguous()  # (1, T, C) -> (1, C, T)
 
 
 def _variants(c: int) -> list[Variant]:
     tokens = lambda x: x  # noqa: E731 - (1, T, C) token layout
+    from_cf = lambda y: y.transpose(1, 2)  # noqa: E731
     out: list[Variant] = []
     for spec in normlab.list_norms():
         try:
             m = spec.cls(c, channel_dim=-1)
-        except (TypeError, ValueError) as exc:  # a norm that cannot take token tensors is reported, not hidden
-            print(f"skip {spec.name}: {exc}", file=sys.stderr)
+        except Exception as exc:  # a norm that cannot take token tensors is reported as an error row, not hidden
+            out.append(Variant(spec.name, None, tokens, error=f"{type(exc).__name__}: {exc}"))
             continue
         out.append(Variant(spec.name, m, tokens))
+    groups = normlab.nn.group_norm.default_num_groups(c)
+    # Every torch op computes the same statistics as its normlab counterpart on the same (1, T, C) batch: one
+    # sample of T tokens. GroupNorm and InstanceNorm1d therefore get the channel-first (1, C, T) copy (groups of
+    # channels over all T tokens), not (T, C), which would make every token its own sample (2026-11-23 audit).
     out += [
-        Variant("torch.LayerNorm", nn.LayerNorm(c), tokens),
-        Variant("torch.RMSNorm", nn.RMSNorm(c, eps=1e-6), tokens),
-        Variant("torch.BatchNorm1d", nn.BatchNorm1d(c), lambda x: x[0]),
-        Variant("torch.GroupNorm", nn.GroupNorm(normlab.nn.group_norm.default_num_groups(c), c), lambda x: x[0]),
-        Variant("torch.InstanceNorm1d", nn.InstanceNorm1d(c), lambda x: x.transpose(1, 2).contiguous()),
+        Variant("torch.LayerNorm", nn.LayerNorm(c), tokens, same_as="layer_norm"),
+        Variant("torch.RMSNorm", nn.RMSNorm(c, eps=1e-6), tokens, same_as="rms_norm"),
+        Variant("torch.BatchNorm1d", nn.BatchNorm1d(c), lambda x: x[0], lambda y: y[None], same_as="batch_norm"),
+        Variant("torch.GroupNorm", nn.GroupNorm(groups, c), _channels_first, from_cf, same_as="group_norm"),
+        # The same GroupNorm on the same channel-first tensor: layout-for-layout with torch.GroupNorm.
+        Variant("group_norm[channel_dim=1]", normlab.GroupNorm(c, channel_dim=1), _channels_first, from_cf,
+                same_as="group_norm"),
+        Variant("torch.InstanceNorm1d", nn.InstanceNorm1d(c), _channels_first, from_cf, same_as="instance_norm"),
     ]
     return out
 
@@ -69,66 +88,94 @@ def _time(fn: Callable[[], object], inner: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / inner
 
 
+def _message(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _calls(v: Variant, base: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """The forward and forward+backward closures of one variant (raises if the variant cannot run)."""
+    m = v.module
+    assert m is not None
+    m.train()
+    x = v.make_input(base).detach()
+    xg = x.clone().requires_grad_(True)
+    with torch.no_grad():
+        grad = torch.randn_like(m(x))
+
+    def fwd() -> object:
+        with torch.no_grad():
+            return m(x)
+
+    def fwd_bwd() -> object:
+        m.zero_grad(set_to_none=True)
+        xg.grad = None
+        m(xg).backward(grad)
+        return None
+
+    return {"fwd": fwd, "fwd+bwd": fwd_bwd}
+
+
+def _row(shape: str, name: str, passes: str, reps: int, **fields: object) -> dict[str, object]:
+    return {"shape": shape, "variant": name, "pass": passes, **fields, "reps": reps}
+
+
 def run(shapes: list[tuple[int, int]], reps: int, out_dir: Path) -> list[dict[str, object]]:
+    """Time every variant at every shape. A variant that fails (to build, warm up or run) becomes a row with
+    ``status="error"`` and the message, and the sweep goes on without it."""
     out_dir.mkdir(parents=True, exist_ok=False)
     env = collect_env() | {"argv": sys.argv, "reps": reps, "shapes": shapes, "threads": torch.get_num_threads()}
     env["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     (out_dir / "env.json").write_text(json.dumps(env, indent=2))
     rows: list[dict[str, object]] = []
     for t, c in shapes:
+        shape = f"{t}x{c}"
         base = torch.randn(1, t, c)
-        variants = _variants(c)
-        inputs = {v.name: v.make_input(base).detach() for v in variants}
-        grads = {}
         calls: dict[tuple[str, str], Callable[[], object]] = {}
-        for v in variants:
-            v.module.train()
-            x = inputs[v.name]
-            xg = x.clone().requires_grad_(True)
-            with torch.no_grad():
-                grads[v.name] = torch.randn_like(v.module(x))
-
-            def fwd(m: nn.Module = v.module, x: torch.Tensor = x) -> object:
-                with torch.no_grad():
-                    return m(x)
-
-            def fwd_bwd(m: nn.Module = v.module, x: torch.Tensor = xg, g: torch.Tensor = grads[v.name]) -> object:
-                m.zero_grad(set_to_none=True)
-                x.grad = None
-                m(x).backward(g)
-                return None
-
-            calls[(v.name, "fwd")] = fwd
-            calls[(v.name, "fwd+bwd")] = fwd_bwd
+        errors: dict[tuple[str, str], str] = {}
+        for v in _variants(c):
+            try:
+                if v.error is not None:
+                    raise RuntimeError(v.error)
+                fns = _calls(v, base)
+            except Exception as exc:
+                for passes in ("fwd", "fwd+bwd"):
+                    errors[(v.name, passes)] = v.error or _message(exc)
+                continue
+            calls.update({(v.name, passes): fn for passes, fn in fns.items()})
         # Warm up and pick an inner count so a sample lasts ~20 ms.
-        inner = {}
-        for key, fn in calls.items():
-            fn()
-            inner[key] = max(1, int(20.0 / max(_time(fn, 1), 1e-3)))
+        inner: dict[tuple[str, str], int] = {}
+        for key, fn in list(calls.items()):
+            try:
+                fn()
+                inner[key] = max(1, int(20.0 / max(_time(fn, 1), 1e-3)))
+            except Exception as exc:
+                errors[key] = _message(exc)
+                del calls[key]
         samples: dict[tuple[str, str], list[float]] = {k: [] for k in calls}
         for _ in range(reps):
-            for key, fn in calls.items():
-                samples[key].append(_time(fn, inner[key]))
+            for key, fn in list(calls.items()):
+                try:
+                    samples[key].append(_time(fn, inner[key]))
+                except Exception as exc:
+                    errors[key] = _message(exc)
+                    del calls[key], samples[key]
         for (name, passes), ms in samples.items():
             p20, p50, p80 = np.percentile(ms, [20, 50, 80])
-            ln = np.array(samples[("torch.LayerNorm", passes)])
-            ratio = np.array(ms) / ln  # per-repetition ratio: both were measured in the same round
+            ratios: dict[str, float | None] = {f"ratio_to_torch_layernorm_p{q}": None for q in (20, 50, 80)}
+            if ("torch.LayerNorm", passes) in samples:
+                ln = np.array(samples[("torch.LayerNorm", passes)])
+                ratio = np.array(ms) / ln  # per-repetition ratio: both were measured in the same round
+                for q in (20, 50, 80):
+                    ratios[f"ratio_to_torch_layernorm_p{q}"] = round(float(np.percentile(ratio, q)), 3)
             rows.append(
-                {
-                    "shape": f"{t}x{c}",
-                    "variant": name,
-                    "pass": passes,
-                    "p20_ms": round(float(p20), 4),
-                    "p50_ms": round(float(p50), 4),
-                    "p80_ms": round(float(p80), 4),
-                    "ratio_to_torch_layernorm_p20": round(float(np.percentile(ratio, 20)), 3),
-                    "ratio_to_torch_layernorm_p50": round(float(np.percentile(ratio, 50)), 3),
-                    "ratio_to_torch_layernorm_p80": round(float(np.percentile(ratio, 80)), 3),
-                    "reps": reps,
-                    "inner": inner[(name, passes)],
-                    "status": "ok",
-                }
+                _row(
+                    shape, name, passes, reps, p20_ms=round(float(p20), 4), p50_ms=round(float(p50), 4),
+                    p80_ms=round(float(p80), 4), **ratios, inner=inner[(name, passes)], status="ok",
+                )
             )
+        for (name, passes), msg in errors.items():
+            print(f"error {shape} {name} {passes}: {msg}", file=sys.stderr)
+            rows.append(_row(shape, name, passes, reps, status="error", error=msg))
     with open(out_dir / "rows.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
@@ -137,14 +184,21 @@ def run(shapes: list[tuple[int, int]], reps: int, out_dir: Path) -> list[dict[st
 
 def format_table(rows: list[dict[str, object]]) -> str:
     lines = [
-        f"{'shape':<10} {'variant':<22} {'pass':<8} {'p50 ms':>9} {'x torch LN (p20/p50/p80)':>26}",
+        f"{'shape':<10} {'variant':<26} {'pass':<8} {'p50 ms':>9} {'x torch LN (p20/p50/p80)':>26}",
     ]
     for r in rows:
-        ratio = (
-            f"{r['ratio_to_torch_layernorm_p20']:.2f}/{r['ratio_to_torch_layernorm_p50']:.2f}/"
-            f"{r['ratio_to_torch_layernorm_p80']:.2f}"
-        )
-        lines.append(f"{r['shape']:<10} {r['variant']:<22} {r['pass']:<8} {r['p50_ms']:>9.3f} {ratio:>26}")
+        head = f"{r['shape']:<10} {r['variant']:<26} {r['pass']:<8}"
+        if r["status"] != "ok":
+            lines.append(f"{head} error: {r['error']}")
+            continue
+        if r["ratio_to_torch_layernorm_p50"] is None:
+            ratio = "-"
+        else:
+            ratio = (
+                f"{r['ratio_to_torch_layernorm_p20']:.2f}/{r['ratio_to_torch_layernorm_p50']:.2f}/"
+                f"{r['ratio_to_torch_layernorm_p80']:.2f}"
+            )
+        lines.append(f"{head} {r['p50_ms']:>9.3f} {ratio:>26}")
     return "\n".join(lines)
 
 

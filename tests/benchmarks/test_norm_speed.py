@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from normlab.registry import list_norms
 
@@ -30,6 +31,7 @@ def test_quick_run_writes_rows_for_every_norm(tmp_path: Path, capsys: pytest.Cap
     variants = {r["variant"] for r in rows}
     assert {s.name for s in list_norms()} <= variants and "torch.LayerNorm" in variants
     for r in rows:
+        assert r["status"] == "ok", r
         assert r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"] and r["pass"] in ("fwd", "fwd+bwd")
     ln = [r for r in rows if r["variant"] == "torch.LayerNorm"]
     assert all(r["ratio_to_torch_layernorm_p50"] == 1.0 for r in ln)
@@ -37,3 +39,63 @@ def test_quick_run_writes_rows_for_every_norm(tmp_path: Path, capsys: pytest.Cap
     assert "x torch LN" in capsys.readouterr().out
     with pytest.raises(FileExistsError):
         mod.main(["--quick", "--out", str(out)])  # type: ignore[attr-defined]
+
+
+class _Boom(torch.nn.Module):
+    """Runs once (setup, warm-up) and then fails: a variant that breaks in the middle of the sweep."""
+
+    def __init__(self, fail_after: int) -> None:
+        super().__init__()
+        self.calls, self.fail_after = 0, fail_after
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > self.fail_after:
+            raise RuntimeError("boom: kernel exploded")
+        return x * 1.0
+
+
+def test_failing_variants_become_error_rows_and_the_sweep_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mod = _load()
+    real = mod._variants  # type: ignore[attr-defined]
+
+    def variants(c: int) -> list[object]:
+        vs = [v for v in real(c) if v.name in ("torch.LayerNorm", "layer_norm")]
+        return [
+            *vs,
+            mod.Variant("unbuildable", None, lambda x: x, error="ValueError: no token layout"),  # type: ignore[attr-defined]
+            mod.Variant("setup_fails", torch.nn.Linear(3, 3), lambda x: x),  # type: ignore[attr-defined]
+            mod.Variant("fails_mid_sweep", _Boom(fail_after=4), lambda x: x),  # type: ignore[attr-defined]
+        ]
+
+    monkeypatch.setattr(mod, "_variants", variants)
+    rows = mod.run([(16, 8)], 3, tmp_path / "run")  # type: ignore[attr-defined]
+    by = {(r["variant"], r["pass"]): r for r in rows}
+    assert by[("unbuildable", "fwd")]["error"] == "ValueError: no token layout"
+    assert by[("setup_fails", "fwd+bwd")]["status"] == "error" and "RuntimeError" in by[("setup_fails", "fwd")]["error"]
+    assert any(r["status"] == "error" and "boom" in r["error"] for r in rows if r["variant"] == "fails_mid_sweep")
+    for key in (("layer_norm", "fwd"), ("layer_norm", "fwd+bwd"), ("torch.LayerNorm", "fwd")):
+        assert by[key]["status"] == "ok" and by[key]["p50_ms"] > 0  # the sweep went on
+    saved = [json.loads(line) for line in (tmp_path / "run" / "rows.jsonl").read_text().splitlines()]
+    assert sum(r["status"] == "error" for r in saved) == sum(r["status"] == "error" for r in rows) >= 5
+    table = mod.format_table(rows)  # type: ignore[attr-defined]
+    assert "error: ValueError: no token layout" in table
+
+
+def test_torch_variants_compute_what_their_normlab_counterparts_do() -> None:
+    """Like with like: each torch op normalises the same benchmark batch the same way as the norm it is shown next
+    to (e.g. GroupNorm over groups of channels and all T tokens, not per token)."""
+    mod = _load()
+    c = 8
+    base = torch.randn(1, 16, c)
+    variants = {v.name: v for v in mod._variants(c)}  # type: ignore[attr-defined]
+    paired = [v for v in variants.values() if v.same_as is not None]
+    names = {v.name for v in paired}
+    assert {"torch.GroupNorm", "torch.InstanceNorm1d", "torch.BatchNorm1d", "torch.LayerNorm"} <= names
+    for v in paired:
+        ours = variants[v.same_as]
+        expected = ours.module.train()(ours.make_input(base))
+        got = v.to_tokens(v.module.train()(v.make_input(base)))
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda s, v=v: f"{v.name}: {s}")
