@@ -81,6 +81,21 @@ def test_every_exported_norm_class_is_registered() -> None:
             assert obj in registered, f"normlab.nn.{name} is a norm but not registered"
 
 
+def test_every_functional_op_is_exported_from_normlab_functional() -> None:
+    """Registered <-> exported for the functional ops too: each norm's op lives in ``normlab.functional`` (under
+    its own name), and every op exported there that carries a norm's name is some norm's registered op."""
+    registered = {s.functional for s in list_norms() if s.functional is not None}
+    for spec in list_norms():
+        fn = spec.functional
+        assert fn is not None, f"{spec.name} registers no functional op"
+        assert fn.__name__ in normlab.functional.__all__, f"{spec.name}: {fn.__name__} not in normlab.functional"
+        assert getattr(normlab.functional, fn.__name__) is fn
+        assert fn.__module__.startswith("normlab.functional."), f"{spec.name}: op defined in {fn.__module__}"
+    for name in normlab.functional.__all__:
+        if name in {s.name for s in list_norms()}:
+            assert getattr(normlab.functional, name) in registered, f"normlab.functional.{name} is no norm's op"
+
+
 def test_import_needs_only_torch_and_numpy() -> None:
     import subprocess
     import sys

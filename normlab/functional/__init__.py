@@ -5,6 +5,7 @@ from __future__ import annotations
 from normlab.functional.batch_norm import batch_norm
 from normlab.functional.dyt import dyt
 from normlab.functional.group_norm import group_norm, instance_norm
+from normlab.functional.identity import identity
 from normlab.functional.layer_norm import layer_norm
 from normlab.functional.power_norm import group_scaling, power_norm
 from normlab.functional.rep_batch_norm import prep_batch_norm, rep_batch_norm
@@ -17,6 +18,7 @@ __all__ = [
     "dyt",
     "group_norm",
     "group_scaling",
+    "identity",
     "instance_norm",
     "layer_norm",
     "power_norm",

@@ -7,18 +7,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from normlab.functional._checks import check_channels
+from normlab.functional.identity import identity
 from normlab.nn._base import FoldedAffine, NormBase, check_layout, check_num_features
 from normlab.registry import register_norm
 from normlab.testing import reference as ref
 
 __all__ = ["IdentityNorm", "identity"]
-
-
-def identity(x: Tensor, num_features: int, channel_dim: int = -1) -> Tensor:
-    """Return ``x`` after the same input checks every norm makes."""
-    check_channels(x, num_features, channel_dim, "identity")
-    return x
 
 
 @register_norm(
