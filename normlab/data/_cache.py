@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
-__all__ = ["atomic_save_npy", "cache_dir", "require"]
+__all__ = ["atomic_save_npy", "atomic_write_text", "cache_dir", "require"]
 
 
 def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
@@ -23,18 +25,31 @@ def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
     return path
 
 
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` to ``path`` through a temporary file and ``os.replace``, so readers never see half a file."""
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` through a uniquely named temporary file in the same directory and ``os.replace``: readers never
+    see half a file, and concurrent writers (the ranks of a ``torchrun`` job filling the cache) never share a
+    temporary file; the last ``os.replace`` wins with a complete file."""
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """Save ``array`` as ``.npy`` at ``path`` atomically (see :func:`_atomic_write`)."""
+    _atomic_write(path, lambda f: np.save(f, array))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically (see :func:`_atomic_write`)."""
+    data = text.encode("utf-8")
+    _atomic_write(path, lambda f: f.write(data))
 
 
 def require(module: str, extra: str) -> None:

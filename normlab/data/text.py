@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from normlab.data._cache import atomic_save_npy, cache_dir
+from normlab.data._cache import atomic_save_npy, atomic_write_text, cache_dir
 
 __all__ = ["SEPARATOR", "TextCorpus", "load_stdlib_corpus", "random_windows", "stdlib_files", "strided_windows"]
 
@@ -119,9 +119,7 @@ def load_stdlib_corpus(
                 chunks.append((base / rel).read_bytes())
             joined = bytes([SEPARATOR]).join(chunks)
             atomic_save_npy(paths[split], np.frombuffer(joined, dtype=np.uint8))
-        tmp = index_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"root": str(base), "train": train_files, "val": val_files}))
-        os.replace(tmp, index_path)
+        atomic_write_text(index_path, json.dumps({"root": str(base), "train": train_files, "val": val_files}))
     return TextCorpus(
         train=np.load(paths["train"], mmap_mode="r"),
         val=np.load(paths["val"], mmap_mode="r"),

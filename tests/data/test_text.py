@@ -90,3 +90,32 @@ def test_windows_are_seeded_and_in_range() -> None:
     assert ((a[:, 1:] - a[:, :-1]) % 256 == 1).all()  # contiguous windows
     s = strided_windows(data, 16, 5)
     assert s.shape == (5, 16) and (s == strided_windows(data, 16, 5)).all()
+
+
+def test_cache_files_are_written_through_unique_temp_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every cache file (arrays and the file index) goes through its own temporary file in the cache directory, so
+    the ranks of a torchrun job building the same cache never write into one shared temporary file."""
+    import os
+
+    import normlab.data._cache as cache_mod
+
+    _tree(tmp_path / "src")
+    replaced: list[tuple[str, str]] = []
+    real_replace = os.replace
+
+    def spy(src: str, dst: str) -> None:
+        replaced.append((str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(cache_mod.os, "replace", spy)
+    cache = tmp_path / "cache"
+    for _ in range(2):  # two builders of the same cache entry, one after the other
+        for p in cache.glob("stdlib-*"):
+            p.unlink()
+        load_stdlib_corpus(root=tmp_path / "src", cache=cache, val_fraction=0.4)
+    targets = sorted({Path(dst).name for _, dst in replaced})
+    assert len(targets) == 3 and any(t.endswith("-files.json") for t in targets)  # train, val and the index
+    temps = [src for src, _ in replaced]
+    assert len(temps) == 6 and len(set(temps)) == 6  # never the same temporary name twice
+    assert all(Path(t).parent == cache for t in temps)  # same directory: os.replace stays atomic
+    assert not list(cache.glob("*.tmp"))
