@@ -1,21 +1,45 @@
-"""``normlab lab --dry-run``: check a parsed suite beyond its schema by building every arm's model and running one
-tiny forward/backward, collecting every problem instead of stopping at the first."""
+"""``normlab lab --dry-run``: check a suite against the config schema and the registry, build every arm's model and
+run one tiny forward/backward, and check the task's optional dependencies, collecting every problem instead of
+stopping at the first."""
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
-from normlab.lab.config import SuiteConfig, model_config_class
+from normlab.lab.config import ArmConfig, SuiteConfig, collect_overrides, model_config_class, validate_suite_dict
 
-__all__ = ["check_suite"]
+__all__ = ["TASK_REQUIREMENTS", "check_requirements", "check_suite", "dry_run_problems"]
+
+# task: [(module, distribution, extra)] that the task imports at run time.
+TASK_REQUIREMENTS: dict[str, list[tuple[str, str, str]]] = {"digits": [("sklearn", "scikit-learn", "data")]}
 
 
-def check_suite(cfg: SuiteConfig) -> list[str]:
-    """Problems found by building each arm's model and running a 2-sample forward/backward (empty: all good)."""
+def _module_available(module: str) -> bool:
+    """Whether ``module`` can be imported (without importing it); tests replace this to simulate a missing one."""
+    return importlib.util.find_spec(module) is not None
+
+
+def check_requirements(task: str) -> list[str]:
+    """Problems with the optional packages ``task`` needs: each names the ``pip install`` that fixes it."""
+    return [
+        f"task {task!r} needs {dist}, which is not installed: pip install 'normlab[{extra}]'"
+        for module, dist, extra in TASK_REQUIREMENTS.get(task, [])
+        if not _module_available(module)
+    ]
+
+
+def check_suite(cfg: SuiteConfig, arms: Sequence[ArmConfig] | None = None) -> list[str]:
+    """Problems found by building each arm's model (default: every arm of ``cfg``) and running a 2-sample
+    forward/backward (empty: all good). Error messages name the arm by its index in ``cfg.arms``."""
     problems: list[str] = []
     cls = model_config_class(cfg.task)
-    for i, arm in enumerate(cfg.arms):
-        where = f"arms[{i}] ({arm.name})"
+    index = {id(a): i for i, a in enumerate(cfg.arms)}
+    for arm in cfg.arms if arms is None else arms:
+        where = f"arms[{index.get(id(arm), '?')}] ({arm.name})"
         try:
             model_cfg = cls.from_dict(cfg.arm_model(arm))
             if cfg.task == "lm_stdlib":
@@ -34,3 +58,22 @@ def check_suite(cfg: SuiteConfig) -> list[str]:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             problems.append(f"{where}: {type(exc).__name__}: {msg}")
     return problems
+
+
+def dry_run_problems(
+    data: dict[str, Any], origin: str, overrides: dict[str, Any] | None = None, arms: list[str] | None = None
+) -> tuple[SuiteConfig, list[str]]:
+    """Everything ``--dry-run`` checks, all at once: command-line overrides, the schema and the registry
+    (:func:`~normlab.lab.config.validate_suite_dict`), a build and forward/backward of every arm whose model config
+    was valid (:func:`check_suite`), and the task's optional packages (:func:`check_requirements`).
+
+    Returns:
+        ``(cfg, problems)``: the config as far as it could be built, and every problem (empty: valid).
+    """
+    data, problems = collect_overrides(data, overrides or {}, arms)
+    problems = [f"command line: {p}" for p in problems]
+    cfg, schema_problems, buildable = validate_suite_dict(data, origin)
+    problems += schema_problems
+    problems += check_suite(cfg, buildable)
+    problems += check_requirements(cfg.task)
+    return cfg, problems

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from normlab.lab.config import SuiteConfig, SuiteError, apply_overrides, list_suites, load_suite, parse_suite
 from normlab.lab.runner import lr_at
@@ -25,8 +26,83 @@ def test_packaged_suites_validate_and_build(name: str) -> None:
 
 def test_default_suite_has_the_required_arms() -> None:
     cfg = load_suite("default")
-    norms = {cfg.arm_model(a)["norm"] for a in cfg.arms}
-    assert {"layer_norm", "rms_norm", "dyt", "batch_norm"} <= norms
+    norms = [cfg.arm_model(a)["norm"] for a in cfg.arms]
+    assert sorted(norms) == sorted(
+        ["layer_norm", "rms_norm", "dyt", "batch_norm", "power_norm", "unified_norm", "prep_batch_norm"]
+    )
+
+
+def test_schedule_references_resolve_per_arm_and_follow_overrides(tiny: dict[str, Any]) -> None:
+    tiny["arms"] = [
+        {"name": "pn", "norm": "power_norm", "norm_kwargs": {"warmup_iters": "warmup_steps"}},
+        {"name": "pn_late", "norm": "power_norm", "warmup_steps": 8, "norm_kwargs": {"warmup_iters": "warmup_steps"}},
+        {"name": "prep", "norm": "prep_batch_norm",
+         "norm_kwargs": {"total_steps": "0.75*steps", "warmup_steps": "0.1 * steps", "norm1": "rms_norm"}},
+        {"name": "slot", "norm": "layer_norm",
+         "norm_overrides": {"final": {"norm": "power_norm", "kwargs": {"warmup_iters": "2*eval_every"}}}},
+    ]
+    cfg = parse_suite(tiny)  # steps 20, warmup_steps 4, eval_every 5
+    kwargs = {a.name: cfg.arm_model(a).get("norm_kwargs") for a in cfg.arms}
+    assert kwargs["pn"] == {"warmup_iters": 4}
+    assert kwargs["pn_late"] == {"warmup_iters": 8}  # the arm's own warmup_steps
+    assert kwargs["prep"] == {"total_steps": 15, "warmup_steps": 2, "norm1": "rms_norm"}  # a plain string stays
+    assert cfg.arm_model(cfg.arms[3])["norm_overrides"]["final"]["kwargs"] == {"warmup_iters": 10}
+    assert cfg.to_dict()["arms"][0]["norm_kwargs"] == {"warmup_iters": "warmup_steps"}  # the suite keeps the reference
+    assert check_suite(cfg) == []
+    longer = parse_suite(apply_overrides(tiny, {"steps": 400, "warmup_steps": 40}))
+    assert [longer.arm_model(a).get("norm_kwargs") for a in longer.arms][:3] == [
+        {"warmup_iters": 40}, {"warmup_iters": 8}, {"total_steps": 300, "warmup_steps": 40, "norm1": "rms_norm"}
+    ]
+
+
+def test_unresolvable_schedule_references_are_reported(tiny: dict[str, Any]) -> None:
+    tiny["arms"] = [
+        {"name": "a", "norm": "power_norm", "norm_kwargs": {"warmup_iters": "warmup_step"}},
+        {"name": "b", "norm": "prep_batch_norm", "norm_kwargs": {"total_steps": "0.5*epochs"}},
+        {"name": "c", "norm": "power_norm", "norm_kwargs": {"warmup_iters": "lr"}},
+    ]
+    with pytest.raises(SuiteError) as info:
+        parse_suite(tiny)
+    problems = info.value.problems
+    assert len(problems) == 3, problems
+    assert re.search(r"arms\[0\] \(a\): norm_kwargs.warmup_iters: schedule reference 'warmup_step'.*did you mean "
+                     r"'warmup_steps'", problems[0])
+    assert re.search(r"arms\[1\] \(b\): norm_kwargs.total_steps: schedule reference '0.5\*epochs': 'epochs' is "
+                     r"not a schedule key; expected .*'steps', 'warmup_steps', 'eval_every'", problems[1])
+    assert re.search(r"arms\[2\] \(c\): .*'lr' is not an integer schedule key", problems[2])
+
+
+def test_default_suite_schedules_leave_warmup_and_finish_the_ramp() -> None:
+    """PowerNorm and UN leave their warm-up and PRepBN's lambda reaches 0 within the suite's steps: run ``steps``
+    training forward/backward passes of each arm (a tiny model of the same config otherwise)."""
+    from normlab.models import DecoderLM, TransformerConfig
+    from normlab.nn import PowerNorm, PRepBatchNorm, UnifiedNorm
+
+    tiny_model = {"model.d_model": 16, "model.n_layers": 1, "model.n_heads": 2}
+    for steps in (None, 40):  # the suite as shipped, and a --steps override
+        overrides = dict(tiny_model, **({"steps": steps} if steps else {}))
+        cfg = load_suite("default", overrides, arms=["power_norm", "unified_norm", "prep_batch_norm"])
+        assert cfg.steps == (steps or 200)
+        assert cfg.diagnostic_steps() == [0, cfg.steps]  # diagnostics_at = [0, "steps"] follows --steps
+        for arm in cfg.arms:
+            torch.manual_seed(0)
+            model = DecoderLM(TransformerConfig.from_dict(cfg.arm_model(arm)))
+            norms = [m for m in model.modules() if isinstance(m, (PowerNorm, UnifiedNorm, PRepBatchNorm))]
+            assert len(norms) == 3, arm.name  # attn_in, mlp_in, final
+            lambda_zero_at = None
+            for step in range(1, cfg.steps + 1):
+                ids = torch.randint(0, 256, (2, 8))
+                model(ids, labels=ids).loss.backward()
+                if arm.name == "prep_batch_norm" and lambda_zero_at is None:
+                    if all(m.current_lambda() == 0.0 for m in norms):
+                        lambda_zero_at = step
+            for m in norms:
+                if isinstance(m, (PowerNorm, UnifiedNorm)):
+                    assert m.warmup_iters == cfg.warmup_steps and m.warmup_iters < cfg.steps
+                    assert int(m.iters) == cfg.steps > m.warmup_iters  # out of warm-up for the last steps
+            if arm.name == "prep_batch_norm":
+                assert norms[0].total_steps == round(0.75 * cfg.steps)
+                assert lambda_zero_at is not None and lambda_zero_at <= 0.75 * cfg.steps < cfg.steps
 
 
 def test_every_problem_is_reported_at_once(tiny: dict[str, Any]) -> None:
