@@ -68,7 +68,25 @@ def collect_env() -> dict[str, Any]:
         "cuda": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+    for name in _OPTIONAL:
+        version = _installed_version(name)
+        if version is not None:
+            info[name] = version
     return info
+
+
+# Optional packages whose version changes lab results (digits data, plots): recorded when installed.
+_OPTIONAL = ("scikit-learn", "matplotlib")
+
+
+def _installed_version(dist: str) -> str | None:
+    """The installed version of distribution ``dist`` from its metadata (nothing is imported), or ``None``."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """``normlab lab``: run a suite of small experiments on real offline data, then write and print the report.
 
-Also works unchanged under ``torchrun --nproc_per_node=N normlab lab ...`` (DDP; rank 0 writes).
+Also works unchanged under ``torchrun --nproc_per_node=N -m normlab lab ...`` (DDP; rank 0 writes).
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _parse_value(text: str) -> Any:
-    import tomllib
+    from normlab.lab.config import _toml_loads  # tomllib, or tomli on Python 3.10
 
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        return _toml_loads(f"v = {text}")["v"]
     except ValueError:
         return text  # a bare string
 
@@ -98,10 +98,36 @@ def finish_report(run_dir: Path, *, plots: bool = True) -> int:
     return 0
 
 
+def _dry_run(args: argparse.Namespace, overrides: dict[str, Any], arms: list[str] | None) -> int:
+    """Validate the suite with every check at once; print all problems (exit 2) or a one-line summary (exit 0)."""
+    from normlab.lab.config import SuiteError, read_suite_dict
+    from normlab.lab.validate import dry_run_problems
+
+    try:
+        data, origin = read_suite_dict(args.suite or "default")
+    except (SuiteError, FileNotFoundError) as exc:
+        print(f"normlab lab: {exc}", file=sys.stderr)
+        return 2
+    cfg, problems = dry_run_problems(data, origin, overrides, arms)
+    if problems:
+        print(str(SuiteError(problems, origin)), file=sys.stderr)
+        return 2
+    runs = len(cfg.arms) * len(cfg.seeds)
+    print(f"suite {cfg.name!r} is valid: {len(cfg.arms)} arms x {len(cfg.seeds)} seeds = {runs} runs of "
+          f"{cfg.steps} steps ({', '.join(a.name for a in cfg.arms)})")
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"normlab lab: {message}", file=sys.stderr)
+    return 2
+
+
 def run(args: argparse.Namespace) -> int:
     from normlab.lab.config import SuiteError, load_suite
     from normlab.lab.dist import broadcast_object, init_distributed, shutdown
-    from normlab.lab.runner import load_run_config, new_run_dir, run_suite
+    from normlab.lab.runner import RunDirLocked, load_run_config, new_run_dir, run_suite
+    from normlab.lab.validate import check_requirements
 
     if args.list:
         _print_suites()
@@ -113,41 +139,39 @@ def run(args: argparse.Namespace) -> int:
                      if v]
             if given or overrides or arms:
                 raise ValueError(f"--resume takes the config stored in the run directory; drop {given or 'overrides'}")
-            run_dir = Path(args.resume)
-            cfg = load_run_config(run_dir)
+        elif args.dry_run:
+            return _dry_run(args, overrides, arms)
+        if args.resume:
+            run_dir: Path | None = Path(args.resume)
+            cfg = load_run_config(Path(args.resume))
         else:
             cfg = load_suite(args.suite or "default", overrides, arms)
     except (SuiteError, ValueError, FileNotFoundError) as exc:
-        print(f"normlab lab: {exc}", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        from normlab.lab.validate import check_suite
-
-        problems = check_suite(cfg)
-        if problems:
-            print(str(SuiteError(problems, f"suite {cfg.name!r}")), file=sys.stderr)
-            return 2
-        runs = len(cfg.arms) * len(cfg.seeds)
-        print(f"suite {cfg.name!r} is valid: {len(cfg.arms)} arms x {len(cfg.seeds)} seeds = {runs} runs of "
-              f"{cfg.steps} steps ({', '.join(a.name for a in cfg.arms)})")
-        return 0
+        return _fail(str(exc))
+    missing = check_requirements(cfg.task)
+    if missing:  # before any run directory exists
+        return _fail("; ".join(missing))
     if not args.resume:
-        run_dir = Path(args.out) if args.out else new_run_dir(cfg.name, args.runs_dir)
-        if run_dir.exists() and any(run_dir.iterdir()):
-            print(f"normlab lab: --out {run_dir} exists and is not empty; pick another or --resume it", file=sys.stderr)
-            return 2
+        run_dir = Path(args.out) if args.out else None
+        if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
+            return _fail(f"--out {run_dir} exists and is not a directory; pick a directory path")
+        if run_dir is not None and run_dir.exists() and any(run_dir.iterdir()):
+            return _fail(f"--out {run_dir} exists and is not empty; pick another or --resume it")
     if args.threads is not None:
         if args.threads < 1:
-            print(f"normlab lab: --threads expects an int >= 1, got {args.threads}", file=sys.stderr)
-            return 2
+            return _fail(f"--threads expects an int >= 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
     dist = init_distributed()
     try:
+        if run_dir is None and dist.is_main:
+            run_dir = new_run_dir(cfg.name, args.runs_dir)  # claimed (created) by rank 0 only
         run_dir = Path(broadcast_object(str(run_dir), dist))
         result = run_suite(cfg, run_dir, argv=getattr(args, "argv", None) or ["normlab", *sys.argv[1:]],
                            resume=bool(args.resume), progress=not args.no_progress, dist=dist)
+    except (RunDirLocked, FileExistsError, FileNotFoundError) as exc:
+        return _fail(str(exc))
     finally:
         shutdown(dist)
     if not dist.is_main:

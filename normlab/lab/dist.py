@@ -1,5 +1,5 @@
 """Distributed-data-parallel plumbing for the lab: the same code runs alone or under
-``torchrun --nproc_per_node=N normlab lab ...`` (``gloo`` on CPU, ``nccl`` on GPUs).
+``torchrun --nproc_per_node=N -m normlab lab ...`` (``gloo`` on CPU, ``nccl`` on GPUs).
 
 Rank 0 writes every file; each rank draws its own training data stream; losses and validation sums are
 all-reduced so every rank takes the same decisions (divergence, early stop).

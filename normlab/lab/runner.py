@@ -2,9 +2,14 @@
 
 Files of a run directory (see :mod:`normlab.lab.schema` for the rows):
 
-* ``env.json``: versions, git SHA, command line, the resolved suite config and seeds; written once at the start.
+* ``env.json``: versions, git SHA, command line, the suite config as given (``config``), every arm's full resolved
+  model config and training settings (``arms``: defaults filled in, schedule references resolved to ints) and seeds;
+  written once at the start (mode ``"x"``: never over an existing one).
+* ``.lock``: held (``fcntl.flock``) by the process running or resuming the directory, so that a second
+  ``normlab lab --resume`` of the same directory fails at once instead of interleaving rows.
 * ``rows.jsonl``: append-only rows, flushed and fsynced at every write.
-* ``events.jsonl``: one line per start / resume / finish of the process, with the rows a resume dropped.
+* ``events.jsonl``: one line per start / resume / finish of the process; a resume records the rows it dropped and
+  the environment of the resuming process (a changed git SHA is also warned about on stderr).
 * ``ckpt/<arm>__seed<k>.pt``: the latest checkpoint of an unfinished arm (atomic: temporary file + ``os.replace``),
   deleted when the arm's status row is written.
 
@@ -21,6 +26,7 @@ spreads over arms evenly.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -37,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from normlab.lab.config import ArmConfig, SuiteConfig, parse_suite
+from normlab.lab.config import ArmConfig, SuiteConfig, model_config_class, parse_suite
 from normlab.lab.dist import DistInfo, all_reduce_sum, barrier, broadcast_object
 from normlab.lab.progress import ProgressBar
 from normlab.lab.schema import ROWS_FILE, RowLog, make_row, read_rows, rewrite_rows
@@ -45,6 +51,7 @@ from normlab.lab.tasks import Task, make_task
 
 __all__ = [
     "DiagnosticHook",
+    "RunDirLocked",
     "RunResult",
     "collect_hook",
     "load_run_config",
@@ -101,14 +108,54 @@ def collect_hook(metrics: Sequence[str]) -> DiagnosticHook:
 
 
 def new_run_dir(suite_name: str, base: str | Path = "runs") -> Path:
-    """``<base>/<suite>-<YYYYmmdd-HHMMSS>`` (with ``-2``, ``-3``... if taken): a fresh directory per invocation."""
+    """Create and return ``<base>/<suite>-<YYYYmmdd-HHMMSS>`` (with ``-2``, ``-3``... if taken): a fresh, empty
+    directory per invocation. The directory is claimed with an exclusive ``mkdir``, so two invocations started in
+    the same second never share one."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     root = Path(base) / f"{suite_name}-{stamp}"
+    root.parent.mkdir(parents=True, exist_ok=True)
     path, k = root, 1
-    while path.exists():
-        k += 1
-        path = Path(f"{root}-{k}")
-    return path
+    while True:
+        try:
+            path.mkdir(exist_ok=False)
+            return path
+        except FileExistsError:
+            k += 1
+            path = Path(f"{root}-{k}")
+
+
+class RunDirLocked(RuntimeError):
+    """Another process holds the run directory's ``.lock`` (it is running or resuming that directory)."""
+
+
+LOCK_FILE = ".lock"
+
+
+def _lock_run_dir(run_dir: Path) -> TextIO | None:
+    """Take ``run_dir/.lock`` exclusively without waiting; the lock lasts until the returned file is closed (or the
+    process dies: the kernel drops ``flock`` locks with the process, so a ``kill -9`` leaves no stale lock).
+
+    Raises:
+        RunDirLocked: another process holds it.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no locking
+        return None
+    f = open(run_dir / LOCK_FILE, "a+", encoding="utf-8")  # held open (locked) for the whole run
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        f.close()
+        raise RunDirLocked(
+            f"run directory {run_dir} is in use by another normlab lab process (it holds {run_dir / LOCK_FILE}); "
+            "wait for it to finish, or stop it before resuming"
+        ) from exc
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")  # for a person looking at it; the flock is what counts
+    f.flush()
+    return f
 
 
 def _ckpt_path(run_dir: Path, arm: str, seed: int) -> Path:
@@ -145,6 +192,16 @@ def load_run_config(run_dir: Path) -> SuiteConfig:
     return parse_suite(env["config"], origin=str(env_path))
 
 
+def resolved_arms(cfg: SuiteConfig) -> dict[str, dict[str, Any]]:
+    """Every arm's full model config (defaults filled in, schedule references resolved) and training settings."""
+    cls = model_config_class(cfg.task)
+    out = {}
+    for arm in cfg.arms:
+        model = dataclasses.asdict(cls.from_dict(cfg.arm_model(arm)))
+        out[arm.name] = {"model": model, "train": cfg.arm_train(arm), "schedule": cfg.arm_schedule(arm)}
+    return out
+
+
 def _write_env(run_dir: Path, cfg: SuiteConfig, argv: Sequence[str] | None, dist: DistInfo) -> None:
     from normlab.cli.env import collect_env
 
@@ -157,11 +214,30 @@ def _write_env(run_dir: Path, cfg: SuiteConfig, argv: Sequence[str] | None, dist
         "world_size": dist.world_size,
         "seeds": list(cfg.seeds),
         "config": cfg.to_dict(),
+        "arms": resolved_arms(cfg),
         "env": collect_env(),
     }
-    tmp = run_dir / "env.json.tmp"
-    tmp.write_text(json.dumps(env, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, run_dir / "env.json")
+    text = json.dumps(env, indent=2, sort_keys=True, default=str) + "\n"
+    with open(run_dir / "env.json", "x", encoding="utf-8") as f:  # "x": a second writer fails, never overwrites
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _resume_event(run_dir: Path, argv: Sequence[str] | None, dropped: int, dist: DistInfo, stream: TextIO) -> None:
+    """Append the resume event with this process's environment; warn when the code changed since the start."""
+    from normlab.cli.env import collect_env
+
+    env = collect_env()
+    original = json.loads((run_dir / "env.json").read_text(encoding="utf-8")).get("env", {})
+    if original.get("git_sha") != env.get("git_sha"):
+        stream.write(
+            f"[normlab lab] warning: resuming {run_dir} with git SHA {env.get('git_sha')} but it was started with "
+            f"{original.get('git_sha')}; the finished and the resumed parts ran different code\n"
+        )
+        stream.flush()
+    _append_event(run_dir, {"event": "resume", "time": _now(), "argv": list(sys.argv if argv is None else argv),
+                            "dropped_rows": dropped, "world_size": dist.world_size, "env": env})
 
 
 def _prepare_resume(run_dir: Path, cfg: SuiteConfig) -> tuple[set[tuple[str, int]], dict[tuple[str, int], int], int]:
@@ -213,27 +289,73 @@ def run_suite(
 
     Raises:
         FileExistsError: a new run into a non-empty directory.
+        FileNotFoundError: ``resume`` of a directory without ``env.json``.
+        RunDirLocked: another process is running or resuming ``run_dir``.
     """
     dist = dist or DistInfo()
     stream = stream if stream is not None else sys.stderr
     run_dir = Path(run_dir)
+    lock_box: list[TextIO | None] = [None]  # rank 0's lock on run_dir, held until the suite is done
+    try:
+        return _run_suite_locked(cfg, run_dir, argv, resume, progress, hooks, dist, stream, lock_box)
+    finally:
+        if lock_box[0] is not None:
+            lock_box[0].close()
+
+
+_Progress = tuple[set[tuple[str, int]], dict[tuple[str, int], int], int]  # done, checkpoint steps, dropped rows
+
+
+def _setup(cfg: SuiteConfig, run_dir: Path, argv: Sequence[str] | None, resume: bool, dist: DistInfo,
+           stream: TextIO, lock_box: list[TextIO | None]) -> _Progress:
+    """Rank 0: lock the run directory, then prepare the resume or start the new run."""
+
+    def not_empty() -> bool:
+        return run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
+
+    if resume:
+        if not (run_dir / "env.json").is_file():
+            raise FileNotFoundError(f"--resume: {run_dir} is not a lab run directory (no env.json)")
+        lock_box[0] = _lock_run_dir(run_dir)
+        done, ckpt_steps, dropped = _prepare_resume(run_dir, cfg)
+        _resume_event(run_dir, argv, dropped, dist, stream)
+        return done, ckpt_steps, dropped
+    if not_empty():
+        raise FileExistsError(f"run directory {run_dir} exists and is not empty; use --resume to continue it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_box[0] = _lock_run_dir(run_dir)
+    if not_empty():  # another process got here between the check and the lock
+        raise FileExistsError(f"run directory {run_dir} exists and is not empty; use --resume to continue it")
+    _write_env(run_dir, cfg, argv, dist)
+    _append_event(run_dir, {"event": "start", "time": _now(), "world_size": dist.world_size})
+    return set(), {}, 0
+
+
+def _run_suite_locked(
+    cfg: SuiteConfig,
+    run_dir: Path,
+    argv: Sequence[str] | None,
+    resume: bool,
+    progress: bool,
+    hooks: Sequence[DiagnosticHook] | None,
+    dist: DistInfo,
+    stream: TextIO,
+    lock_box: list[TextIO | None],
+) -> RunResult:
     done: set[tuple[str, int]] = set()
     ckpt_steps: dict[tuple[str, int], int] = {}
     dropped = 0
+    failure: BaseException | None = None
     if dist.is_main:
-        if resume:
-            if not (run_dir / "env.json").is_file():
-                raise FileNotFoundError(f"--resume: {run_dir} is not a lab run directory (no env.json)")
-            done, ckpt_steps, dropped = _prepare_resume(run_dir, cfg)
-            _append_event(run_dir, {"event": "resume", "time": _now(), "argv": list(sys.argv if argv is None else argv),
-                                    "dropped_rows": dropped, "world_size": dist.world_size})
-        else:
-            if run_dir.exists() and any(run_dir.iterdir()):
-                raise FileExistsError(f"run directory {run_dir} exists and is not empty; use --resume to continue it")
-            run_dir.mkdir(parents=True, exist_ok=True)
-            _write_env(run_dir, cfg, argv, dist)
-            _append_event(run_dir, {"event": "start", "time": _now(), "world_size": dist.world_size})
-    done, ckpt_steps = broadcast_object((done, ckpt_steps), dist)
+        try:
+            done, ckpt_steps, dropped = _setup(cfg, run_dir, argv, resume, dist, stream, lock_box)
+        except Exception as exc:  # re-raised below, after telling the other ranks, which would wait forever
+            failure = exc
+    done, ckpt_steps, message = broadcast_object((done, ckpt_steps, None if failure is None else str(failure)), dist)
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise RuntimeError(f"rank 0 could not start the run: {message}")
     barrier(dist)
 
     if hooks is None:
@@ -277,6 +399,7 @@ def _run_one(
     ckpt = _ckpt_path(run_dir, arm.name, seed)
     train = cfg.arm_train(arm)
     eval_steps = set(cfg.eval_steps())
+    diag_steps = set(cfg.diagnostic_steps())
     state: dict[str, Any] = {"step": 0}
     status, message = "ok", ""
 
@@ -285,7 +408,7 @@ def _run_one(
 
     def diagnostics(model: nn.Module, step: int) -> list[dict[str, Any]]:
         out = []
-        if step in cfg.diagnostics_at:
+        if step in diag_steps:
             batch = task.diagnostics_batch()
             for hook in hooks:
                 for r in hook(model, batch):

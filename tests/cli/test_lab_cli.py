@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,84 @@ def test_dry_run_valid_and_invalid(tmp_path: Path, tiny: dict[str, Any], capsys:
     assert main(["lab", "--suite", str(bad), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "3 problem(s)" in err and "unknown norm 'nope_norm'" in err and "'depth'" in err and "steps" in err
+
+
+def test_dry_run_reports_every_problem_across_arms(
+    tmp_path: Path, tiny: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiny["steps"] = -1
+    tiny["warmup_steps"] = 0
+    tiny["arms"] = [
+        # three model-config problems in one arm: the model config alone stops at the first
+        {"name": "multi", "norm": "nope_norm", "placement": "sideways", "n_heads": 3},
+        {"name": "gn7", "norm": "group_norm", "norm_kwargs": {"num_groups": 7}},  # found only by building
+        {"name": "ref", "norm": "power_norm", "norm_kwargs": {"warmup_iters": "warmup_stepz"}},
+        {"name": "ok", "norm": "layer_norm", "colour": "red"},
+    ]
+    bad = tmp_path / "bad.toml"
+    bad.write_text(toml_of(tiny))
+    assert main(["lab", "--suite", str(bad), "--dry-run", "--arms", "multi,gn7,ref,ok,ghost"]) == 2
+    err = capsys.readouterr().err
+    for pattern in (
+        r"--arms: unknown arm\(s\) \['ghost'\]",
+        r"steps: expected an int >= 1, got -1",
+        r"arms\[0\] \(multi\): unknown norm 'nope_norm'",
+        r"arms\[0\] \(multi\): TransformerConfig: expected placement in .*got 'sideways'",
+        r"arms\[0\] \(multi\): TransformerConfig: expected d_model divisible by n_heads",
+        r"arms\[1\] \(gn7\): ValueError: .*num_groups",
+        r"arms\[2\] \(ref\): norm_kwargs.warmup_iters: schedule reference 'warmup_stepz'",
+        r"arms\[3\] \(ok\): unknown key 'colour'",
+    ):
+        assert re.search(pattern, err), (pattern, err)
+    assert "8 problem(s)" in err  # each once: nothing reported twice
+
+
+def test_digits_without_scikit_learn_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import normlab.lab.validate as validate
+
+    monkeypatch.setattr(validate, "_module_available", lambda module: module != "sklearn")
+    assert main(["lab", "--suite", "digits", "--dry-run"]) == 2
+    assert "pip install 'normlab[data]'" in capsys.readouterr().err
+    runs = tmp_path / "runs"
+    assert main(["lab", "--suite", "digits", "--runs-dir", str(runs), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "needs scikit-learn" in err and "pip install 'normlab[data]'" in err
+    assert not runs.exists()  # refused before any run directory was made
+    monkeypatch.undo()
+    assert main(["lab", "--suite", "digits", "--dry-run"]) == 0
+
+
+def test_out_pointing_at_a_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "results.txt"
+    target.write_text("not a run\n")
+    assert main(["lab", "--suite", "default", "--out", str(target)]) == 2
+    assert re.search(r"--out .*results.txt exists and is not a directory", capsys.readouterr().err)
+    assert target.read_text() == "not a run\n"
+
+
+def test_a_second_process_cannot_resume_a_locked_run(
+    tmp_path: Path, tiny: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from normlab.lab.runner import _lock_run_dir
+
+    tiny.update(steps=2, warmup_steps=0, eval_every=1, seeds=[0], diagnostics_at=[], arms=tiny["arms"][:1])
+    suite = tmp_path / "t.toml"
+    suite.write_text(toml_of(tiny))
+    out = tmp_path / "run"
+    assert main(["lab", "--suite", str(suite), "--out", str(out), "--no-progress", "--no-report"]) == 0
+    events = (out / "events.jsonl").read_text()
+    held = _lock_run_dir(out)  # stands in for a first `--resume` still running
+    try:
+        capsys.readouterr()
+        assert main(["lab", "--resume", str(out), "--no-progress", "--no-report"]) == 2
+        assert re.search(r"run directory .*run is in use by another normlab lab process", capsys.readouterr().err)
+        assert (out / "events.jsonl").read_text() == events  # it touched nothing
+    finally:
+        assert held is not None
+        held.close()
+    assert main(["lab", "--resume", str(out), "--no-progress", "--no-report"]) == 0
 
 
 def test_run_then_report_then_refuse_and_resume_rules(

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from normlab.cli import main
 from normlab.lab.config import parse_suite
@@ -36,7 +37,7 @@ def test_sigkill_then_resume_completes_without_duplicates(tmp_path: Path, tiny: 
         # kill once the second run (bn, seed 0) has written an eval past step 0: mid-suite, mid-run
         while time.monotonic() < deadline:
             if rows_path.exists() and b'"arm": "bn"' in rows_path.read_bytes() and b'"step": 20' in (
-                b"".join(line for line in rows_path.read_bytes().splitlines() if b'"arm": "bn"')
+                b"\n".join(line for line in rows_path.read_bytes().splitlines() if b'"arm": "bn"' in line)
             ):
                 break
             assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
@@ -51,9 +52,29 @@ def test_sigkill_then_resume_completes_without_duplicates(tmp_path: Path, tiny: 
     assert proc.returncode == -signal.SIGKILL
     before, _ = read_rows(rows_path)
     assert not any(r["kind"] == "status" and r["arm"] == "bn" and r["seed"] == 1 for r in before)  # unfinished
-    assert list((run_dir / "ckpt").glob("*.pt"))
+    ckpts = list((run_dir / "ckpt").glob("*.pt"))
+    assert ckpts
+    # what the kill can cost: the rows of each unfinished run written after its last checkpoint
+    lost_rows = 0
+    ckpt_steps: dict[tuple[str, int], int] = {}
+    for path in ckpts:
+        arm, seed = path.stem.rsplit("__seed", 1)
+        ckpt_step = ckpt_steps[(arm, int(seed))] = torch.load(path, map_location="cpu", weights_only=False)["state"][
+            "step"]
+        mine = [r for r in before if r["arm"] == arm and r["seed"] == int(seed)]
+        assert max(r["step"] for r in mine) - ckpt_step <= tiny["eval_every"]  # at most one eval interval lost
+        lost_rows += sum(r["step"] > ckpt_step for r in mine)
 
     assert main(["lab", "--resume", str(run_dir), "--no-report", "--no-progress"]) == 0
+    resume = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()][1]
+    assert resume["event"] == "resume" and resume["dropped_rows"] == lost_rows
+    # and no more than the rows of one eval interval after each checkpoint (as the finished run has them)
+    after, _ = read_rows(rows_path)
+    one_interval = sum(
+        1 for r in after if r["kind"] != "status" and (r["arm"], r["seed"]) in ckpt_steps
+        and 0 < r["step"] - ckpt_steps[(r["arm"], r["seed"])] <= tiny["eval_every"]
+    )
+    assert resume["dropped_rows"] <= one_interval
     rows, torn = read_rows(rows_path)
     assert not torn
     keys = [row_key(r) for r in rows]
@@ -65,9 +86,11 @@ def test_sigkill_then_resume_completes_without_duplicates(tmp_path: Path, tiny: 
             assert [r["status"] for r in mine if r["kind"] == "status"] == ["ok"]
             assert sorted(r["step"] for r in mine if r["metric"] == "val_loss") == cfg.eval_steps()
             assert sorted(r["step"] for r in mine if r["metric"] == "train_loss") == cfg.eval_steps()[1:]
-    # the rows that survived the kill are kept as they were
+    # the rows up to each checkpoint survive the kill as they were (later ones were dropped and written again,
+    # with a new throughput)
     kept = {row_key(r): r for r in rows}
-    survivors = [r for r in before if row_key(r) in kept]
+    survivors = [r for r in before if r["step"] <= ckpt_steps.get((r["arm"], r["seed"]), r["step"])]
+    assert len(survivors) == len(before) - lost_rows
     assert all(kept[row_key(r)] == r for r in survivors)
     assert not list((run_dir / "ckpt").glob("*"))
     events = [json.loads(line)["event"] for line in (run_dir / "events.jsonl").read_text().splitlines()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,85 @@ def test_env_json_records_the_run(tiny_run: tuple[Path, Any]) -> None:
     assert {"torch", "python", "git_sha", "normlab"} <= set(env["env"])
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["start", "finish"]
+
+
+def test_env_json_records_every_arms_full_resolved_config(tiny_run: tuple[Path, Any]) -> None:
+    run_dir, cfg = tiny_run
+    env = json.loads((run_dir / "env.json").read_text())
+    arms = env["arms"]
+    assert sorted(arms) == sorted(a.name for a in cfg.arms)
+    ln = arms["ln"]["model"]
+    # defaults the suite never wrote are recorded too
+    assert ln["d_model"] == 32 and ln["mlp_ratio"] == 4.0 and ln["placement"] == "pre" and ln["norm"] == "layer_norm"
+    assert arms["absurd_lr"]["train"]["lr"] == 1e4 and arms["ln"]["train"]["lr"] == cfg.lr
+    assert {"scikit-learn", "matplotlib"} <= set(env["env"])  # installed here, so recorded
+
+
+def test_schedule_references_are_recorded_resolved(tmp_path: Path, tiny: dict[str, Any]) -> None:
+    tiny.update(steps=4, eval_every=2, warmup_steps=1, seeds=[0], diagnostics_at=[0, "steps"])
+    tiny["arms"] = [{"name": "pn", "norm": "power_norm", "norm_kwargs": {"warmup_iters": "warmup_steps"}},
+                    {"name": "prep", "norm": "prep_batch_norm", "norm_kwargs": {"total_steps": "0.75*steps"}}]
+    cfg = parse_suite(tiny)
+    result = run_suite(cfg, tmp_path / "run", progress=False)
+    assert set(result.statuses.values()) == {"ok"}
+    env = json.loads((tmp_path / "run" / "env.json").read_text())
+    assert env["arms"]["pn"]["model"]["norm_kwargs"] == {"warmup_iters": 1}
+    assert env["arms"]["prep"]["model"]["norm_kwargs"] == {"total_steps": 3}
+    assert env["config"]["arms"][1]["norm_kwargs"] == {"total_steps": "0.75*steps"}  # as written, for --resume
+    rows = _check_complete(tmp_path / "run", cfg)
+    assert {r["step"] for r in rows if r["kind"] == "diag"} == {0, 4}  # "steps" resolved to the last step
+
+
+def test_new_run_dir_claims_a_fresh_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datetime as dt
+
+    import normlab.lab.runner as runner
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Frozen:  # type: ignore[override]
+            return cls(2025, 1, 2, 3, 4, 5)
+
+    monkeypatch.setattr(runner._dt, "datetime", Frozen)
+    base = tmp_path / "runs"
+    claimed = [runner.new_run_dir("s", base) for _ in range(3)]  # three invocations in the same second
+    assert [p.name for p in claimed] == ["s-20250102-030405", "s-20250102-030405-2", "s-20250102-030405-3"]
+    assert all(p.is_dir() and not any(p.iterdir()) for p in claimed)  # created: no one else can take them
+
+
+def test_env_json_is_never_overwritten(tmp_path: Path, tiny: dict[str, Any]) -> None:
+    from normlab.lab.dist import DistInfo
+    from normlab.lab.runner import _write_env
+
+    cfg = parse_suite(tiny)
+    (tmp_path / "env.json").write_text("{}")
+    with pytest.raises(FileExistsError):
+        _write_env(tmp_path, cfg, ["normlab"], DistInfo())
+    assert (tmp_path / "env.json").read_text() == "{}"
+
+
+def test_resume_records_its_environment_and_warns_on_a_changed_sha(tmp_path: Path, tiny: dict[str, Any]) -> None:
+    import io
+
+    tiny.update(steps=2, eval_every=1, warmup_steps=0, seeds=[0], diagnostics_at=[], arms=tiny["arms"][:1])
+    cfg = parse_suite(tiny)
+    run_dir = tmp_path / "run"
+    run_suite(cfg, run_dir, progress=False)
+    env_path = run_dir / "env.json"
+    env = json.loads(env_path.read_text())
+    env["env"]["git_sha"] = "0" * 40  # as if started from another commit
+    env_path.write_text(json.dumps(env))
+    err = io.StringIO()
+    run_suite(cfg, run_dir, resume=True, progress=False, stream=err)
+    assert re.search(r"warning: resuming .* with git SHA .* but it was started with 0{40}", err.getvalue())
+    resume = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()][2]
+    assert resume["event"] == "resume" and resume["dropped_rows"] == 0
+    assert {"torch", "python", "git_sha"} <= set(resume["env"])
+    env["env"]["git_sha"] = resume["env"]["git_sha"]
+    env_path.write_text(json.dumps(env))
+    err = io.StringIO()
+    run_suite(cfg, run_dir, resume=True, progress=False, stream=err)
+    assert "warning" not in err.getvalue()
 
 
 def test_refuses_a_non_empty_directory(tiny_run: tuple[Path, Any]) -> None:
