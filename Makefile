@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# One torch thread: README measured 8m23s for the default suite; two threads on a shared machine ran several times
+# slower. ARGS come after it, so `make lab ARGS='--threads 2'` overrides it (argparse keeps the last value).
 lab: $(STAMP)
-	$(BIN)/normlab lab $(ARGS)
+	$(BIN)/normlab lab --threads 1 $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/ruff check normlab tests benchmarks
