@@ -8,8 +8,6 @@ counts and a step where rank 1 holds nothing but padding.
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -114,10 +112,10 @@ def run_images(rows: list[int], convert: bool) -> list[dict[str, Any]]:
     return out
 
 
-def _worker(rank: int, port: int, outdir: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+def _worker(rank: int, store: str, outdir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A file store, not a TCP port: picking a "free" port and binding it later races with other processes.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         results: dict[str, Any] = {}
         pair = dist.new_group([0, 1])
@@ -147,18 +145,12 @@ def _worker(rank: int, port: int, outdir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")
     outdir = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(_free_port(), str(outdir)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(outdir / "store"), str(outdir)), nprocs=WORLD, join=True)
     return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

@@ -1,10 +1,9 @@
-"""``torchrun --nproc_per_node=2 normlab lab``: two gloo processes on CPU; rank 0 alone writes, rows unique."""
+"""``torchrun --standalone --nproc_per_node=2 -m normlab lab``: two gloo processes on CPU; rank 0 alone writes."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,19 +15,13 @@ from normlab.lab.schema import read_rows, row_key
 from tests.lab.conftest import toml_of
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_torchrun_two_processes(tmp_path: Path, tiny: dict[str, Any]) -> None:
     tiny.update(steps=10, seeds=[0], diagnostics_at=[10])
     suite = tmp_path / "ddp.toml"
     suite.write_text(toml_of(tiny))
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "normlab", "lab", "--suite", str(suite), "--out", str(out), "--no-progress"]
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=180, check=False)
@@ -49,7 +42,7 @@ def test_torchrun_without_out_claims_one_run_directory(tmp_path: Path, tiny: dic
     suite = tmp_path / "ddp.toml"
     suite.write_text(toml_of(tiny))
     runs = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "normlab", "lab", "--suite", str(suite), "--runs-dir", str(runs), "--no-progress", "--no-report"]
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=180, check=False)
