@@ -33,7 +33,8 @@ def _eps_inside(op: str, eps_placement: str) -> bool:
 def _torch_rms_norm(num_features: int, kw: dict[str, Any]) -> nn.Module | None:
     if kw.get("eps_placement", "inside") != "inside" or kw.get("bias", False) or kw.get("channel_dim", -1) != -1:
         return None
-    return nn.RMSNorm(num_features, eps=kw.get("eps", 1e-6), elementwise_affine=kw.get("affine", True))
+    # eps=None must mean ours (1e-6), not torch's own None (finfo.eps of the input dtype).
+    return nn.RMSNorm(num_features, eps=resolve_eps(kw.get("eps"), True), elementwise_affine=kw.get("affine", True))
 
 
 @register_norm(

@@ -58,3 +58,15 @@ def test_scale_norm_init_and_inf_policy() -> None:
     y = create_norm("layer_norm", 4)(x)
     assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()  # inf poisons its own token only
     assert DyT(4)(x)[0, 1].item() == pytest.approx(1.0)  # tanh's limit: the documented exception
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"eps": None}, {"eps": 1e-3}])
+def test_rms_norm_torch_equivalent_uses_our_eps(kwargs: dict) -> None:
+    """The registry's torch twin of rms_norm gets our resolved eps, not torch's ``eps=None`` (finfo.eps)."""
+    from normlab import get_norm
+
+    ours = RMSNorm(16, **kwargs)
+    twin = get_norm("rms_norm").torch_equivalent(16, kwargs)
+    assert twin is not None and twin.eps == ours.eps
+    x = torch.randn(3, 16, dtype=torch.float64) * 1e-4  # small enough that eps matters
+    torch.testing.assert_close(twin.double()(x), ours.double()(x))
