@@ -4,7 +4,8 @@ Files of a run directory (see :mod:`normlab.lab.schema` for the rows):
 
 * ``env.json``: versions, git SHA, command line, the suite config as given (``config``), every arm's full resolved
   model config and training settings (``arms``: defaults filled in, schedule references resolved to ints) and seeds;
-  written once at the start (mode ``"x"``: never over an existing one).
+  written once at the start, atomically (a fsynced temporary file hard-linked to its name: complete or absent, and
+  never over an existing one).
 * ``.lock``: held (``fcntl.flock``) by the process running or resuming the directory, so that a second
   ``normlab lab --resume`` of the same directory fails at once instead of interleaving rows.
 * ``rows.jsonl``: append-only rows, flushed and fsynced at every write.
@@ -32,6 +33,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -129,6 +131,8 @@ class RunDirLocked(RuntimeError):
 
 
 LOCK_FILE = ".lock"
+ENV_FILE = "env.json"
+_ENV_TMP_PREFIX, _ENV_TMP_SUFFIX = ENV_FILE + ".", ".tmp"  # temporary files of the env.json write
 
 
 def _lock_run_dir(run_dir: Path) -> TextIO | None:
@@ -185,7 +189,7 @@ def _now() -> str:
 
 def load_run_config(run_dir: Path) -> SuiteConfig:
     """The resolved suite config stored in ``run_dir/env.json`` (what ``--resume`` and the report use)."""
-    env_path = Path(run_dir) / "env.json"
+    env_path = Path(run_dir) / ENV_FILE
     if not env_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a lab run directory: {env_path} is missing")
     env = json.loads(env_path.read_text(encoding="utf-8"))
@@ -217,11 +221,28 @@ def _write_env(run_dir: Path, cfg: SuiteConfig, argv: Sequence[str] | None, dist
         "arms": resolved_arms(cfg),
         "env": collect_env(),
     }
-    text = json.dumps(env, indent=2, sort_keys=True, default=str) + "\n"
-    with open(run_dir / "env.json", "x", encoding="utf-8") as f:  # "x": a second writer fails, never overwrites
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    # Complete or absent, never torn: a kill -9 in the middle of an in-place write would leave a truncated env.json,
+    # and the directory could then neither be resumed (broken JSON) nor reused (not empty). So the JSON goes to a
+    # uniquely named temporary file, is fsynced, and appears under its name by one hard link, which fails if an
+    # env.json exists (a second writer never overwrites).
+    fd, tmp = tempfile.mkstemp(prefix=_ENV_TMP_PREFIX, suffix=_ENV_TMP_SUFFIX, dir=run_dir)
+    target = run_dir / ENV_FILE
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(env, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: check, then rename (the caller holds the run's lock)
+            if target.exists():
+                raise FileExistsError(f"{target} exists; a run directory's env.json is never overwritten") from None
+            os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _resume_event(run_dir: Path, argv: Sequence[str] | None, dropped: int, dist: DistInfo, stream: TextIO) -> None:
@@ -229,7 +250,7 @@ def _resume_event(run_dir: Path, argv: Sequence[str] | None, dropped: int, dist:
     from normlab.cli.env import collect_env
 
     env = collect_env()
-    original = json.loads((run_dir / "env.json").read_text(encoding="utf-8")).get("env", {})
+    original = json.loads((run_dir / ENV_FILE).read_text(encoding="utf-8")).get("env", {})
     if original.get("git_sha") != env.get("git_sha"):
         stream.write(
             f"[normlab lab] warning: resuming {run_dir} with git SHA {env.get('git_sha')} but it was started with "
@@ -314,7 +335,7 @@ def _setup(cfg: SuiteConfig, run_dir: Path, argv: Sequence[str] | None, resume: 
         return run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
 
     if resume:
-        if not (run_dir / "env.json").is_file():
+        if not (run_dir / ENV_FILE).is_file():
             raise FileNotFoundError(f"--resume: {run_dir} is not a lab run directory (no env.json)")
         lock_box[0] = _lock_run_dir(run_dir)
         done, ckpt_steps, dropped = _prepare_resume(run_dir, cfg)

@@ -148,6 +148,29 @@ def test_env_json_is_never_overwritten(tmp_path: Path, tiny: dict[str, Any]) -> 
     assert (tmp_path / "env.json").read_text() == "{}"
 
 
+def test_env_json_is_complete_or_absent(tmp_path: Path, tiny: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from normlab.lab.dist import DistInfo
+    from normlab.lab.runner import _write_env
+
+    cfg = parse_suite(tiny)
+    real_dump = json.dump
+
+    def torn_dump(obj: Any, fp: Any, **kwargs: Any) -> None:  # half the JSON written, then the process "dies"
+        fp.write(json.dumps(obj, **kwargs)[:200])
+        fp.flush()
+        raise _Interrupt
+
+    monkeypatch.setattr(json, "dump", torn_dump)
+    with pytest.raises(_Interrupt):
+        _write_env(tmp_path, cfg, ["normlab"], DistInfo())
+    assert not (tmp_path / "env.json").exists()  # no truncated env.json under its name
+    assert list(tmp_path.iterdir()) == []  # and the temporary file is gone
+    monkeypatch.setattr(json, "dump", real_dump)
+    _write_env(tmp_path, cfg, ["normlab"], DistInfo())
+    assert json.loads((tmp_path / "env.json").read_text())["config"] == cfg.to_dict()
+    assert [p.name for p in tmp_path.iterdir()] == ["env.json"]
+
+
 def test_resume_records_its_environment_and_warns_on_a_changed_sha(tmp_path: Path, tiny: dict[str, Any]) -> None:
     import io
 
