@@ -33,7 +33,8 @@ class RecalibrationReport:
         model: the model (changed in place: only the listed norms' running statistics).
         recalibrated: module paths of the norms whose running statistics were re-estimated.
         calls: per recalibrated norm, how many batch statistics it saw (forward calls during the pass).
-        skipped: ``(path, reason)`` for batch-statistic norms without running statistics (nothing to recalibrate).
+        skipped: ``(path, reason)`` for batch-statistic norms left as they were: without running statistics
+            (nothing to recalibrate) or not called by the forward during the pass (their statistics are restored).
         num_batches: batches run through the model.
         momentum: the update used (``None`` = cumulative average).
         reset: whether the statistics started from their initial values.
@@ -98,6 +99,7 @@ def _tracked(m: nn.Module) -> Tensor | None:
 
 
 _NO_STATS = "track_running_stats=False: eval mode uses batch statistics, there are no running statistics"
+_NOT_CALLED = "not called by the forward during the pass: running statistics left as they were"
 
 
 def _target(path: str, m: nn.Module, spec: NormSpec | None) -> _Target | str:
@@ -217,7 +219,9 @@ def recalibrate_stats(
     and the LayerNorm → RepBN ramp resumes where it was; PowerNorm's and UnifiedNorm's step counter ``iters`` (so
     their warm-up and calibration-ratio schedules are not advanced by forwards that are not training steps), UN's
     windows (``buffer_x2``, ``buffer_gz``), ``ema_gz`` and ``skip_counter``. ``num_batches_tracked`` of BatchNorm
-    types counts the pass's calls, as torch's would (from 0 after a reset).
+    types counts the pass's calls, as torch's would (from 0 after a reset). A norm the forward never calls during
+    the pass (an unused branch, a head the batches do not reach) keeps all its statistics, ``reset`` or not, and is
+    listed in ``report.skipped``, not ``report.recalibrated``; if no norm is called, ``recalibrated`` is empty.
 
     Args:
         model: any module; changed in place.
@@ -284,8 +288,9 @@ def recalibrate_stats(
     modes = {m: m.training for m in model.modules()}
     saved_attrs = [(obj, name, getattr(obj, name)) for t in targets for obj, name, _ in t.overrides]
     saved_bufs = [(b, b.clone()) for t in targets for b in [*(c for c, _ in t.counters), *t.keep]]
-    # The statistics themselves come back only when the pass fails: an error leaves the model as it was.
-    saved_stats = [(b, b.clone()) for t in targets for b in [*(s for s, _ in t.stats), t.tracked] if b is not None]
+    # The statistics themselves come back when the pass fails (an error leaves the model as it was) and, per norm,
+    # when the forward never called it: a reset would otherwise leave it at mean 0 / variance 1, fitted to nothing.
+    saved_stats = [(t, b, b.clone()) for t in targets for b in [*(s for s, _ in t.stats), t.tracked] if b is not None]
     ok = False
     handles: list[RemovableHandle] = []
     count = 0
@@ -313,18 +318,25 @@ def recalibrate_stats(
         for h in handles:
             h.remove()
         with torch.no_grad():
-            for buf, value in saved_bufs if ok else saved_bufs + saved_stats:
+            for buf, value in saved_bufs:
                 buf.copy_(value)
+            for t, buf, value in saved_stats:
+                if not ok or t.calls == 0:
+                    buf.copy_(value)
         for obj, name, value in saved_attrs:
             setattr(obj, name, value)
         for m, training in modes.items():
             m.training = training
     if count == 0:
         raise ValueError("recalibrate_stats: expected at least one batch, got an empty batches iterable")
+    called = [t for t in targets if t.calls > 0]
+    skipped += [(t.path, _NOT_CALLED) for t in targets if t.calls == 0]
+    order = {path or "<model>": i for i, (path, _) in enumerate(model.named_modules())}
+    skipped.sort(key=lambda s: order.get(s[0], len(order)))
     return RecalibrationReport(
         model=model,
-        recalibrated=[t.path for t in targets],
-        calls={t.path: t.calls for t in targets},
+        recalibrated=[t.path for t in called],
+        calls={t.path: t.calls for t in called},
         skipped=skipped,
         num_batches=count,
         momentum=mom,

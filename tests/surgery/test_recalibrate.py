@@ -266,3 +266,61 @@ def test_bad_arguments_raise_and_leave_the_model_unchanged() -> None:
     for k, v in net.state_dict().items():
         torch.testing.assert_close(v, state[k], rtol=0, atol=0, msg=k)
     assert not net.training and net.norm.momentum == 0.9
+
+
+class _SpareNorm(nn.Module):
+    """A trained ``net`` whose norm the forward never calls (only ``net.lin``), and a BatchNorm1d it does call."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.net = _trained(kind)
+        self.bn = nn.BatchNorm1d(C, dtype=D)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return self.bn(self.net.lin(x).reshape(-1, C))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("momentum", [None, 0.5])
+def test_norm_not_called_by_the_forward_keeps_its_statistics_and_is_skipped(kind: str, momentum: float | None) -> None:
+    model = _SpareNorm(kind).eval()
+    spare = {k: v.clone() for k, v in model.net.norm.state_dict().items()}
+    assert any((v - {"running_var": 1.0, "running_phi": 1.0}.get(k, 0.0)).abs().max() > 0.1  # trained, not initial
+               for k, v in spare.items() if k.rsplit(".", 1)[-1] in {"running_mean", "running_var", "running_phi"})
+
+    report = recalibrate_stats(model, _shifted(3), momentum=momentum)
+
+    assert report.recalibrated == ["bn"] and report.calls == {"bn": 3}
+    assert [p for p, _ in report.skipped] == ["net.norm"]
+    assert "not called by the forward during the pass" in report.skipped[0][1]
+    assert "skipped net.norm: not called by the forward" in str(report)
+    for k, v in model.net.norm.state_dict().items():
+        torch.testing.assert_close(v, spare[k], rtol=0, atol=0, msg=k)
+    assert int(model.bn.num_batches_tracked) == 3 and model.bn.running_mean.abs().max() > 0.5
+
+
+def test_unused_torch_batch_norm_keeps_trained_statistics_and_skips_keep_module_order() -> None:
+    torch.manual_seed(0)
+    net = nn.ModuleDict({
+        "off": nn.BatchNorm1d(4, track_running_stats=False), "unused": nn.BatchNorm1d(4), "used": nn.BatchNorm1d(4),
+    })
+    net["unused"].train()(torch.randn(64, 4) * 2.0 + 4.5)  # trained statistics near mean 4.5 / variance 4
+    net["unused"].train()(torch.randn(64, 4) * 2.0 + 4.5)
+    mean, var = net["unused"].running_mean.clone(), net["unused"].running_var.clone()
+    assert int(net["unused"].num_batches_tracked) == 2 and mean.min() > 0.5
+
+    report = recalibrate_stats(net, [torch.randn(8, 4) for _ in range(2)], forward=lambda m, x: m["used"](x))
+
+    assert report.recalibrated == ["used"] and report.calls == {"used": 2}
+    assert [p for p, _ in report.skipped] == ["off", "unused"]
+    torch.testing.assert_close(net["unused"].running_mean, mean, rtol=0, atol=0)
+    torch.testing.assert_close(net["unused"].running_var, var, rtol=0, atol=0)
+    assert int(net["unused"].num_batches_tracked) == 2
+
+    # No norm called at all: nothing recalibrated, every statistic as it was.
+    report = recalibrate_stats(net, [torch.randn(8, 4)], forward=lambda m, x: None)
+    assert report.recalibrated == [] and report.calls == {} and report.num_batches == 1
+    assert [p for p, _ in report.skipped] == ["off", "unused", "used"]
+    torch.testing.assert_close(net["unused"].running_mean, mean, rtol=0, atol=0)
+    assert int(net["used"].num_batches_tracked) == 2
+
