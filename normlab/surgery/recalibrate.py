@@ -239,9 +239,11 @@ def recalibrate_stats(
         A :class:`RecalibrationReport`.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, a batch of an unknown kind, a bad argument type, or a
-            registered batch-statistic norm without a rule. ValueError: ``momentum`` out of range, ``momentum=None``
-            with ``reset=False``, ``max_batches < 1``, no batch-statistic norm with running statistics, no batch.
+        TypeError: ``model`` is not an ``nn.Module``, a batch of an unknown kind, a bad argument type (``reset``
+            not a bool, ``momentum`` / ``max_batches`` not a number / int, ``forward`` not callable, ``batches`` not
+            an iterable), or a registered batch-statistic norm without a rule. ValueError: ``momentum`` out of
+            range, ``momentum=None`` with ``reset=False``, ``max_batches < 1``, no batch-statistic norm with running
+            statistics, no batch.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)).eval()
@@ -264,9 +266,12 @@ def recalibrate_stats(
             "recalibrate_stats: momentum=None (cumulative average over the pass) replaces the statistics and needs "
             "reset=True, got reset=False; pass a momentum in (0, 1] to blend into the existing statistics"
         )
-    bad_max = isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
-    if max_batches is not None and bad_max:
-        raise ValueError(f"recalibrate_stats: expected max_batches to be an int >= 1 or None, got {max_batches!r}")
+    if max_batches is not None:
+        if isinstance(max_batches, bool) or not isinstance(max_batches, int):
+            got = type(max_batches).__name__
+            raise TypeError(f"recalibrate_stats: expected max_batches to be an int or None, got {got}")
+        if max_batches < 1:
+            raise ValueError(f"recalibrate_stats: expected max_batches to be an int >= 1 or None, got {max_batches!r}")
     if forward is not None and not callable(forward):
         raise TypeError(f"recalibrate_stats: expected forward to be callable or None, got {type(forward).__name__}")
     if not isinstance(batches, Iterable) or isinstance(batches, (Tensor, str, bytes)):

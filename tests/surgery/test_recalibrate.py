@@ -324,3 +324,43 @@ def test_unused_torch_batch_norm_keeps_trained_statistics_and_skips_keep_module_
     torch.testing.assert_close(net["unused"].running_mean, mean, rtol=0, atol=0)
     assert int(net["used"].num_batches_tracked) == 2
 
+
+def test_bad_forward_and_max_batches_types_and_values() -> None:
+    net = _trained("batch_norm").eval()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    batches = _shifted(2)
+    with pytest.raises(TypeError, match=r"expected forward to be callable or None, got str"):
+        recalibrate_stats(net, batches, forward="model")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"expected max_batches to be an int or None, got str"):
+        recalibrate_stats(net, batches, max_batches="3")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"expected max_batches to be an int or None, got float"):
+        recalibrate_stats(net, batches, max_batches=2.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"expected max_batches to be an int or None, got bool"):
+        recalibrate_stats(net, batches, max_batches=True)
+    with pytest.raises(ValueError, match=r"expected max_batches to be an int >= 1 or None, got -2"):
+        recalibrate_stats(net, batches, max_batches=-2)
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0, msg=k)
+
+
+def test_registered_batch_statistic_norm_without_a_rule_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Reachable through the public API: a user registers their own norm with the traits recalibration selects on.
+    from normlab import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the registration does not outlive the test
+    monkeypatch.setattr(registry, "_NAME_INDEX", dict(registry._NAME_INDEX))
+
+    @registry.register_norm(
+        "recal_test_norm", functional=None, reference=None, layout="token", has_running_stats=True,
+        batch_dependent=True,
+    )
+    class RecalTestNorm(nn.BatchNorm1d):
+        pass
+
+    net = nn.Sequential(nn.Linear(4, 4), RecalTestNorm(4)).eval()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(TypeError, match=r"norm 1 \(RecalTestNorm, registered as 'recal_test_norm'\) has running "
+                                        r"statistics but no recalibration rule"):
+        recalibrate_stats(net, [torch.randn(8, 4)])
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0, msg=k)
