@@ -126,7 +126,7 @@ def _fail(message: str) -> int:
 def run(args: argparse.Namespace) -> int:
     from normlab.lab.config import SuiteError, load_suite
     from normlab.lab.dist import broadcast_object, init_distributed, shutdown
-    from normlab.lab.runner import RunDirLocked, load_run_config, new_run_dir, run_suite
+    from normlab.lab.runner import RunDirLocked, is_unused_run_dir, load_run_config, new_run_dir, run_suite
     from normlab.lab.validate import check_requirements
 
     if args.list:
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         run_dir = Path(args.out) if args.out else None
         if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
             return _fail(f"--out {run_dir} exists and is not a directory; pick a directory path")
-        if run_dir is not None and run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir is not None and not is_unused_run_dir(run_dir):  # a failed start's .lock alone does not count
             return _fail(f"--out {run_dir} exists and is not empty; pick another or --resume it")
     if args.threads is not None:
         if args.threads < 1:

@@ -56,6 +56,7 @@ __all__ = [
     "RunDirLocked",
     "RunResult",
     "collect_hook",
+    "is_unused_run_dir",
     "load_run_config",
     "lr_at",
     "new_run_dir",
@@ -133,6 +134,21 @@ class RunDirLocked(RuntimeError):
 LOCK_FILE = ".lock"
 ENV_FILE = "env.json"
 _ENV_TMP_PREFIX, _ENV_TMP_SUFFIX = ENV_FILE + ".", ".tmp"  # temporary files of the env.json write
+
+
+def _is_start_leftover(name: str) -> bool:
+    """A file that a start which failed or was killed before writing ``env.json`` leaves behind: the ``.lock`` and
+    the temporary files of the ``env.json`` write."""
+    return name == LOCK_FILE or (name.startswith(_ENV_TMP_PREFIX) and name.endswith(_ENV_TMP_SUFFIX))
+
+
+def is_unused_run_dir(run_dir: str | Path) -> bool:
+    """Whether a new run may start in ``run_dir``: it does not exist, or holds nothing but what a failed start
+    leaves (the ``.lock`` and temporary ``env.json`` files). Such a directory cannot be resumed (it has no
+    ``env.json``), so refusing it too would leave it unusable. ``normlab lab --out`` and :func:`run_suite` both
+    decide with this function."""
+    run_dir = Path(run_dir)
+    return not run_dir.exists() or all(_is_start_leftover(p.name) for p in run_dir.iterdir())
 
 
 def _lock_run_dir(run_dir: Path) -> TextIO | None:
@@ -224,7 +240,8 @@ def _write_env(run_dir: Path, cfg: SuiteConfig, argv: Sequence[str] | None, dist
     # Complete or absent, never torn: a kill -9 in the middle of an in-place write would leave a truncated env.json,
     # and the directory could then neither be resumed (broken JSON) nor reused (not empty). So the JSON goes to a
     # uniquely named temporary file, is fsynced, and appears under its name by one hard link, which fails if an
-    # env.json exists (a second writer never overwrites).
+    # env.json exists (a second writer never overwrites). A temporary file left by a kill does not make the directory
+    # used (is_unused_run_dir) and the next start removes it.
     fd, tmp = tempfile.mkstemp(prefix=_ENV_TMP_PREFIX, suffix=_ENV_TMP_SUFFIX, dir=run_dir)
     target = run_dir / ENV_FILE
     try:
@@ -331,9 +348,6 @@ def _setup(cfg: SuiteConfig, run_dir: Path, argv: Sequence[str] | None, resume: 
            stream: TextIO, lock_box: list[TextIO | None]) -> _Progress:
     """Rank 0: lock the run directory, then prepare the resume or start the new run."""
 
-    def not_empty() -> bool:
-        return run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
-
     if resume:
         if not (run_dir / ENV_FILE).is_file():
             raise FileNotFoundError(f"--resume: {run_dir} is not a lab run directory (no env.json)")
@@ -341,12 +355,15 @@ def _setup(cfg: SuiteConfig, run_dir: Path, argv: Sequence[str] | None, resume: 
         done, ckpt_steps, dropped = _prepare_resume(run_dir, cfg)
         _resume_event(run_dir, argv, dropped, dist, stream)
         return done, ckpt_steps, dropped
-    if not_empty():
+    if not is_unused_run_dir(run_dir):
         raise FileExistsError(f"run directory {run_dir} exists and is not empty; use --resume to continue it")
     run_dir.mkdir(parents=True, exist_ok=True)
     lock_box[0] = _lock_run_dir(run_dir)
-    if not_empty():  # another process got here between the check and the lock
+    if not is_unused_run_dir(run_dir):  # another process got here between the check and the lock
         raise FileExistsError(f"run directory {run_dir} exists and is not empty; use --resume to continue it")
+    for leftover in run_dir.iterdir():  # temporary env.json files of a start that was killed (we hold the lock)
+        if leftover.name != LOCK_FILE and _is_start_leftover(leftover.name):
+            leftover.unlink(missing_ok=True)
     _write_env(run_dir, cfg, argv, dist)
     _append_event(run_dir, {"event": "start", "time": _now(), "world_size": dist.world_size})
     return set(), {}, 0

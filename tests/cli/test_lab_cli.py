@@ -148,3 +148,30 @@ def test_new_run_dir_per_invocation(tmp_path: Path, tiny: dict[str, Any], capsys
                      "--no-report"]) == 0
     dirs = sorted((tmp_path / "runs").iterdir())
     assert len(dirs) == 2 and all(d.name.startswith("tiny-") for d in dirs)
+
+
+def test_out_left_by_a_failed_start_can_be_reused(
+    tmp_path: Path, tiny: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiny.update(steps=2, warmup_steps=0, eval_every=1, seeds=[0], diagnostics_at=[], arms=tiny["arms"][:1])
+    suite = tmp_path / "t.toml"
+    suite.write_text(toml_of(tiny))
+    out = tmp_path / "run"
+    out.mkdir()
+    # what a start killed before (or while) writing env.json leaves: its lock and a temporary env.json
+    (out / ".lock").write_text("12345\n")
+    (out / "env.json.k7x2q9.tmp").write_text('{"schema": 1, "sui')
+    assert main(["lab", "--resume", str(out), "--no-progress", "--no-report"]) == 2  # nothing to resume
+    assert re.search(r"is not a lab run directory: .*env\.json is missing", capsys.readouterr().err)
+    assert main(["lab", "--suite", str(suite), "--out", str(out), "--no-progress", "--no-report"]) == 0
+    assert json.loads((out / "env.json").read_text())["suite"] == "tiny"
+    assert not list(out.glob("env.json.*.tmp"))  # the stale temporary file was removed
+    capsys.readouterr()
+    # a directory with anything else in it is still refused
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".lock").write_text("")
+    (other / "notes.txt").write_text("mine\n")
+    assert main(["lab", "--suite", str(suite), "--out", str(other), "--no-progress", "--no-report"]) == 2
+    assert re.search(r"--out .*other exists and is not empty", capsys.readouterr().err)
+    assert sorted(p.name for p in other.iterdir()) == [".lock", "notes.txt"]
