@@ -126,7 +126,15 @@ def _fail(message: str) -> int:
 def run(args: argparse.Namespace) -> int:
     from normlab.lab.config import SuiteError, load_suite
     from normlab.lab.dist import broadcast_object, init_distributed, shutdown
-    from normlab.lab.runner import RunDirLocked, is_unused_run_dir, load_run_config, new_run_dir, run_suite
+    from normlab.lab.runner import (
+        NotARunDir,
+        RunDirLocked,
+        RunDirNotEmpty,
+        is_unused_run_dir,
+        load_run_config,
+        new_run_dir,
+        run_suite,
+    )
     from normlab.lab.validate import check_requirements
 
     if args.list:
@@ -170,8 +178,8 @@ def run(args: argparse.Namespace) -> int:
         run_dir = Path(broadcast_object(str(run_dir), dist))
         result = run_suite(cfg, run_dir, argv=getattr(args, "argv", None) or ["normlab", *sys.argv[1:]],
                            resume=bool(args.resume), progress=not args.no_progress, dist=dist)
-    except (RunDirLocked, FileExistsError, FileNotFoundError) as exc:
-        return _fail(str(exc))
+    except (RunDirLocked, RunDirNotEmpty, NotARunDir) as exc:  # only the run directory's state: a file missing
+        return _fail(str(exc))  # during training is a bug or a broken install and keeps its traceback
     finally:
         shutdown(dist)
     if not dist.is_main:

@@ -53,7 +53,9 @@ from normlab.lab.tasks import Task, make_task
 
 __all__ = [
     "DiagnosticHook",
+    "NotARunDir",
     "RunDirLocked",
+    "RunDirNotEmpty",
     "RunResult",
     "collect_hook",
     "is_unused_run_dir",
@@ -129,6 +131,14 @@ def new_run_dir(suite_name: str, base: str | Path = "runs") -> Path:
 
 class RunDirLocked(RuntimeError):
     """Another process holds the run directory's ``.lock`` (it is running or resuming that directory)."""
+
+
+class RunDirNotEmpty(FileExistsError):
+    """A new run into a directory that is in use (see :func:`is_unused_run_dir`)."""
+
+
+class NotARunDir(FileNotFoundError):
+    """``resume`` of a directory without ``env.json``."""
 
 
 LOCK_FILE = ".lock"
@@ -326,8 +336,8 @@ def run_suite(
         stream: progress and error stream (default ``sys.stderr``).
 
     Raises:
-        FileExistsError: a new run into a non-empty directory.
-        FileNotFoundError: ``resume`` of a directory without ``env.json``.
+        RunDirNotEmpty: a new run into a directory in use (a ``FileExistsError``).
+        NotARunDir: ``resume`` of a directory without ``env.json`` (a ``FileNotFoundError``).
         RunDirLocked: another process is running or resuming ``run_dir``.
     """
     dist = dist or DistInfo()
@@ -350,17 +360,17 @@ def _setup(cfg: SuiteConfig, run_dir: Path, argv: Sequence[str] | None, resume: 
 
     if resume:
         if not (run_dir / ENV_FILE).is_file():
-            raise FileNotFoundError(f"--resume: {run_dir} is not a lab run directory (no env.json)")
+            raise NotARunDir(f"--resume: {run_dir} is not a lab run directory (no env.json)")
         lock_box[0] = _lock_run_dir(run_dir)
         done, ckpt_steps, dropped = _prepare_resume(run_dir, cfg)
         _resume_event(run_dir, argv, dropped, dist, stream)
         return done, ckpt_steps, dropped
     if not is_unused_run_dir(run_dir):
-        raise FileExistsError(f"run directory {run_dir} exists and is not empty; use --resume to continue it")
+        raise RunDirNotEmpty(f"run directory {run_dir} exists and is not empty; use --resume to continue it")
     run_dir.mkdir(parents=True, exist_ok=True)
     lock_box[0] = _lock_run_dir(run_dir)
     if not is_unused_run_dir(run_dir):  # another process got here between the check and the lock
-        raise FileExistsError(f"run directory {run_dir} exists and is not empty; use --resume to continue it")
+        raise RunDirNotEmpty(f"run directory {run_dir} exists and is not empty; use --resume to continue it")
     for leftover in run_dir.iterdir():  # temporary env.json files of a start that was killed (we hold the lock)
         if leftover.name != LOCK_FILE and _is_start_leftover(leftover.name):
             leftover.unlink(missing_ok=True)

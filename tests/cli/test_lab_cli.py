@@ -175,3 +175,19 @@ def test_out_left_by_a_failed_start_can_be_reused(
     assert main(["lab", "--suite", str(suite), "--out", str(other), "--no-progress", "--no-report"]) == 2
     assert re.search(r"--out .*other exists and is not empty", capsys.readouterr().err)
     assert sorted(p.name for p in other.iterdir()) == [".lock", "notes.txt"]
+
+
+def test_a_missing_file_during_training_is_not_turned_into_a_usage_error(
+    tmp_path: Path, tiny: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import normlab.lab.runner as runner
+
+    def gone(*args: Any, **kwargs: Any) -> Any:
+        raise FileNotFoundError("[Errno 2] No such file or directory: '/usr/lib/python3/os.py'")
+
+    tiny.update(steps=2, warmup_steps=0, eval_every=1, seeds=[0], diagnostics_at=[], arms=tiny["arms"][:1])
+    suite = tmp_path / "t.toml"
+    suite.write_text(toml_of(tiny))
+    monkeypatch.setattr(runner, "make_task", gone)  # the data went missing after the run started
+    with pytest.raises(FileNotFoundError, match=r"No such file or directory: '/usr/lib/python3/os\.py'"):
+        main(["lab", "--suite", str(suite), "--out", str(tmp_path / "run"), "--no-progress", "--no-report"])
