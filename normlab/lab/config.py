@@ -336,12 +336,16 @@ def _model_problems(model_cls: Any, task: str, merged: dict[str, Any]) -> tuple[
     return (model_cfg if not problems else None), problems
 
 
-def validate_suite_dict(data: dict[str, Any], origin: str = "suite") -> tuple[SuiteConfig, list[str], list[ArmConfig]]:
+def validate_suite_dict(
+    data: dict[str, Any], origin: str = "suite"
+) -> tuple[SuiteConfig, list[str], list[tuple[int, ArmConfig]]]:
     """Validate a TOML-shaped dict, collecting every problem instead of raising.
 
     Returns:
         ``(cfg, problems, buildable)``: the config as far as it could be built (invalid settings keep their
-        defaults), the problems, and the arms whose model config was built (``--dry-run`` builds those).
+        defaults), the problems, and the arms whose model config was built (``--dry-run`` builds those), each with
+        its index in ``data["arms"]``: an entry that is not a table is left out of ``cfg.arms``, so an arm's
+        position there is not what the messages call ``arms[i]``.
     """
     problems: list[str] = []
     if not isinstance(data, dict):
@@ -378,7 +382,7 @@ def validate_suite_dict(data: dict[str, Any], origin: str = "suite") -> tuple[Su
         problems.append(f"arms: expected a non-empty list of [[arms]] tables, got {raw_arms!r}")
         raw_arms = []
     seen: set[str] = set()
-    buildable: list[ArmConfig] = []
+    buildable: list[tuple[int, ArmConfig]] = []
     for i, raw in enumerate(raw_arms):
         where = f"arms[{i}]"
         if not isinstance(raw, dict):
@@ -417,7 +421,7 @@ def validate_suite_dict(data: dict[str, Any], origin: str = "suite") -> tuple[Su
             if cfg.task == "lm_stdlib" and model_cfg.max_seq_len < cfg.seq_len:
                 problems.append(f"{where}: max_seq_len={model_cfg.max_seq_len} is shorter than seq_len={cfg.seq_len}")
             if not ref_problems:
-                buildable.append(arm)
+                buildable.append((i, arm))
         if arm.train.get("warmup_steps", 0) > cfg.steps:  # the suite's own warmup_steps is checked once, above
             problems.append(f"{where}: warmup_steps={arm.train['warmup_steps']} exceeds steps={cfg.steps}")
         cfg.arms.append(arm)

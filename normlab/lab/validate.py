@@ -32,14 +32,19 @@ def check_requirements(task: str) -> list[str]:
     ]
 
 
-def check_suite(cfg: SuiteConfig, arms: Sequence[ArmConfig] | None = None) -> list[str]:
-    """Problems found by building each arm's model (default: every arm of ``cfg``) and running a 2-sample
-    forward/backward (empty: all good). Error messages name the arm by its index in ``cfg.arms``."""
+def check_suite(cfg: SuiteConfig, arms: Sequence[tuple[int, ArmConfig]] | None = None) -> list[str]:
+    """Problems found by building each arm's model and running a 2-sample forward/backward (empty: all good).
+
+    Args:
+        cfg: the suite.
+        arms: ``(index, arm)`` pairs to build, the index being the arm's position in the suite's raw ``arms`` list,
+            which error messages name (``buildable`` of :func:`~normlab.lab.config.validate_suite_dict`); default
+            every arm of ``cfg`` at its position in ``cfg.arms`` (the same for a suite that parsed).
+    """
     problems: list[str] = []
     cls = model_config_class(cfg.task)
-    index = {id(a): i for i, a in enumerate(cfg.arms)}
-    for arm in cfg.arms if arms is None else arms:
-        where = f"arms[{index.get(id(arm), '?')}] ({arm.name})"
+    for i, arm in enumerate(cfg.arms) if arms is None else arms:
+        where = f"arms[{i}] ({arm.name})"
         try:
             model_cfg = cls.from_dict(cfg.arm_model(arm))
             if cfg.task == "lm_stdlib":

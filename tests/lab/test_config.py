@@ -144,6 +144,19 @@ def test_shape_problems_that_only_building_finds(tiny: dict[str, Any]) -> None:
     assert len(problems) == 1 and "arms[0] (gn)" in problems[0] and "num_groups" in problems[0]
 
 
+def test_dry_run_names_arms_by_their_position_in_the_file(tiny: dict[str, Any]) -> None:
+    from normlab.lab.validate import dry_run_problems
+
+    # arms[0] is not a table, so it is not in cfg.arms: the arm built and failing is still the file's arms[2]
+    tiny["arms"] = ["layer_norm", {"name": "ok", "norm": "layer_norm"},
+                    {"name": "gn7", "norm": "group_norm", "norm_kwargs": {"num_groups": 7}}]
+    cfg, problems = dry_run_problems(tiny, "t.toml")
+    assert [a.name for a in cfg.arms] == ["ok", "gn7"]
+    assert len(problems) == 2, problems
+    assert re.fullmatch(r"arms\[0\]: expected a table, got str", problems[0]), problems
+    assert re.fullmatch(r"arms\[2\] \(gn7\): ValueError: .*num_groups.*", problems[1]), problems
+
+
 def test_precedence_cli_over_file_over_defaults(tmp_path: Path, tiny: dict[str, Any]) -> None:
     del tiny["lr"]  # falls back to the dataclass default
     path = tmp_path / "s.toml"
