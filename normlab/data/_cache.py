@@ -1,16 +1,27 @@
-"""Where normlab caches derived data (``$NORMLAB_CACHE``, else ``~/.cache/normlab``) and how it writes it atomically."""
+"""Where normlab caches derived data (``$NORMLAB_CACHE``, else ``~/.cache/normlab``) and how it writes it atomically;
+and the optional packages the loaders need (:class:`Requirement`)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
-__all__ = ["atomic_save_npy", "atomic_write_text", "cache_dir", "require"]
+__all__ = [
+    "Requirement",
+    "atomic_save_npy",
+    "atomic_write_text",
+    "cache_dir",
+    "missing_requirements",
+    "module_available",
+    "require",
+]
 
 
 def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
@@ -52,9 +63,36 @@ def atomic_write_text(path: Path, text: str) -> None:
     _atomic_write(path, lambda f: f.write(data))
 
 
-def require(module: str, extra: str) -> None:
-    """Raise ``ImportError`` naming the extra to install when the optional ``module`` is missing."""
-    import importlib.util
+@dataclass(frozen=True)
+class Requirement:
+    """An optional package a loader needs: its import name, its distribution (what pip installs) and the normlab
+    extra that provides it. Loaders declare theirs once (e.g. :data:`normlab.data.images.REQUIREMENTS`); the loader
+    itself (:func:`require`) and ``normlab lab`` before a run (:func:`missing_requirements`) both read that."""
 
-    if importlib.util.find_spec(module) is None:
-        raise ImportError(f"{module} is needed for this data set; install it with: pip install 'normlab[{extra}]'")
+    module: str
+    distribution: str
+    extra: str
+
+    @property
+    def install_hint(self) -> str:
+        return f"pip install 'normlab[{self.extra}]'"
+
+
+def module_available(module: str) -> bool:
+    """Whether ``module`` can be imported, found without importing it. The one availability check of the optional
+    packages; tests replace it to simulate a missing one."""
+    return importlib.util.find_spec(module) is not None
+
+
+def missing_requirements(requirements: Iterable[Requirement]) -> list[Requirement]:
+    """The entries of ``requirements`` whose module is not installed (nothing is imported)."""
+    return [r for r in requirements if not module_available(r.module)]
+
+
+def require(requirement: Requirement) -> None:
+    """Raise ``ImportError`` naming the extra to install when ``requirement``'s module is missing."""
+    if missing_requirements([requirement]):
+        raise ImportError(
+            f"{requirement.distribution} (module {requirement.module!r}) is needed for this data set; install it "
+            f"with: {requirement.install_hint}"
+        )

@@ -16,9 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from normlab.data._cache import require
+from normlab.data._cache import Requirement, require
 
-__all__ = ["DigitsSplit", "load_digits_split", "sample_image_patches"]
+__all__ = ["REQUIREMENTS", "DigitsSplit", "load_digits_split", "sample_image_patches"]
+
+_SKLEARN = Requirement(module="sklearn", distribution="scikit-learn", extra="data")
+# What every loader of this module needs; ``normlab lab`` checks it before a digits run starts.
+REQUIREMENTS: tuple[Requirement, ...] = (_SKLEARN,)
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,7 @@ def load_digits_split(*, val_fraction: float = 0.2, seed: int = 0) -> DigitsSpli
     """
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
         raise ValueError(f"load_digits_split: expected val_fraction in (0, 1), got {val_fraction!r}")
-    require("sklearn", "data")
+    require(_SKLEARN)
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -92,7 +96,7 @@ def sample_image_patches(patch_size: int = 32, *, stride: int | None = None) -> 
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"sample_image_patches: expected {name} to be an int >= 1, got {v!r}")
     step = patch_size if stride is None else stride
-    require("sklearn", "data")
+    require(_SKLEARN)
     from sklearn.datasets import load_sample_images
 
     patches = []

@@ -20,10 +20,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from normlab.data._cache import Requirement
+from normlab.data.images import REQUIREMENTS as IMAGE_REQUIREMENTS
 from normlab.lab.config import SuiteConfig
 from normlab.lab.dist import DistInfo, all_reduce_sum
 
-__all__ = ["DigitsTask", "LMTask", "Task", "make_task"]
+__all__ = ["TASK_CLASSES", "DigitsTask", "LMTask", "Task", "make_task"]
 
 Batch = dict[str, Tensor]
 
@@ -33,6 +35,7 @@ class Task:
 
     unit = "samples/s"
     eval_metrics: tuple[str, ...] = ("val_loss",)
+    requirements: tuple[Requirement, ...] = ()  # optional packages its data loader needs (the loader's own list)
 
     def __init__(self, cfg: SuiteConfig, dist: DistInfo, device: torch.device) -> None:
         self.cfg = cfg
@@ -131,6 +134,7 @@ class DigitsTask(Task):
 
     unit = "samples/s"
     eval_metrics = ("val_loss", "val_acc")
+    requirements = IMAGE_REQUIREMENTS
 
     def __init__(self, cfg: SuiteConfig, dist: DistInfo, device: torch.device) -> None:
         super().__init__(cfg, dist, device)
@@ -160,10 +164,11 @@ class DigitsTask(Task):
         return {k: v.to(self.device) for k, v in self._val[0].items()}
 
 
+TASK_CLASSES: dict[str, type[Task]] = {"lm_stdlib": LMTask, "digits": DigitsTask}
+
+
 def make_task(cfg: SuiteConfig, dist: DistInfo, device: torch.device) -> Task:
     """The :class:`Task` of ``cfg.task``."""
-    if cfg.task == "lm_stdlib":
-        return LMTask(cfg, dist, device)
-    if cfg.task == "digits":
-        return DigitsTask(cfg, dist, device)
-    raise ValueError(f"make_task: expected task in ('lm_stdlib', 'digits'), got {cfg.task!r}")
+    if cfg.task not in TASK_CLASSES:
+        raise ValueError(f"make_task: expected task in {tuple(TASK_CLASSES)}, got {cfg.task!r}")
+    return TASK_CLASSES[cfg.task](cfg, dist, device)

@@ -4,31 +4,25 @@ stopping at the first."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from normlab.data._cache import missing_requirements
 from normlab.lab.config import ArmConfig, SuiteConfig, collect_overrides, model_config_class, validate_suite_dict
+from normlab.lab.tasks import TASK_CLASSES
 
-__all__ = ["TASK_REQUIREMENTS", "check_requirements", "check_suite", "dry_run_problems"]
-
-# task: [(module, distribution, extra)] that the task imports at run time.
-TASK_REQUIREMENTS: dict[str, list[tuple[str, str, str]]] = {"digits": [("sklearn", "scikit-learn", "data")]}
-
-
-def _module_available(module: str) -> bool:
-    """Whether ``module`` can be imported (without importing it); tests replace this to simulate a missing one."""
-    return importlib.util.find_spec(module) is not None
+__all__ = ["check_requirements", "check_suite", "dry_run_problems"]
 
 
 def check_requirements(task: str) -> list[str]:
-    """Problems with the optional packages ``task`` needs: each names the ``pip install`` that fixes it."""
+    """Problems with the optional packages ``task`` needs (its data loader's list, :attr:`Task.requirements`), found
+    without importing them: each names the ``pip install`` that fixes it."""
+    cls = TASK_CLASSES.get(task)
     return [
-        f"task {task!r} needs {dist}, which is not installed: pip install 'normlab[{extra}]'"
-        for module, dist, extra in TASK_REQUIREMENTS.get(task, [])
-        if not _module_available(module)
+        f"task {task!r} needs {r.distribution}, which is not installed: {r.install_hint}"
+        for r in missing_requirements(cls.requirements if cls is not None else ())
     ]
 
 

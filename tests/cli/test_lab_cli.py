@@ -70,9 +70,12 @@ def test_dry_run_reports_every_problem_across_arms(
 def test_digits_without_scikit_learn_names_the_extra(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import normlab.lab.validate as validate
+    import normlab.data._cache as cache
+    from normlab.data import load_digits_split
 
-    monkeypatch.setattr(validate, "_module_available", lambda module: module != "sklearn")
+    monkeypatch.setattr(cache, "module_available", lambda module: module != "sklearn")
+    with pytest.raises(ImportError, match=r"scikit-learn .*'sklearn'.* pip install 'normlab\[data\]'"):
+        load_digits_split()  # the loader and the lab's check read the same declaration
     assert main(["lab", "--suite", "digits", "--dry-run"]) == 2
     assert "pip install 'normlab[data]'" in capsys.readouterr().err
     runs = tmp_path / "runs"
