@@ -136,6 +136,32 @@ def test_every_problem_is_reported_at_once(tiny: dict[str, Any]) -> None:
     assert str(info.value).startswith(f"bad.toml: {len(problems)} problem(s):")
 
 
+def test_schedule_problems_name_the_value_and_the_limit(tiny: dict[str, Any]) -> None:
+    tiny.update(steps=20, warmup_steps=30, diagnostics_at=[0, "2*steps", "0.5*steps"])
+    tiny["arms"][1]["warmup_steps"] = 25
+    with pytest.raises(SuiteError) as info:
+        parse_suite(tiny, "t.toml")
+    problems = info.value.problems
+    assert len(problems) == 3, problems
+    assert re.fullmatch(r"warmup_steps=30 exceeds steps=20", problems[0])  # the suite's, reported once
+    # "2*steps" resolves to 40, after the last step; "0.5*steps" (10) is fine
+    assert re.fullmatch(r"diagnostics_at: step 40 is after the last step \(steps=20\)", problems[1])
+    assert re.fullmatch(r"arms\[1\] \(bn\): warmup_steps=25 exceeds steps=20", problems[2])
+
+
+@pytest.mark.parametrize("bad", [["stepz"], ["2*lr"], [-1], [True], ["steps", "steps"], "steps"])
+def test_diagnostics_at_entries_must_be_steps_or_schedule_references(tiny: dict[str, Any], bad: Any) -> None:
+    tiny["diagnostics_at"] = bad
+    with pytest.raises(SuiteError) as info:
+        parse_suite(tiny)
+    assert len(info.value.problems) == 1
+    assert re.fullmatch(
+        r"diagnostics_at: expected a list of distinct ints >= 0 or schedule references \('steps', '0\.5\*steps'; "
+        r"keys \['steps', 'warmup_steps', 'eval_every'\]\), got " + re.escape(repr(bad)),
+        info.value.problems[0],
+    )
+
+
 def test_shape_problems_that_only_building_finds(tiny: dict[str, Any]) -> None:
     tiny["arms"] = [{"name": "gn", "norm": "group_norm", "norm_kwargs": {"num_groups": 7}},
                     {"name": "ok", "norm": "layer_norm"}]
