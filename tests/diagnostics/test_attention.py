@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from normlab.diagnostics import AttentionEntropy, attention_probs, collect, entropy_per_query
 from normlab.models import DecoderLM, TransformerConfig
-from tests.diagnostics._extras import require
+from tests._extras import require
 
 
 @pytest.mark.parametrize("case", ["none", "causal", "bool", "float", "gqa"])

@@ -11,7 +11,7 @@ from torch import nn
 
 from normlab.diagnostics import DEFAULT_METRICS, METRICS, collect, find_layers, per_layer_series, plot_per_layer
 from normlab.models import DecoderLM, TransformerConfig
-from tests.diagnostics._extras import require
+from tests._extras import require
 from tests.diagnostics._toy import Rotate, Scale
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from normlab.diagnostics import DEFAULT_METRICS, collect, find_layers
-from tests.diagnostics._extras import require
+from tests._extras import require
 
 # Anchor / paraphrase pairs: the first half of the batch are anchors, the second half their paraphrases.
 ANCHORS = [

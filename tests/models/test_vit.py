@@ -10,6 +10,7 @@ import torch
 
 from normlab.models import PLACEMENTS, TransformerConfig, ViTEncoder
 from normlab.nn import DyT
+from tests._extras import require
 
 
 def _cfg(**kwargs: Any) -> TransformerConfig:
@@ -27,10 +28,7 @@ def _cfg(**kwargs: Any) -> TransformerConfig:
 
 
 def _digits(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    try:
-        from sklearn import datasets
-    except ImportError as exc:  # `make test` installs the data extra: a missing package is a failure, not a skip
-        pytest.fail(f"needs scikit-learn from normlab's 'data' extra (pip install -e '.[data]'): {exc}", pytrace=False)
+    datasets = require("sklearn.datasets", "data")
     digits = datasets.load_digits()
     x = torch.tensor(digits.images[:n], dtype=torch.float32).unsqueeze(1) / 16.0
     return (x - 0.3) / 0.4, torch.tensor(digits.target[:n])
