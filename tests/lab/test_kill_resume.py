@@ -54,11 +54,15 @@ def test_sigkill_then_resume_completes_without_duplicates(tmp_path: Path, tiny: 
     assert not any(r["kind"] == "status" and r["arm"] == "bn" and r["seed"] == 1 for r in before)  # unfinished
     ckpts = list((run_dir / "ckpt").glob("*.pt"))
     assert ckpts
-    # what the kill can cost: the rows of each unfinished run written after its last checkpoint
+    # what the kill can cost: the rows of each unfinished run written after its last checkpoint (a run whose status
+    # row is on disk is finished even if the kill came before its checkpoint was deleted: the resume keeps its rows)
+    finished = {(r["arm"], r["seed"]) for r in before if r["kind"] == "status"}
     lost_rows = 0
     ckpt_steps: dict[tuple[str, int], int] = {}
     for path in ckpts:
         arm, seed = path.stem.rsplit("__seed", 1)
+        if (arm, int(seed)) in finished:
+            continue
         ckpt_step = ckpt_steps[(arm, int(seed))] = torch.load(path, map_location="cpu", weights_only=False)["state"][
             "step"]
         mine = [r for r in before if r["arm"] == arm and r["seed"] == int(seed)]
@@ -90,8 +94,23 @@ def test_sigkill_then_resume_completes_without_duplicates(tmp_path: Path, tiny: 
     # with a new throughput)
     kept = {row_key(r): r for r in rows}
     survivors = [r for r in before if r["step"] <= ckpt_steps.get((r["arm"], r["seed"]), r["step"])]
-    assert len(survivors) == len(before) - lost_rows
     assert all(kept[row_key(r)] == r for r in survivors)
+    assert ckpt_steps  # the kill came mid-run: at least one unfinished run with a checkpoint
+    for (arm, seed), ckpt_step in ckpt_steps.items():
+        mine = [r for r in before if (r["arm"], r["seed"]) == (arm, seed)]
+        # every eval up to the checkpoint was on disk before the kill (rows are written before their checkpoint)...
+        assert sorted(r["step"] for r in mine if r["metric"] == "val_loss" and r["step"] <= ckpt_step) == [
+            s for s in cfg.eval_steps() if s <= ckpt_step
+        ]
+        # ...and what it lost is rows of the one write at the next eval step, each written again by the resume
+        next_eval = min(s for s in cfg.eval_steps() if s > ckpt_step)
+        lost = [r for r in mine if r["step"] > ckpt_step]
+        assert {r["step"] for r in lost} <= {next_eval}, (arm, seed, ckpt_step, sorted({r["step"] for r in lost}))
+        rewritten = {row_key(r) for r in rows if (r["arm"], r["seed"]) == (arm, seed) and r["step"] == next_eval
+                     and r["kind"] != "status"}
+        assert {row_key(r) for r in lost} <= rewritten
+        assert {r["metric"] for r in rows if row_key(r) in rewritten} >= {"train_loss", "grad_norm", "lr",
+                                                                          "throughput", "val_loss"}
     assert not list((run_dir / "ckpt").glob("*"))
     events = [json.loads(line)["event"] for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert events == ["start", "resume", "finish"]
