@@ -87,6 +87,14 @@ def test_digits_without_scikit_learn_names_the_extra(
     assert main(["lab", "--suite", "digits", "--dry-run"]) == 0
 
 
+def _two_step_suite(tmp_path: Path, tiny: dict[str, Any]) -> Path:
+    """A one-arm, one-seed, two-step suite file: the smallest run that writes every kind of file."""
+    tiny.update(steps=2, warmup_steps=0, eval_every=1, seeds=[0], diagnostics_at=[], arms=tiny["arms"][:1])
+    suite = tmp_path / "t.toml"
+    suite.write_text(toml_of(tiny))
+    return suite
+
+
 def test_out_pointing_at_a_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     target = tmp_path / "results.txt"
     target.write_text("not a run\n")
@@ -100,9 +108,7 @@ def test_a_second_process_cannot_resume_a_locked_run(
 ) -> None:
     from normlab.lab.runner import _lock_run_dir
 
-    tiny.update(steps=2, warmup_steps=0, eval_every=1, seeds=[0], diagnostics_at=[], arms=tiny["arms"][:1])
-    suite = tmp_path / "t.toml"
-    suite.write_text(toml_of(tiny))
+    suite = _two_step_suite(tmp_path, tiny)
     out = tmp_path / "run"
     assert main(["lab", "--suite", str(suite), "--out", str(out), "--no-progress", "--no-report"]) == 0
     events = (out / "events.jsonl").read_text()
@@ -143,9 +149,7 @@ def test_run_then_report_then_refuse_and_resume_rules(
 
 
 def test_new_run_dir_per_invocation(tmp_path: Path, tiny: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
-    tiny.update(steps=2, warmup_steps=0, eval_every=1, seeds=[0], diagnostics_at=[], arms=tiny["arms"][:1])
-    suite = tmp_path / "t.toml"
-    suite.write_text(toml_of(tiny))
+    suite = _two_step_suite(tmp_path, tiny)
     for _ in range(2):
         assert main(["lab", "--suite", str(suite), "--runs-dir", str(tmp_path / "runs"), "--no-progress",
                      "--no-report"]) == 0
@@ -156,9 +160,7 @@ def test_new_run_dir_per_invocation(tmp_path: Path, tiny: dict[str, Any], capsys
 def test_out_left_by_a_failed_start_can_be_reused(
     tmp_path: Path, tiny: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    tiny.update(steps=2, warmup_steps=0, eval_every=1, seeds=[0], diagnostics_at=[], arms=tiny["arms"][:1])
-    suite = tmp_path / "t.toml"
-    suite.write_text(toml_of(tiny))
+    suite = _two_step_suite(tmp_path, tiny)
     out = tmp_path / "run"
     out.mkdir()
     # what a start killed before (or while) writing env.json leaves: its lock and a temporary env.json
@@ -188,9 +190,7 @@ def test_a_missing_file_during_training_is_not_turned_into_a_usage_error(
     def gone(*args: Any, **kwargs: Any) -> Any:
         raise FileNotFoundError("[Errno 2] No such file or directory: '/usr/lib/python3/os.py'")
 
-    tiny.update(steps=2, warmup_steps=0, eval_every=1, seeds=[0], diagnostics_at=[], arms=tiny["arms"][:1])
-    suite = tmp_path / "t.toml"
-    suite.write_text(toml_of(tiny))
+    suite = _two_step_suite(tmp_path, tiny)
     monkeypatch.setattr(runner, "make_task", gone)  # the data went missing after the run started
     with pytest.raises(FileNotFoundError, match=r"No such file or directory: '/usr/lib/python3/os\.py'"):
         main(["lab", "--suite", str(suite), "--out", str(tmp_path / "run"), "--no-progress", "--no-report"])
