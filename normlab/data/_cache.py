@@ -36,20 +36,38 @@ def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
     return path
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write ``path`` through a uniquely named temporary file in the same directory and ``os.replace``: readers never
-    see half a file, and concurrent writers (the ranks of a ``torchrun`` job filling the cache) never share a
-    temporary file; the last ``os.replace`` wins with a complete file."""
+def temp_name_of(path: Path, name: str) -> bool:
+    """Whether ``name`` is one of the temporary files :func:`_atomic_write` makes for ``path``."""
+    return name.startswith(path.name + ".") and name.endswith(".tmp")
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object], *, exclusive: bool = False) -> None:
+    """Write ``path`` through a uniquely named, fsynced temporary file in the same directory: readers never see half
+    a file, and concurrent writers (the ranks of a ``torchrun`` job filling the cache) never share a temporary file.
+
+    By default the temporary file replaces ``path`` (``os.replace``: the last writer wins). With ``exclusive=True`` it
+    appears by one hard link, which raises ``FileExistsError`` if ``path`` exists, so nothing is ever overwritten; on a
+    file system without hard links it falls back to check-then-rename, which is exclusive only under a caller's lock.
+    """
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        if not exclusive:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise FileExistsError(f"{path} exists and is never overwritten") from None
+        except OSError:
+            if path.exists():
+                raise FileExistsError(f"{path} exists and is never overwritten") from None
+            os.replace(tmp, path)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
@@ -57,10 +75,10 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     _atomic_write(path, lambda f: np.save(f, array))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write UTF-8 ``text`` to ``path`` atomically (see :func:`_atomic_write`)."""
+def atomic_write_text(path: Path, text: str, *, exclusive: bool = False) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically; ``exclusive=True`` never overwrites (see :func:`_atomic_write`)."""
     data = text.encode("utf-8")
-    _atomic_write(path, lambda f: f.write(data))
+    _atomic_write(path, lambda f: f.write(data), exclusive=exclusive)
 
 
 @dataclass(frozen=True)

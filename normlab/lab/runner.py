@@ -33,7 +33,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -45,6 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from normlab.data._cache import atomic_write_text, temp_name_of
 from normlab.lab.config import ArmConfig, SuiteConfig, model_config_class, parse_suite
 from normlab.lab.dist import DistInfo, all_reduce_sum, barrier, broadcast_object
 from normlab.lab.progress import ProgressBar
@@ -143,13 +143,12 @@ class NotARunDir(FileNotFoundError):
 
 LOCK_FILE = ".lock"
 ENV_FILE = "env.json"
-_ENV_TMP_PREFIX, _ENV_TMP_SUFFIX = ENV_FILE + ".", ".tmp"  # temporary files of the env.json write
 
 
 def _is_start_leftover(name: str) -> bool:
     """A file that a start which failed or was killed before writing ``env.json`` leaves behind: the ``.lock`` and
     the temporary files of the ``env.json`` write."""
-    return name == LOCK_FILE or (name.startswith(_ENV_TMP_PREFIX) and name.endswith(_ENV_TMP_SUFFIX))
+    return name == LOCK_FILE or temp_name_of(Path(ENV_FILE), name)
 
 
 def is_unused_run_dir(run_dir: str | Path) -> bool:
@@ -248,28 +247,10 @@ def _write_env(run_dir: Path, cfg: SuiteConfig, argv: Sequence[str] | None, dist
         "env": collect_env(),
     }
     # Complete or absent, never torn: a kill -9 in the middle of an in-place write would leave a truncated env.json,
-    # and the directory could then neither be resumed (broken JSON) nor reused (not empty). So the JSON goes to a
-    # uniquely named temporary file, is fsynced, and appears under its name by one hard link, which fails if an
-    # env.json exists (a second writer never overwrites). A temporary file left by a kill does not make the directory
-    # used (is_unused_run_dir) and the next start removes it.
-    fd, tmp = tempfile.mkstemp(prefix=_ENV_TMP_PREFIX, suffix=_ENV_TMP_SUFFIX, dir=run_dir)
-    target = run_dir / ENV_FILE
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(env, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, target)
-        except FileExistsError:
-            raise
-        except OSError:  # a file system without hard links: check, then rename (the caller holds the run's lock)
-            if target.exists():
-                raise FileExistsError(f"{target} exists; a run directory's env.json is never overwritten") from None
-            os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    # and the directory could then neither be resumed (broken JSON) nor reused (not empty). The exclusive atomic write
+    # also never overwrites an existing env.json. A temporary file left by a kill does not make the directory used
+    # (is_unused_run_dir) and the next start removes it.
+    atomic_write_text(run_dir / ENV_FILE, json.dumps(env, indent=2, sort_keys=True, default=str) + "\n", exclusive=True)
 
 
 def _resume_event(run_dir: Path, argv: Sequence[str] | None, dropped: int, dist: DistInfo, stream: TextIO) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -149,25 +150,29 @@ def test_env_json_is_never_overwritten(tmp_path: Path, tiny: dict[str, Any]) -> 
 
 
 def test_env_json_is_complete_or_absent(tmp_path: Path, tiny: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    import normlab.data._cache as cache
     from normlab.lab.dist import DistInfo
     from normlab.lab.runner import _write_env
 
     cfg = parse_suite(tiny)
-    real_dump = json.dump
+    real_fsync = os.fsync
 
-    def torn_dump(obj: Any, fp: Any, **kwargs: Any) -> None:  # half the JSON written, then the process "dies"
-        fp.write(json.dumps(obj, **kwargs)[:200])
-        fp.flush()
+    def killed_before_sync(fd: int) -> None:  # the JSON is written but not yet durable: the process "dies" here
         raise _Interrupt
 
-    monkeypatch.setattr(json, "dump", torn_dump)
+    monkeypatch.setattr(cache.os, "fsync", killed_before_sync)
     with pytest.raises(_Interrupt):
         _write_env(tmp_path, cfg, ["normlab"], DistInfo())
-    assert not (tmp_path / "env.json").exists()  # no truncated env.json under its name
+    assert not (tmp_path / "env.json").exists()  # nothing under its name before the write is complete
     assert list(tmp_path.iterdir()) == []  # and the temporary file is gone
-    monkeypatch.setattr(json, "dump", real_dump)
+    monkeypatch.setattr(cache.os, "fsync", real_fsync)
     _write_env(tmp_path, cfg, ["normlab"], DistInfo())
     assert json.loads((tmp_path / "env.json").read_text())["config"] == cfg.to_dict()
+    assert [p.name for p in tmp_path.iterdir()] == ["env.json"]
+    before = (tmp_path / "env.json").read_text()
+    with pytest.raises(FileExistsError, match=r"env.json exists and is never overwritten"):
+        _write_env(tmp_path, cfg, ["other"], DistInfo())
+    assert (tmp_path / "env.json").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["env.json"]
 
 
