@@ -1,8 +1,18 @@
-"""Builds the (norm spec, constructor kwargs) cases of the contract suite from the registry alone."""
+"""Builds the (norm spec, constructor kwargs) cases of the contract suite from the registry alone.
+
+The cases are every registered norm (``list_norms()`` at collection time) and every test-local norm in
+``tests/_norms``: each of those is imported inside ``registry.temporary()`` here, and its cases carry that
+registration, which the ``_test_local_norm`` fixture in ``tests/conftest.py`` makes active while they run (and only
+then, so no other test sees the norm).
+"""
 
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
+import pkgutil
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +20,9 @@ import torch
 from torch import Tensor, nn
 
 import normlab
-from normlab.registry import NormSpec
+import tests._norms
+from normlab import registry
+from normlab.registry import NormSpec, Registrations
 
 C = 6  # channel count of every contract case: divisible for group norms, > 1/p for prms_norm's default p
 
@@ -19,6 +31,8 @@ C = 6  # channel count of every contract case: divisible for group norms, > 1/p 
 class Case:
     spec: NormSpec
     kwargs: dict[str, Any]
+    # A test-local norm's registration, active only while its case runs (None: a norm normlab registers).
+    registration: Registrations | None = None
 
     @property
     def id(self) -> str:
@@ -32,12 +46,31 @@ class Case:
         return self.spec.batch_dependent and getattr(m, "channel_dim", 1) == -1
 
 
+@functools.cache
+def local_norms() -> tuple[tuple[NormSpec, Registrations], ...]:
+    """Each norm a module of ``tests/_norms`` registers, with the registration that puts it back in the registry."""
+    out = []
+    for info in pkgutil.iter_modules(tests._norms.__path__, f"{tests._norms.__name__}."):
+        if info.name in sys.modules:
+            raise RuntimeError(f"{info.name} was imported before the contract suite scoped its registration")
+        with registry.temporary() as registration:
+            importlib.import_module(info.name)
+        if not registration.norms:
+            raise RuntimeError(f"{info.name} registers no norm")
+        out += [(spec, registration) for spec in registration.norms]
+    return tuple(out)
+
+
+def _specs() -> list[tuple[NormSpec, Registrations | None]]:
+    return [*((s, None) for s in normlab.list_norms()), *local_norms()]
+
+
 def all_cases() -> list[Case]:
-    return [Case(spec, dict(kw)) for spec in normlab.list_norms() for kw in spec.samples]
+    return [Case(spec, dict(kw), reg) for spec, reg in _specs() for kw in spec.samples]
 
 
 def default_cases() -> list[Case]:
-    return [Case(spec, {}) for spec in normlab.list_norms()]
+    return [Case(spec, {}, reg) for spec, reg in _specs()]
 
 
 def input_shape(m: nn.Module) -> tuple[int, ...]:

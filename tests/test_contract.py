@@ -13,6 +13,8 @@ import pytest
 import torch
 from torch.func import functional_call
 
+import normlab
+from normlab import registry
 from tests._contract_cases import (
     C,
     Case,
@@ -22,6 +24,7 @@ from tests._contract_cases import (
     default_cases,
     float_buffers,
     input_shape,
+    local_norms,
     make_input,
     make_mask,
     randomize,
@@ -396,3 +399,25 @@ def test_torch_compile_fullgraph_parity(case: Case, mode: str) -> None:
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
     for k, v in float_buffers(eager).items():
         torch.testing.assert_close(float_buffers(compiled_src)[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_a_norm_in_one_test_local_file_gets_the_whole_contract() -> None:
+    """``tests/_norms/center_norm.py`` (op, module, reference) is the only file that names CenterNorm: the suite has
+    every case of it, and it is in the registry while those cases run and at no other time."""
+    (spec, registration), *_ = [(s, r) for s, r in local_norms() if s.name == "center_norm"]
+    assert [c.kwargs for c in CASES if c.spec is spec] == [dict(kw) for kw in spec.samples]
+    assert [c.id for c in DEFAULTS if c.spec is spec] == ["center_norm"]
+    assert sorted(p.id for p in COMPILE_CASES if p.values[0].spec is spec) == ["center_norm-eval", "center_norm-train"]
+    assert "center_norm" not in {s.name for s in normlab.list_norms()}
+    with pytest.raises(KeyError, match="unknown norm 'center_norm'"):
+        normlab.get_norm("center_norm")
+    with registry.temporary(registration):
+        assert normlab.get_norm("CenterNorm") is spec
+        assert spec.reference.__module__ == "tests._norms.center_norm"
+    assert "center_norm" not in {s.name for s in normlab.list_norms()}
+
+
+@pytest.mark.parametrize("case", [c for c in DEFAULTS if c.registration is not None], ids=lambda c: c.id)
+def test_a_test_local_norm_is_registered_while_its_case_runs(case: Case) -> None:
+    assert normlab.get_norm(case.spec.name) is case.spec
+    assert callable(case.spec.reference)

@@ -1,30 +1,19 @@
-"""Pure tensor ops of every norm (no state, no registry). The modules in :mod:`normlab.nn` call these."""
+"""Pure tensor ops of every norm (no state, no registry). The modules in :mod:`normlab.nn` call these.
+
+Each norm's op is exported here by :mod:`normlab.nn` once it has registered the norms (the registry records every
+norm's op); only the ops that belong to no norm are listed below.
+"""
 
 from __future__ import annotations
 
-from normlab.functional.batch_norm import batch_norm
-from normlab.functional.dyt import dyt
-from normlab.functional.group_norm import group_norm, instance_norm
-from normlab.functional.identity import identity
-from normlab.functional.layer_norm import layer_norm
-from normlab.functional.power_norm import group_scaling, power_norm
-from normlab.functional.rep_batch_norm import prep_batch_norm, rep_batch_norm
-from normlab.functional.rms_norm import crms_norm, rms_norm, scale_norm
-from normlab.functional.unified_norm import unified_norm
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "batch_norm",
-    "crms_norm",
-    "dyt",
-    "group_norm",
-    "group_scaling",
-    "identity",
-    "instance_norm",
-    "layer_norm",
-    "power_norm",
-    "prep_batch_norm",
-    "rep_batch_norm",
-    "rms_norm",
-    "scale_norm",
-    "unified_norm",
-]
+from normlab.functional.power_norm import group_scaling
+
+# Extended with every registered norm's op when normlab.nn is imported (always, by the time `import normlab...`
+# returns: the parent package imports normlab.nn).
+__all__ = ["group_scaling"]
+
+if TYPE_CHECKING:
+    # The norm ops are added at import from the registry, which a type checker cannot follow.
+    def __getattr__(name: str) -> Any: ...

@@ -15,7 +15,6 @@ from torch import Tensor, nn
 from normlab.functional.batch_norm import batch_norm
 from normlab.nn._base import FoldedAffine, NormBase, batch_stat_affine, check_layout, check_num_features
 from normlab.registry import Paper, register_norm
-from normlab.testing import reference as ref
 
 __all__ = ["BatchNorm"]
 
@@ -35,7 +34,6 @@ def _torch_batch_norm(num_features: int, kw: dict[str, Any]) -> nn.Module | None
 @register_norm(
     "batch_norm",
     functional=batch_norm,
-    reference=ref.batch_norm,
     layout="any",
     has_running_stats=True,
     batch_dependent=True,

@@ -12,7 +12,6 @@ from torch import Tensor, nn
 from normlab.functional.dyt import dyt
 from normlab.nn._base import NormBase, check_layout, check_num_features
 from normlab.registry import Paper, register_norm
-from normlab.testing import reference as ref
 
 __all__ = ["DyT"]
 
@@ -20,7 +19,6 @@ __all__ = ["DyT"]
 @register_norm(
     "dyt",
     functional=dyt,
-    reference=ref.dyt,
     layout="any",
     aliases=("dynamic_tanh",),
     paper=Paper("Transformers without Normalization", "https://arxiv.org/abs/2503.10622"),

@@ -12,7 +12,6 @@ from torch import Tensor, nn
 from normlab.functional.group_norm import group_norm, instance_norm
 from normlab.nn._base import NormBase, check_layout, check_num_features
 from normlab.registry import Paper, register_norm
-from normlab.testing import reference as ref
 
 __all__ = ["GroupNorm", "InstanceNorm", "default_num_groups"]
 
@@ -43,7 +42,6 @@ def _torch_group_norm(num_channels: int, kw: dict[str, Any]) -> nn.Module | None
 @register_norm(
     "group_norm",
     functional=group_norm,
-    reference=ref.group_norm,
     layout="any",
     aliases=("gn",),
     paper=Paper("Group Normalization", "https://arxiv.org/abs/1803.08494"),
@@ -146,7 +144,6 @@ def _torch_instance_norm(num_features: int, kw: dict[str, Any]) -> nn.Module | N
 @register_norm(
     "instance_norm",
     functional=instance_norm,
-    reference=ref.instance_norm,
     layout="any",
     aliases=("in", "instancenorm1d", "instancenorm2d", "instancenorm3d"),
     paper=Paper("Instance Normalization: The Missing Ingredient for Fast Stylization", "https://arxiv.org/abs/1607.08022"),

@@ -10,7 +10,6 @@ from torch import Tensor
 from normlab.functional.identity import identity
 from normlab.nn._base import FoldedAffine, NormBase, check_layout, check_num_features
 from normlab.registry import register_norm
-from normlab.testing import reference as ref
 
 __all__ = ["IdentityNorm", "identity"]
 
@@ -18,7 +17,6 @@ __all__ = ["IdentityNorm", "identity"]
 @register_norm(
     "identity",
     functional=identity,
-    reference=ref.identity,
     layout="any",
     foldable=True,
     aliases=("none", "no_norm"),

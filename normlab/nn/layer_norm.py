@@ -12,7 +12,6 @@ from torch import Tensor, nn
 from normlab.functional.layer_norm import layer_norm
 from normlab.nn._base import NormBase, check_layout
 from normlab.registry import Paper, register_norm
-from normlab.testing import reference as ref
 
 __all__ = ["LayerNorm"]
 
@@ -28,7 +27,6 @@ def _torch_layer_norm(num_features: int, kw: dict[str, Any]) -> nn.Module | None
 @register_norm(
     "layer_norm",
     functional=layer_norm,
-    reference=ref.layer_norm,
     layout="any",
     aliases=("ln", "layernorm2d"),
     paper=Paper("Layer Normalization", "https://arxiv.org/abs/1607.06450"),

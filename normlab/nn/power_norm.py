@@ -13,7 +13,6 @@ from torch import Tensor, nn
 from normlab.functional.power_norm import BackwardDivisor, group_scaling, power_norm
 from normlab.nn._base import FoldedAffine, NormBase, check_layout, check_num_features
 from normlab.registry import Paper, register_norm
-from normlab.testing import reference_batchstat as ref
 
 __all__ = ["GroupScaling", "PowerNorm"]
 
@@ -51,7 +50,6 @@ class GroupScaling(nn.Module):
 @register_norm(
     "power_norm",
     functional=power_norm,
-    reference=ref.power_norm,
     layout="token",
     has_running_stats=True,
     batch_dependent=True,

@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from normlab.functional.rep_batch_norm import prep_batch_norm, prep_lambda, rep_batch_norm
 from normlab.nn._base import FoldedAffine, NormBase, batch_stat_affine, check_layout, check_num_features
 from normlab.registry import Paper, create_norm, register_norm
-from normlab.testing import reference_batchstat as ref
 
 __all__ = ["PRepBatchNorm", "RepBatchNorm"]
 
@@ -28,7 +27,6 @@ _PAPER = Paper(
 @register_norm(
     "rep_batch_norm",
     functional=rep_batch_norm,
-    reference=ref.rep_batch_norm,
     layout="any",
     has_running_stats=True,
     batch_dependent=True,
@@ -160,7 +158,6 @@ class RepBatchNorm(NormBase):
 @register_norm(
     "prep_batch_norm",
     functional=prep_batch_norm,
-    reference=ref.prep_batch_norm,
     layout="token",
     has_running_stats=True,
     batch_dependent=True,

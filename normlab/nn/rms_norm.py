@@ -17,7 +17,6 @@ from torch import Tensor, nn
 from normlab.functional.rms_norm import crms_norm, partial_size, resolve_eps, rms_norm, scale_norm
 from normlab.nn._base import NormBase, check_layout, check_num_features
 from normlab.registry import Paper, register_norm
-from normlab.testing import reference as ref
 
 __all__ = ["CRMSNorm", "PartialRMSNorm", "RMSNorm", "SRMSNorm", "ScaleNorm"]
 
@@ -40,7 +39,6 @@ def _torch_rms_norm(num_features: int, kw: dict[str, Any]) -> nn.Module | None:
 @register_norm(
     "rms_norm",
     functional=rms_norm,
-    reference=ref.rms_norm,
     layout="any",
     aliases=("rms",),
     paper=_RMS_PAPER,
@@ -137,7 +135,6 @@ class RMSNorm(NormBase):
 @register_norm(
     "prms_norm",
     functional=rms_norm,
-    reference=ref.rms_norm,
     layout="any",
     aliases=("prms", "partial_rms_norm"),
     paper=_RMS_PAPER,
@@ -180,7 +177,6 @@ class PartialRMSNorm(RMSNorm):
 @register_norm(
     "srms_norm",
     functional=rms_norm,
-    reference=ref.rms_norm,
     layout="any",
     aliases=("srms", "simple_rms_norm"),
     paper=Paper(
@@ -218,7 +214,6 @@ class SRMSNorm(RMSNorm):
 @register_norm(
     "crms_norm",
     functional=crms_norm,
-    reference=ref.crms_norm,
     layout="any",
     aliases=("crms", "compressed_rms_norm"),
     paper=Paper(
@@ -297,7 +292,6 @@ class CRMSNorm(NormBase):
 @register_norm(
     "scale_norm",
     functional=scale_norm,
-    reference=ref.scale_norm,
     layout="any",
     aliases=("scalenorm",),
     paper=Paper(

@@ -13,7 +13,6 @@ from torch import Tensor, nn
 from normlab.functional.unified_norm import unified_norm
 from normlab.nn._base import FoldedAffine, NormBase, check_layout, check_num_features
 from normlab.registry import Paper, register_norm
-from normlab.testing import reference_batchstat as ref
 
 __all__ = ["UnifiedNorm"]
 
@@ -31,7 +30,6 @@ def _window_sizes(window_size: Any) -> tuple[int, int]:
 @register_norm(
     "unified_norm",
     functional=unified_norm,
-    reference=ref.unified_norm,
     layout="token",
     has_running_stats=True,
     batch_dependent=True,

@@ -2,7 +2,8 @@
 norm kernels), shared by the contract tests and the benchmarks.
 
 Each reference has the signature ``reference(module, x, mask=None) -> Tensor``: it reads the module's
-parameters, buffers and ``training`` flag, computes in float64 and does **not** update any state.
+parameters, buffers and ``training`` flag, computes in float64 and does **not** update any state. Each registers
+itself by norm name (``@register_reference``), which is how :attr:`NormSpec.reference` finds it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import Any, overload
 
 import torch
 from torch import Tensor
+
+from normlab.registry import register_reference
 
 __all__ = [
     "batch_norm",
@@ -48,6 +51,7 @@ def _affine(y: Tensor, m: Any) -> Tensor:
     return y
 
 
+@register_reference("layer_norm")
 def layer_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
     x = x.to(torch.float64)
     if isinstance(m.normalized_shape, tuple):
@@ -61,6 +65,7 @@ def layer_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
     return _affine((xl - mu) / torch.sqrt(var + m.eps), m).movedim(-1, m.channel_dim)
 
 
+@register_reference("rms_norm", "prms_norm", "srms_norm")
 def rms_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
     """RMSNorm, pRMSNorm (``m.k``) and SRMSNorm, with either eps placement."""
     xl = _last(x.to(torch.float64), m.channel_dim)
@@ -73,6 +78,7 @@ def rms_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
     return _affine(y, m).movedim(-1, m.channel_dim)
 
 
+@register_reference("crms_norm")
 def crms_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
     """CRMSNorm via its definition: rebuild the full zero-mean vector and take LayerNorm's first d-1 outputs."""
     z = _last(x.to(torch.float64), m.channel_dim)
@@ -82,21 +88,25 @@ def crms_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
     return _affine(y, m).movedim(-1, m.channel_dim)
 
 
+@register_reference("scale_norm")
 def scale_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
     xl = _last(x.to(torch.float64), m.channel_dim)
     norm = torch.sqrt((xl**2).sum(-1, keepdim=True)).clamp_min(m.eps)
     return (xl * to64(m.scale) / norm).movedim(-1, m.channel_dim)
 
 
+@register_reference("dyt")
 def dyt(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
     xl = _last(x.to(torch.float64), m.channel_dim)
     return _affine(torch.tanh(to64(m.alpha) * xl), m).movedim(-1, m.channel_dim)
 
 
+@register_reference("identity")
 def identity(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
     return x.to(torch.float64)
 
 
+@register_reference("group_norm")
 def group_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
     xc = x.to(torch.float64).movedim(m.channel_dim, 1)
     n, c = xc.shape[:2]
@@ -118,6 +128,7 @@ def _per_channel(y: Tensor, m: Any, shape: list[int]) -> Tensor:
     return y
 
 
+@register_reference("instance_norm")
 def instance_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
     xc = x.to(torch.float64).movedim(m.channel_dim, 1)
     shape = [1, xc.shape[1]] + [1] * (xc.dim() - 2)
@@ -130,6 +141,7 @@ def instance_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
     return _per_channel((xc - mu) / torch.sqrt(var + m.eps), m, shape).movedim(1, m.channel_dim)
 
 
+@register_reference("batch_norm")
 def batch_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
     """BatchNorm with batch statistics over valid positions (train, or no running stats) or running stats."""
     xl = _last(x.to(torch.float64), m.channel_dim)

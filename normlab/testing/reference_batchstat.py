@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from normlab.registry import get_norm, register_reference
+
 __all__ = ["power_norm", "prep_batch_norm", "rep_batch_norm", "unified_norm"]
 
 
@@ -48,6 +50,7 @@ def _group_rms(x: Tensor, groups: int, eps: float = 1e-5) -> Tensor:
     return torch.cat(parts, dim=-1)
 
 
+@register_reference("power_norm")
 def power_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
     """GroupScaling, then the batch quadratic mean while ``t <= warmup_iters``, else the old ``running_phi``."""
     xg = x.to(torch.float64)
@@ -60,6 +63,7 @@ def power_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
     return _affine(xg / torch.sqrt(stat + m.eps), m)
 
 
+@register_reference("unified_norm")
 def unified_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
     """The statistic step ``t = iters + 1`` would use (batch moment / window geometric mean / outlier fallback)."""
     xd = x.to(torch.float64)
@@ -97,21 +101,19 @@ def _rep_bn(m: Any, xl: Tensor, mask: Tensor | None, training: bool) -> Tensor:
     return bn + _t64(m.alpha) * xl
 
 
+@register_reference("rep_batch_norm")
 def rep_batch_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
     xl = x.to(torch.float64).movedim(m.channel_dim, -1)
     return _rep_bn(m, xl, mask, m.training).movedim(-1, m.channel_dim)
 
 
+@register_reference("prep_batch_norm")
 def prep_batch_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
     """Eval: RepBN. Training: norm1 in the warm phase, else ``λ·norm1 + (1−λ)·RepBN`` with λ = r0·iter/total."""
-    from normlab.registry import get_norm
-
     xd = x.to(torch.float64)
     if not m.training:
         return _rep_bn(m.norm2, xd, mask, False)
-    ref1 = get_norm(type(m.norm1)).reference
-    assert ref1 is not None
-    ln = ref1(m.norm1, xd)
+    ln = get_norm(type(m.norm1)).reference(m.norm1, xd)
     if int(m.warm) > 0:
         return ln
     total = int(m.total_step)
