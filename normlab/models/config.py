@@ -1,12 +1,8 @@
-"""Configuration of the reference Transformers (:class:`TransformerConfig`) and the placement constants.
+"""Configuration of the reference Transformers (:class:`TransformerConfig`).
 
-The placements come from: Post-LN (Vaswani et al. 2017, https://arxiv.org/abs/1706.03762), Pre-LN
-(Xiong et al. 2020, https://arxiv.org/abs/2002.04745), Peri-LN (Kim et al. 2025, https://arxiv.org/abs/2502.02732),
-Sandwich-LN (CogView, https://arxiv.org/abs/2105.13290), Mix-LN (Li et al. 2024, https://arxiv.org/abs/2412.13795),
-LayerNorm Scaling (Sun et al. 2025, https://arxiv.org/abs/2502.05795), DeepNorm (Wang et al. 2022,
-https://arxiv.org/abs/2203.00555) and NormFormer (Shleifer et al. 2021, https://arxiv.org/abs/2110.09456);
-QK-norm from Henry et al. 2020 (https://arxiv.org/abs/2010.04245) and σReparam from Zhai et al. 2023
-(https://arxiv.org/abs/2303.06296). See ``shared/specs/placement.md``.
+Which placements exist, and the slots each builds, come from the placement table
+(:mod:`normlab.models.placement`, where the papers are listed); QK-norm from Henry et al. 2020
+(https://arxiv.org/abs/2010.04245) and σReparam from Zhai et al. 2023 (https://arxiv.org/abs/2303.06296).
 """
 
 from __future__ import annotations
@@ -17,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from normlab.models.placement import NORM_SLOTS, PLACEMENT_SPECS, block_placements, deepnorm_coefficients
 from normlab.registry import get_norm
 
 __all__ = [
@@ -28,34 +25,10 @@ __all__ = [
     "deepnorm_coefficients",
 ]
 
-PLACEMENTS = ("pre", "post", "peri", "mix", "lns", "deepnorm", "sandwich", "normformer")
+# The built-in placements, in the order of the placement table.
+PLACEMENTS = tuple(PLACEMENT_SPECS)
 QK_NORMS = ("none", "l2", "rms", "layer")
 MLP_KINDS = ("gelu", "swiglu")
-# "mlp_inner" is NormFormer's norm on the FFN hidden (d_ffn wide); the others are d_model wide.
-NORM_SLOTS = ("attn_in", "attn_out", "mlp_in", "mlp_out", "qk", "final", "mlp_inner")
-
-
-def deepnorm_coefficients(n_layers: int, arch: str = "decoder") -> tuple[float, float]:
-    """DeepNorm's residual multiplier α and init gain β for ``n_layers`` blocks.
-
-    Wang et al. 2022 (https://arxiv.org/abs/2203.00555): encoder-only with N blocks and decoder-only with M blocks
-    both use ``α = (2L)^{1/4}``, ``β = (8L)^{-1/4}``.
-
-    Args:
-        n_layers: number of blocks ``L`` (not sublayers).
-        arch: ``"decoder"`` (decoder-only) or ``"encoder"`` (encoder-only).
-
-    Returns:
-        ``(alpha, beta)``.
-
-    >>> [round(c, 3) for c in deepnorm_coefficients(12)]
-    [2.213, 0.32]
-    """
-    if arch not in ("decoder", "encoder"):
-        raise ValueError(f"deepnorm_coefficients: expected arch 'decoder' or 'encoder', got {arch!r}")
-    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
-        raise ValueError(f"deepnorm_coefficients: expected n_layers to be an int >= 1, got {n_layers!r}")
-    return (2.0 * n_layers) ** 0.25, (8.0 * n_layers) ** -0.25
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -97,7 +70,8 @@ class TransformerConfig:
             ``{"norm": choice, "kwargs": {...}}``: with ``norm`` the slot gets that norm with exactly ``kwargs``;
             without it the slot keeps its default norm and ``kwargs`` is merged over its default kwargs (e.g.
             ``{"attn_in": {"kwargs": {"alpha_init": 1.0}}}``). A slot the placement does not have is an error.
-        placement: ``pre | post | peri | mix | lns | deepnorm | sandwich | normformer``.
+        placement: a row of the placement table (:data:`~normlab.models.placement.PLACEMENT_SPECS`):
+            ``pre | post | peri | mix | lns | deepnorm | sandwich | normformer``.
         qk_norm: ``none | l2 | rms | layer``; ``l2`` is QKNorm (unit q, k per head and a learnable logit scale g,
             init ``log2(T^2 - T)`` with ``T = max_seq_len`` (decoder) or the token count (ViT), replacing
             ``1/sqrt(d_head)``); ``rms``/``layer`` normalise q and k with ``rms_norm``/``layer_norm`` (or the ``qk``
@@ -163,8 +137,10 @@ class TransformerConfig:
             )
         if self.mlp not in MLP_KINDS:
             raise ValueError(f"TransformerConfig: expected mlp in {MLP_KINDS}, got {self.mlp!r}")
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"TransformerConfig: expected placement in {PLACEMENTS}, got {self.placement!r}")
+        if self.placement not in PLACEMENT_SPECS:
+            raise ValueError(
+                f"TransformerConfig: expected placement in {tuple(PLACEMENT_SPECS)}, got {self.placement!r}"
+            )
         if self.qk_norm not in QK_NORMS:
             raise ValueError(f"TransformerConfig: expected qk_norm in {QK_NORMS}, got {self.qk_norm!r}")
         if self.qk_norm == "l2" and not self.qk_norm_per_head:
@@ -223,7 +199,7 @@ class TransformerConfig:
         if unused:
             mix = (
                 f" (mix_alpha={self.mix_alpha}: {self.n_post_layers} of {self.n_layers} blocks Post-LN)"
-                if self.placement == "mix"
+                if PLACEMENT_SPECS[self.placement].mixes is not None
                 else ""
             )
             raise ValueError(
@@ -245,23 +221,15 @@ class TransformerConfig:
     @property
     def n_post_layers(self) -> int:
         """Mix-LN: the number ``floor(mix_alpha * n_layers)`` of leading Post-LN blocks (0 for other placements)."""
-        return math.floor(self.mix_alpha * self.n_layers) if self.placement == "mix" else 0
+        if PLACEMENT_SPECS[self.placement].mixes is None:
+            return 0
+        return math.floor(self.mix_alpha * self.n_layers)
 
     def slots_in_use(self) -> tuple[str, ...]:
-        """The norm slots this configuration builds (the keys ``norm_overrides`` may name)."""
-        slots: list[str] = []
-        # Mix-LN builds its first n_post_layers blocks Post-LN (after-add norms only) and the rest Pre-LN (input norms
-        # only), so a slot is in use only if some block has it: mix_alpha = 1 has no Pre-LN block, 0 no Post-LN block.
-        some_pre = self.placement == "mix" and self.n_post_layers < self.n_layers
-        some_post = self.placement == "mix" and self.n_post_layers > 0
-        if self.placement in ("pre", "peri", "lns", "sandwich", "normformer") or some_pre:
-            slots += ["attn_in", "mlp_in"]
-        if self.placement in ("post", "peri", "deepnorm", "sandwich", "normformer") or some_post:
-            slots.append("attn_out")
-        if self.placement in ("post", "peri", "deepnorm", "sandwich") or some_post:
-            slots.append("mlp_out")
-        if self.placement == "normformer":
-            slots.append("mlp_inner")
+        """The norm slots this configuration builds (the keys ``norm_overrides`` may name): the slots of every
+        block's placement row (Mix-LN: only of the parts some block uses, so mix_alpha = 1 has no Pre-LN slot),
+        plus ``qk`` and ``final`` when those options are on."""
+        slots = [s for p in set(block_placements(self)) for s in PLACEMENT_SPECS[p].slots]
         if self.qk_norm in ("rms", "layer"):
             slots.append("qk")
         if self.final_norm:

@@ -2,7 +2,7 @@
 :class:`~normlab.models.block.Block` stack as the decoder, non-causal.
 
 Dosovitskiy et al., "An Image is Worth 16x16 Words", https://arxiv.org/abs/2010.11929. Placement schemes as in
-:mod:`normlab.models.transformer` (``shared/specs/placement.md``); DeepNorm uses its encoder-only α/β.
+:mod:`normlab.models.placement`; DeepNorm uses its encoder-only α/β.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from normlab.models import PLACEMENTS, DecoderLM, TransformerConfig, deepnorm_coefficients
+from normlab.models import DecoderLM, TransformerConfig, deepnorm_coefficients
 from normlab.nn import LayerNorm
 
 
@@ -138,10 +138,6 @@ def test_mix_slots_in_use_are_the_slots_the_model_builds() -> None:
             if getattr(b, f"{slot}_norm") is not None
         }
         assert built | {"final"} == set(cfg.slots_in_use()), (n_layers, mix_alpha)
-
-
-def test_every_placement_is_listed() -> None:
-    assert set(PLACEMENTS) == {"pre", "post", "peri", "mix", "lns", "deepnorm", "sandwich", "normformer"}
 
 
 @pytest.mark.parametrize(("m", "alpha", "beta"), [(6, 1.861, 0.380), (12, 2.213, 0.320), (24, 2.632, 0.269)])
