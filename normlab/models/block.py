@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+import torch
 from torch import Tensor, nn
 
 from normlab.models.config import TransformerConfig
@@ -45,7 +46,8 @@ class Block(nn.Module):
     peri          ``x + N_out(F(N_in(x)))``                              A + B
     sandwich      same as peri (the model adds scaled init)              A + B
     normformer    attn: ``x + N_out(HeadScale-MHA(N_in(x)))``;            A, B on attention only,
-                  FFN: ``x + fc2(N_inner(act(fc1 N_in(x))))``            FFN inner norm, head scale
+                  FFN: ``x + fc2(N_inner(act(fc1 N_in(x))))``            FFN inner norm, head scale;
+                  (``λ ⊙ x + ...`` with ``resid_scale``)                 optional ResScale λ
     post          ``N_out(x + F(x))``                                    C
     deepnorm      ``N_out(α x + F(x))``                                  C, ``resid_alpha`` = α
     ============  =====================================================  ==============================
@@ -62,6 +64,8 @@ class Block(nn.Module):
         resid_alpha: multiplier of the skip path (DeepNorm α, else 1).
         branch_scale: constant multiplying the input-norm outputs (LNS ``1/sqrt(ℓ)``, else 1).
         out_norm_position: where ``attn_out_norm``/``mlp_out_norm`` sit.
+        resid_scale: NormFormer's ResScale λ, a ``(d_model,)`` parameter on the FFN skip path (``config.resid_scale``),
+            else ``None``.
 
     Args:
         config: the model config.
@@ -106,6 +110,9 @@ class Block(nn.Module):
         self.attn = Attention(config, n_tokens=n_tokens, head_scale=spec.head_scale)
         self.mlp = MLP(config, inner_norm=norm("mlp_inner", config.d_ffn))
         self.drop = nn.Dropout(config.dropout)
+        # NormFormer's ResScale λ (per dimension, init 1) on the FFN skip path.
+        use_resid_scale = config.resid_scale and "resid_scale" in spec.options
+        self.resid_scale = nn.Parameter(torch.ones(config.d_model)) if use_resid_scale else None
 
     def forward(
         self, x: Tensor, mask: Tensor | None = None, attn_mask: Tensor | None = None, is_causal: bool = False
@@ -120,7 +127,7 @@ class Block(nn.Module):
             return self.mlp(h, mask)
 
         x = self._sublayer(x, attn, self.attn_in_norm, self.attn_out_norm, mask)
-        x = self._sublayer(x, mlp, self.mlp_in_norm, self.mlp_out_norm, mask)
+        x = self._sublayer(x, mlp, self.mlp_in_norm, self.mlp_out_norm, mask, skip_gain=self.resid_scale)
         return x
 
     def _sublayer(
@@ -130,15 +137,19 @@ class Block(nn.Module):
         norm_in: nn.Module | None,
         norm_out: nn.Module | None,
         mask: Tensor | None = None,
+        skip_gain: Tensor | None = None,
     ) -> Tensor:
-        """One residual sublayer, ``x ← N_C(α·x + Drop(N_B(F(s · N_A(x)))))``.
+        """One residual sublayer, ``x ← N_C(α·λ⊙x + Drop(N_B(F(s · N_A(x)))))``.
 
         ``N_A`` is ``norm_in``; ``norm_out`` is ``N_B`` or ``N_C`` as ``out_norm_position`` says; a missing norm is
-        the identity; α = ``resid_alpha``, s = ``branch_scale``.
+        the identity; α = ``resid_alpha``, s = ``branch_scale``, λ = ``skip_gain`` (ResScale; 1 when ``None``).
         """
         n_b, n_c = (norm_out, None) if self.out_norm_position == "branch" else (None, norm_out)
         y = apply_norm(n_b, f(_scaled(apply_norm(norm_in, x, mask), self.branch_scale)), mask)
-        return apply_norm(n_c, _scaled(x, self.resid_alpha) + self.drop(y), mask)
+        skip = _scaled(x, self.resid_alpha)
+        if skip_gain is not None:
+            skip = skip * skip_gain.to(skip.dtype)
+        return apply_norm(n_c, skip + self.drop(y), mask)
 
     def extra_repr(self) -> str:
         return (

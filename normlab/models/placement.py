@@ -157,6 +157,8 @@ class PlacementSpec:
         mixes: a model-level placement whose blocks use two other rows: ``(first, rest)``, the first
             ``config.n_post_layers`` blocks use ``first`` and the others ``rest`` (Mix-LN). Such a row has no
             block fields of its own.
+        options: the :class:`~normlab.models.TransformerConfig` options only this placement accepts
+            (``mix_post_layers``, ``resid_scale``); set with another placement they are an error.
         used_by: models and code bases that use the placement.
         papers: arXiv links.
     """
@@ -170,6 +172,7 @@ class PlacementSpec:
     init: InitRule | None = None
     head_scale: bool = False
     mixes: tuple[str, str] | None = None
+    options: tuple[str, ...] = ()
     used_by: str = ""
     papers: tuple[str, ...] = ()
 
@@ -226,6 +229,7 @@ PLACEMENT_SPECS: dict[str, PlacementSpec] = {
             "mix",
             "first ⌊αL⌋ blocks `post`, the rest `pre` (α = 0.25)",
             mixes=("post", "pre"),
+            options=("mix_post_layers",),
             used_by="Mix-LN",
             papers=("https://arxiv.org/abs/2412.13795",),
         ),
@@ -262,6 +266,7 @@ PLACEMENT_SPECS: dict[str, PlacementSpec] = {
             slots=("attn_in", "attn_out", "mlp_in", "mlp_inner"),
             out_norm_position="branch",
             head_scale=True,
+            options=("resid_scale",),
             used_by="NormFormer, open_clip",
             papers=("https://arxiv.org/abs/2110.09456",),
         ),

@@ -8,6 +8,7 @@ placement table (:mod:`normlab.models.placement`: Sandwich-LN's scaled init, Dee
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import cast
 
@@ -20,6 +21,7 @@ from normlab.models.config import TransformerConfig
 from normlab.models.layers import apply_norm, build_slot_norm
 from normlab.models.placement import PLACEMENT_SPECS, block_placements
 from normlab.nn.sigma_reparam import SigmaReparamLinear
+from normlab.registry import create_norm
 
 __all__ = [
     "DYT_ALPHA_DECODER",
@@ -28,6 +30,7 @@ __all__ = [
     "ModelOutput",
     "block_placements",
     "build_blocks",
+    "build_embed_norm",
     "init_transformer_weights",
 ]
 
@@ -63,6 +66,16 @@ def build_blocks(config: TransformerConfig, *, n_tokens: int, arch: str) -> nn.M
         Block(config, i + 1, p, n_tokens=n_tokens, arch=arch, dyt_alpha=dyt_alpha)
         for i, p in enumerate(block_placements(config))
     )
+
+
+def build_embed_norm(config: TransformerConfig) -> nn.Module | None:
+    """The norm on the embedding output (``config.embed_norm``), or ``None``."""
+    value = config.embed_norm
+    if value is None:
+        return None
+    choice, kwargs = (value["norm"], dict(value.get("kwargs", {}))) if isinstance(value, Mapping) else (value, {})
+    kwargs.setdefault("channel_dim", -1)
+    return create_norm(choice, config.d_model, **kwargs)
 
 
 def _linear_like(m: nn.Module) -> bool:
@@ -118,7 +131,13 @@ class DecoderLM(nn.Module):
     configured placement, an optional final norm and a linear LM head (not tied).
 
     Module names (the contract diagnostics, surgery and the lab use): ``embed``, ``pos_embed`` (a parameter of shape
-    ``(1, max_seq_len, d_model)``), ``blocks``, ``final_norm`` (or ``None``), ``lm_head``.
+    ``(1, max_seq_len, d_model)``), ``embed_norm`` (or ``None``), ``blocks``, ``final_norm`` (or ``None``),
+    ``lm_head``.
+
+    The embedding output (``hidden_states[0]``) is ``x₁ = N_emb(c · embed(ids) + pos_embed)``, with ``c`` =
+    ``config.embed_scale`` (Gemma's √d; default none) and ``N_emb`` = ``config.embed_norm`` (default none). Without
+    them the embedding has std 0.02 while every Peri-LN branch adds a unit-variance vector, so the token itself is a
+    small part of the first block's output; Gemma scales it, OLMo-core's Peri-LN ladder offers an embedding norm.
 
     DyT α₀ (when a slot's norm is ``dyt`` and no ``alpha_init`` is given; :data:`DYT_ALPHA_DECODER`). The DyT
     paper's LLaMA recipe (Zhu et al. 2025, https://arxiv.org/abs/2503.10622) sets one α₀ for the attention-input DyT
@@ -167,6 +186,8 @@ class DecoderLM(nn.Module):
         d = config.d_model
         self.embed = nn.Embedding(config.vocab_size, d)
         self.pos_embed = nn.Parameter(torch.zeros(1, config.max_seq_len, d))
+        self.embed_scale = config.embed_multiplier
+        self.embed_norm = build_embed_norm(config)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = build_blocks(config, n_tokens=config.max_seq_len, arch="decoder")
         self.final_norm = (
@@ -210,7 +231,10 @@ class DecoderLM(nn.Module):
         n = input_ids.shape[1]
         mask = attention_mask.bool() if attention_mask is not None else None
         attn_mask = causal_padding_mask(attention_mask, self.config.causal) if attention_mask is not None else None
-        x = self.drop(self.embed(input_ids) + self.pos_embed[:, :n])
+        tokens = self.embed(input_ids)
+        if self.embed_scale is not None:
+            tokens = tokens * self.embed_scale
+        x = self.drop(apply_norm(self.embed_norm, tokens + self.pos_embed[:, :n], mask))
         hidden: list[Tensor] = [x]
         for block in self.blocks:
             x = block(x, mask, attn_mask, self.config.causal)

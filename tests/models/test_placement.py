@@ -184,3 +184,11 @@ def test_a_new_row_is_all_a_placement_needs(monkeypatch: pytest.MonkeyPatch) -> 
     torch.testing.assert_close(y, h + apply_norm(block.mlp_out_norm, seen["mlp"], None))
     ids = torch.randint(0, 256, (2, N))
     assert torch.isfinite(model(ids, labels=ids).loss)
+
+
+def test_row_options_are_config_fields() -> None:
+    fields = set(TransformerConfig.__dataclass_fields__)
+    for spec in PLACEMENT_SPECS.values():
+        assert set(spec.options) <= fields, spec.name
+    assert PLACEMENT_SPECS["normformer"].options == ("resid_scale",)
+    assert PLACEMENT_SPECS["mix"].options == ("mix_post_layers",)
