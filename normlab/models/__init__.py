@@ -1,6 +1,7 @@
 """Small reference models: a decoder-only LM and a ViT-style encoder built from one parameterised block that
 expresses every norm placement (Post-/Pre-/Peri-/Sandwich-LN, Mix-LN, LayerNorm Scaling, DeepNorm, NormFormer),
-with QK-norm and σReparam options. See ``shared/specs/placement.md`` and the papers named in each module.
+with QK-norm and σReparam options. The placements are the rows of one table (:mod:`normlab.models.placement`), which
+also names their papers.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from normlab.models.block import BLOCK_PLACEMENTS, Block
 from normlab.models.cnn import CNNConfig, DigitsCNN
 from normlab.models.config import NORM_SLOTS, PLACEMENTS, QK_NORMS, TransformerConfig, deepnorm_coefficients
 from normlab.models.layers import MLP, Attention
+from normlab.models.placement import PLACEMENT_SPECS, PlacementSpec, get_placement
 from normlab.models.transformer import DecoderLM, ModelOutput, block_placements
 from normlab.models.vit import ViTEncoder
 
@@ -17,6 +19,7 @@ __all__ = [
     "MLP",
     "NORM_SLOTS",
     "PLACEMENTS",
+    "PLACEMENT_SPECS",
     "QK_NORMS",
     "Attention",
     "Block",
@@ -24,8 +27,10 @@ __all__ = [
     "DecoderLM",
     "DigitsCNN",
     "ModelOutput",
+    "PlacementSpec",
     "TransformerConfig",
     "ViTEncoder",
     "block_placements",
     "deepnorm_coefficients",
+    "get_placement",
 ]

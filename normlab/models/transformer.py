@@ -1,16 +1,14 @@
 """Compact decoder-only language model (:class:`DecoderLM`) with every norm placement, and the helpers the ViT shares
 (model output, block stack, initialisation rules).
 
-Placements and init rules follow ``shared/specs/placement.md``: GPT-2 init N(0, 0.02) (Radford et al. 2019),
-Sandwich-LN scaled init 0.02/√(2L) (CogView, https://arxiv.org/abs/2105.13290), DeepNorm α/β
-(https://arxiv.org/abs/2203.00555), LayerNorm Scaling (https://arxiv.org/abs/2502.05795), Mix-LN
-(https://arxiv.org/abs/2412.13795), σReparam (https://arxiv.org/abs/2303.06296), DyT α₀
-(https://arxiv.org/abs/2503.10622).
+GPT-2 init N(0, 0.02) (Radford et al. 2019) for every placement, then each placement's own init rule from the
+placement table (:mod:`normlab.models.placement`: Sandwich-LN's scaled init, DeepNorm's β); σReparam
+(https://arxiv.org/abs/2303.06296); DyT α₀ (Zhu et al. 2025, https://arxiv.org/abs/2503.10622).
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import cast
 
@@ -19,9 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normlab.models.block import Block
-from normlab.models.config import TransformerConfig, deepnorm_coefficients
+from normlab.models.config import TransformerConfig
 from normlab.models.layers import apply_norm, build_slot_norm
+from normlab.models.placement import PLACEMENT_SPECS, block_placements
 from normlab.nn.sigma_reparam import SigmaReparamLinear
+from normlab.registry import create_norm
 
 __all__ = [
     "DYT_ALPHA_DECODER",
@@ -30,10 +30,11 @@ __all__ = [
     "ModelOutput",
     "block_placements",
     "build_blocks",
+    "build_embed_norm",
     "init_transformer_weights",
 ]
 
-# DyT α₀ defaults (ln-replacements.md §4.4). Decoder LMs: the LLaMA recipe's smallest listed model (7B) uses
+# DyT α₀ defaults (Zhu et al. 2025, the LLaMA recipe). Decoder LMs: the LLaMA recipe's smallest listed model (7B) uses
 # 0.8 for the attention-input DyT and 0.2 for the FFN-input and final DyT; the rule "wider models need smaller α₀"
 # means a small model should not go below these, so we take them as the small-model default. Every slot other than
 # attn_in uses the FFN value (a DyT qk norm keeps DyT's own 0.5). Encoders (ViT, non-LLM tasks): 0.5 everywhere.
@@ -58,15 +59,6 @@ class ModelOutput:
     hidden_states: tuple[Tensor, ...] | None = None
 
 
-def block_placements(config: TransformerConfig) -> list[str]:
-    """The effective placement of each block: Mix-LN makes the first ``floor(mix_alpha * L)`` blocks ``"post"`` and
-    the rest ``"pre"``; every other placement is the same for all blocks."""
-    if config.placement == "mix":
-        k = config.n_post_layers
-        return ["post" if i < k else "pre" for i in range(config.n_layers)]
-    return [config.placement] * config.n_layers
-
-
 def build_blocks(config: TransformerConfig, *, n_tokens: int, arch: str) -> nn.ModuleList:
     """The block stack, with 1-based ``layer_idx`` and the effective placement per block."""
     dyt_alpha = DYT_ALPHA_DECODER if arch == "decoder" else DYT_ALPHA_ENCODER
@@ -76,20 +68,30 @@ def build_blocks(config: TransformerConfig, *, n_tokens: int, arch: str) -> nn.M
     )
 
 
+def build_embed_norm(config: TransformerConfig) -> nn.Module | None:
+    """The norm on the embedding output (``config.embed_norm``), or ``None``."""
+    value = config.embed_norm
+    if value is None:
+        return None
+    choice, kwargs = (value["norm"], dict(value.get("kwargs", {}))) if isinstance(value, Mapping) else (value, {})
+    kwargs.setdefault("channel_dim", -1)
+    return create_norm(choice, config.d_model, **kwargs)
+
+
 def _linear_like(m: nn.Module) -> bool:
     return isinstance(m, (nn.Linear, SigmaReparamLinear))
 
 
 @torch.no_grad()
 def init_transformer_weights(model: nn.Module, config: TransformerConfig, *, arch: str) -> None:
-    """Initialise linear, embedding and block weights by the rules of the placement (spec §1.1, §5.1, §8.1, §9.1).
+    """Initialise linear, embedding and block weights: the GPT-2 init, then each block's placement rule.
 
     - Every linear (and conv patch embedding) weight and every embedding: N(0, ``init_std``); biases 0;
       ``pos_embed`` N(0, ``init_std / 2``) (GPT-2's 0.01 for 0.02). Norms keep their own ``reset_parameters``.
-    - ``sandwich``: ``out_proj`` and ``fc2``/``down_proj`` get N(0, ``init_std / sqrt(2L)``) (CogView).
-    - ``deepnorm``: Xavier-normal with gain β = (8L)^{-1/4} on ``v_proj``, ``out_proj`` and the FFN weights
-      (``fc1``, ``fc2`` or ``gate_proj``, ``up_proj``, ``down_proj``), gain 1 on ``q_proj``, ``k_proj`` (the paper's
-      pseudocode; torchscale instead divides its default init by 1/β, spec §5.2).
+    - Then, block by block, the ``init`` rule of the block's placement row (``PlacementSpec.init``):
+      ``sandwich``: ``out_proj`` and ``fc2``/``down_proj`` get N(0, ``init_std / sqrt(2L)``) (CogView);
+      ``deepnorm``: Xavier-normal with gain β = (8L)^{-1/4} on ``v_proj``, ``out_proj`` and the FFN weights, gain 1
+      on ``q_proj``, ``k_proj`` (the paper's pseudocode; torchscale instead divides its default init by 1/β).
     - ``sigma_reparam``: after all of that, each σReparam linear recomputes ``u``, σ and γ from its new weight.
     """
     for m in model.modules():
@@ -100,22 +102,10 @@ def init_transformer_weights(model: nn.Module, config: TransformerConfig, *, arc
     pos_embed = getattr(model, "pos_embed", None)
     if isinstance(pos_embed, nn.Parameter):
         nn.init.normal_(pos_embed, std=config.init_std / 2)
-    n_layers = config.n_layers
     for block in cast(nn.ModuleList, model.blocks):
-        attn, mlp = cast(nn.Module, block.attn), cast(nn.Module, block.mlp)
-        out_names = [("attn", "out_proj"), ("mlp", "fc2"), ("mlp", "down_proj")]
-        out_layers = [getattr(attn if o == "attn" else mlp, n) for o, n in out_names if hasattr(getattr(block, o), n)]
-        if block.placement == "sandwich":
-            for lin in out_layers:
-                nn.init.normal_(_param(lin, "weight"), std=config.init_std / math.sqrt(2 * n_layers))
-        if block.placement == "deepnorm":
-            beta = deepnorm_coefficients(n_layers, arch)[1]
-            for name in ("q_proj", "k_proj"):
-                nn.init.xavier_normal_(_param(getattr(attn, name), "weight"), gain=1.0)
-            ffn_names = ("fc1", "fc2", "gate_proj", "up_proj", "down_proj")
-            ffn = [getattr(mlp, n) for n in ffn_names if hasattr(mlp, n)]
-            for lin in [getattr(attn, "v_proj"), getattr(attn, "out_proj"), *ffn]:  # noqa: B009
-                nn.init.xavier_normal_(_param(lin, "weight"), gain=beta)
+        rule = PLACEMENT_SPECS[cast(Block, block).placement].init
+        if rule is not None:
+            rule(block, config, arch)
     for m in model.modules():
         if isinstance(m, SigmaReparamLinear):
             m.reset_sigma()
@@ -141,13 +131,19 @@ class DecoderLM(nn.Module):
     configured placement, an optional final norm and a linear LM head (not tied).
 
     Module names (the contract diagnostics, surgery and the lab use): ``embed``, ``pos_embed`` (a parameter of shape
-    ``(1, max_seq_len, d_model)``), ``blocks``, ``final_norm`` (or ``None``), ``lm_head``.
+    ``(1, max_seq_len, d_model)``), ``embed_norm`` (or ``None``), ``blocks``, ``final_norm`` (or ``None``),
+    ``lm_head``.
 
-    DyT α₀ (when a slot's norm is ``dyt`` and no ``alpha_init`` is given; :data:`DYT_ALPHA_DECODER`). The DyT paper's
-    LLaMA recipe (``shared/specs/ln-replacements.md`` §4.4) sets one α₀ for the attention-input DyT and a smaller
-    one for the FFN-input and final DyT; we use its smallest listed model's values (7B: 0.8 and 0.2), since wider
-    models need smaller α₀ and ours are narrow. The recipe only has Pre-LN slots, so the rest is our choice, made
-    by slot, not by what the norm's output feeds:
+    The embedding output (``hidden_states[0]``) is ``x₁ = N_emb(c · embed(ids) + pos_embed)``, with ``c`` =
+    ``config.embed_scale`` (Gemma's √d; default none) and ``N_emb`` = ``config.embed_norm`` (default none). Without
+    them the embedding has std 0.02 while every Peri-LN branch adds a unit-variance vector, so the token itself is a
+    small part of the first block's output; Gemma scales it, OLMo-core's Peri-LN ladder offers an embedding norm.
+
+    DyT α₀ (when a slot's norm is ``dyt`` and no ``alpha_init`` is given; :data:`DYT_ALPHA_DECODER`). The DyT
+    paper's LLaMA recipe (Zhu et al. 2025, https://arxiv.org/abs/2503.10622) sets one α₀ for the attention-input DyT
+    and a smaller one for the FFN-input and final DyT; we use its smallest listed model's values (7B: 0.8 and 0.2),
+    since wider models need smaller α₀ and ours are narrow. The recipe only has Pre-LN slots, so the rest is our
+    choice, made by slot, not by what the norm's output feeds:
 
     ================================  =======================================  ===================
     slot                              placements that have it                  α₀
@@ -165,7 +161,7 @@ class DecoderLM(nn.Module):
     ================================  =======================================  ===================
 
     So a Post-LN or DeepNorm decoder starts every DyT at 0.2, even though its after-add norm after the FFN feeds
-    the next block's attention. The spec gives no value for Post-LN placements (the recipe is for Pre-LN LLaMA); to
+    the next block's attention. The paper gives no value for Post-LN placements (the recipe is for Pre-LN LLaMA); to
     use 0.8 there pass ``norm_overrides={"mlp_out": {"kwargs": {"alpha_init": 0.8}}}``. The recipe's
     other LLaMA changes (no β, a learnable √d multiplier after the token embedding) are not applied: ``dyt`` keeps
     its β and the embedding is unscaled. :class:`~normlab.models.ViTEncoder` uses 0.5 in every slot
@@ -190,6 +186,8 @@ class DecoderLM(nn.Module):
         d = config.d_model
         self.embed = nn.Embedding(config.vocab_size, d)
         self.pos_embed = nn.Parameter(torch.zeros(1, config.max_seq_len, d))
+        self.embed_scale = config.embed_multiplier
+        self.embed_norm = build_embed_norm(config)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = build_blocks(config, n_tokens=config.max_seq_len, arch="decoder")
         self.final_norm = (
@@ -233,7 +231,10 @@ class DecoderLM(nn.Module):
         n = input_ids.shape[1]
         mask = attention_mask.bool() if attention_mask is not None else None
         attn_mask = causal_padding_mask(attention_mask, self.config.causal) if attention_mask is not None else None
-        x = self.drop(self.embed(input_ids) + self.pos_embed[:, :n])
+        tokens = self.embed(input_ids)
+        if self.embed_scale is not None:
+            tokens = tokens * self.embed_scale
+        x = self.drop(apply_norm(self.embed_norm, tokens + self.pos_embed[:, :n], mask))
         hidden: list[Tensor] = [x]
         for block in self.blocks:
             x = block(x, mask, attn_mask, self.config.causal)

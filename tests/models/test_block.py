@@ -311,3 +311,29 @@ def test_block_argument_errors() -> None:
         Block(cfg, 1, "mix", n_tokens=N)
     with pytest.raises(ValueError, match="expected a 1-based layer_idx >= 1, got 0"):
         Block(cfg, 0, "pre", n_tokens=N)
+
+
+def test_normformer_resscale_scales_the_ffn_skip_path_only() -> None:
+    assert _block("normformer").resid_scale is None  # off by default
+    block, x = _block("normformer", resid_scale=True), _x()
+    assert isinstance(block.resid_scale, nn.Parameter)
+    torch.testing.assert_close(block.resid_scale.detach(), torch.ones(D, dtype=torch.float64))
+    plain = Block(_config("normformer"), 1, "normformer", n_tokens=N).double()
+    missing, unexpected = plain.load_state_dict(block.state_dict(), strict=False)
+    assert unexpected == ["resid_scale"] and not missing
+    torch.testing.assert_close(block(x, is_causal=True), plain(x, is_causal=True))  # λ = 1 at init: no change
+    lam = 0.5 + torch.rand(D, dtype=torch.float64)
+    with torch.no_grad():
+        block.resid_scale.copy_(lam)
+    s = _run(block, x)
+    h = x + block.attn_out_norm(s["attn_out"])  # the attention skip is not scaled
+    torch.testing.assert_close(s["mlp_in"], block.mlp_in_norm(h))
+    torch.testing.assert_close(s["y"], lam * h + s["mlp_out"])  # x ← λ ⊙ h + FFN(N(h))
+    s["y"].sum().backward()
+    assert block.resid_scale.grad is not None and block.resid_scale.grad.abs().sum() > 0
+
+
+def test_mix_ln_by_count_in_a_model() -> None:
+    model = DecoderLM(_config("mix", n_layers=8, mix_post_layers=3))
+    assert [b.placement for b in model.blocks] == ["post"] * 3 + ["pre"] * 5
+    assert block_placements(_config("mix", n_layers=8, mix_post_layers=0)) == ["pre"] * 8

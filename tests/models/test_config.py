@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from normlab.models import PLACEMENTS, DecoderLM, TransformerConfig, deepnorm_coefficients
+from normlab.models import DecoderLM, TransformerConfig, deepnorm_coefficients
 from normlab.nn import LayerNorm
 
 
@@ -140,10 +140,6 @@ def test_mix_slots_in_use_are_the_slots_the_model_builds() -> None:
         assert built | {"final"} == set(cfg.slots_in_use()), (n_layers, mix_alpha)
 
 
-def test_every_placement_is_listed() -> None:
-    assert set(PLACEMENTS) == {"pre", "post", "peri", "mix", "lns", "deepnorm", "sandwich", "normformer"}
-
-
 @pytest.mark.parametrize(("m", "alpha", "beta"), [(6, 1.861, 0.380), (12, 2.213, 0.320), (24, 2.632, 0.269)])
 def test_deepnorm_coefficients_match_the_spec_table(m: int, alpha: float, beta: float) -> None:
     a, b = deepnorm_coefficients(m, "decoder")
@@ -158,3 +154,91 @@ def test_deepnorm_coefficients_errors() -> None:
         deepnorm_coefficients(6, "encdec")
     with pytest.raises(ValueError, match="expected n_layers to be an int >= 1, got 0"):
         deepnorm_coefficients(0)
+
+
+def test_model_options_default_to_off() -> None:
+    cfg = TransformerConfig()
+    assert (cfg.embed_norm, cfg.embed_scale, cfg.mix_post_layers, cfg.resid_scale) == (None, None, None, False)
+    assert cfg.embed_multiplier is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"embed_scale": "sqrt"}, ValueError, r"expected embed_scale to be None, 'sqrt_d' or a positive .*got 'sqrt'"),
+        ({"embed_scale": 0}, ValueError, "expected embed_scale .* got 0"),
+        ({"embed_scale": -2.0}, ValueError, r"expected embed_scale .* got -2\.0"),
+        ({"embed_scale": math.inf}, ValueError, "expected embed_scale .* got inf"),
+        ({"embed_scale": True}, ValueError, "expected embed_scale .* got True"),
+        ({"embed_norm": 3}, TypeError, "expected embed_norm to be a registry key, a norm class or a partial, got int"),
+        ({"embed_norm": {"kwargs": {"eps": 1e-5}}}, ValueError, r"expected embed_norm to name a norm \('norm' key\)"),
+        ({"embed_norm": {"norm": "rms_norm", "kw": {}}}, ValueError, r"embed_norm has unknown keys \['kw'\]"),
+        ({"embed_norm": {"norm": "rms_norm", "kwargs": 1}}, TypeError, r"expected embed_norm\['kwargs'\] to be a dict"),
+        (
+            {"mix_post_layers": 1},
+            ValueError,
+            r"mix_post_layers=1 applies to placement in \('mix',\), got placement='pre'",
+        ),
+        (
+            {"placement": "mix", "mix_post_layers": 5},
+            ValueError,
+            r"expected mix_post_layers to be None or an int in \[0, n_layers=4\], got 5",
+        ),
+        ({"placement": "mix", "mix_post_layers": -1}, ValueError, "expected mix_post_layers .* got -1"),
+        ({"placement": "mix", "mix_post_layers": 1.0}, ValueError, r"expected mix_post_layers .* got 1\.0"),
+        (
+            {"placement": "mix", "mix_post_layers": 2, "mix_alpha": 0.5},
+            ValueError,
+            "as mix_alpha or as mix_post_layers, not both; got mix_alpha=0.5 and mix_post_layers=2",
+        ),
+        (
+            {"resid_scale": True},
+            ValueError,
+            r"resid_scale=True applies to placement in \('normformer',\), got .*'pre'",
+        ),
+        ({"placement": "normformer", "resid_scale": 1}, TypeError, "expected resid_scale to be a bool, got 1"),
+    ],
+)
+def test_invalid_model_options_raise(kwargs: dict, exc: type[Exception], match: str) -> None:
+    with pytest.raises(exc, match=match):
+        TransformerConfig(**kwargs)
+
+
+def test_unknown_embed_norm_key_raises_the_registry_keyerror() -> None:
+    with pytest.raises(KeyError, match="unknown norm 'layer_nrom'"):
+        TransformerConfig(embed_norm="layer_nrom")
+
+
+def test_embed_multiplier() -> None:
+    assert TransformerConfig(d_model=64, embed_scale="sqrt_d").embed_multiplier == 8.0
+    assert TransformerConfig(embed_scale=2.5).embed_multiplier == 2.5
+    assert TransformerConfig(embed_scale=3).embed_multiplier == 3.0
+
+
+def test_mix_by_count_keeps_the_block_that_floor_alpha_l_loses() -> None:
+    # 15/22 * 22 is 14.999999999999998 in binary floating point, so the α form gives 14 Post-LN blocks, not 15.
+    by_alpha = TransformerConfig(placement="mix", n_layers=22, mix_alpha=15 / 22)
+    by_count = TransformerConfig(placement="mix", n_layers=22, mix_post_layers=15)
+    assert by_alpha.n_post_layers == 14
+    assert by_count.n_post_layers == 15
+    assert TransformerConfig(placement="mix", n_layers=4, mix_post_layers=0).n_post_layers == 0
+    assert TransformerConfig(placement="mix", n_layers=4, mix_post_layers=4).slots_in_use() == (
+        "attn_out",
+        "mlp_out",
+        "final",
+    )
+    with pytest.raises(ValueError, match=r"\(mix_post_layers=4: 4 of 4 blocks Post-LN\)"):
+        TransformerConfig(placement="mix", n_layers=4, mix_post_layers=4, norm_overrides={"attn_in": "rms_norm"})
+
+
+def test_model_options_round_trip_through_json() -> None:
+    cfg = TransformerConfig(
+        placement="mix",
+        mix_post_layers=3,
+        embed_norm={"norm": "rms_norm", "kwargs": {"eps": 1e-6}},
+        embed_scale="sqrt_d",
+    )
+    back = TransformerConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg and back.n_post_layers == 3
+    nf = TransformerConfig(placement="normformer", resid_scale=True, embed_norm="layer_norm", embed_scale=2.0)
+    assert TransformerConfig.from_dict(json.loads(json.dumps(nf.to_dict()))) == nf

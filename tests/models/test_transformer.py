@@ -273,3 +273,65 @@ def test_every_batch_statistic_norm_gets_the_padding_mask(name: str) -> None:
     model.load_state_dict(state)
     b = model(other, attention_mask=mask).logits
     torch.testing.assert_close(a[mask], b[mask])
+
+
+def _same_weights(cfg: TransformerConfig, **options: Any) -> tuple[DecoderLM, DecoderLM]:
+    """The default model of ``cfg`` and one with ``options``, sharing every weight they both have."""
+    base = DecoderLM(cfg).eval()
+    other = DecoderLM(TransformerConfig.from_dict({**cfg.to_dict(), **options})).eval()
+    missing, unexpected = other.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected
+    return base, other
+
+
+@pytest.mark.parametrize(("embed_scale", "c"), [("sqrt_d", 4.0), (2.5, 2.5)])
+def test_embed_scale_multiplies_the_token_embedding(embed_scale: Any, c: float) -> None:
+    base, scaled = _same_weights(_tiny(placement="peri"), embed_scale=embed_scale)
+    assert scaled.embed_scale == c and base.embed_scale is None
+    ids = torch.randint(0, 32, (2, N))
+    h0 = scaled(ids, output_hidden_states=True).hidden_states[0]
+    torch.testing.assert_close(h0, c * scaled.embed(ids) + scaled.pos_embed[:, :N])  # positions unscaled
+    torch.testing.assert_close(base(ids, output_hidden_states=True).hidden_states[0], base.embed(ids) + base.pos_embed)
+    assert not torch.allclose(scaled(ids).logits, base(ids).logits)
+
+
+@pytest.mark.parametrize("placement", ["peri", "pre", "post"])
+def test_embed_norm_normalises_tokens_plus_positions(placement: str) -> None:
+    base, normed = _same_weights(_tiny(placement=placement), embed_norm="layer_norm")
+    assert base.embed_norm is None and isinstance(normed.embed_norm, torch.nn.Module)
+    assert {k for k in normed.state_dict() if k.startswith("embed_norm.")} == {"embed_norm.weight", "embed_norm.bias"}
+    ids = torch.randint(0, 32, (2, N))
+    out = normed(ids, output_hidden_states=True)
+    raw = normed.embed(ids) + normed.pos_embed[:, :N]
+    torch.testing.assert_close(out.hidden_states[0], F.layer_norm(raw, (16,), eps=normed.embed_norm.eps))
+    # Unit scale instead of std ~0.02 (the eps of 1e-5 is not negligible against the raw variance ~5e-4).
+    assert raw.var(-1, unbiased=False).max() < 0.01 and out.hidden_states[0].var(-1, unbiased=False).min() > 0.9
+    x = out.hidden_states[0]
+    for block in normed.blocks:
+        x = block(x, is_causal=True)
+    torch.testing.assert_close(out.logits, normed.lm_head(normed.final_norm(x)))
+    assert not torch.allclose(out.logits, base(ids).logits)
+
+
+def test_embed_norm_with_kwargs_and_scale_together() -> None:
+    cfg = _tiny(embed_norm={"norm": "rms_norm", "kwargs": {"eps": 1e-3}}, embed_scale="sqrt_d")
+    model = DecoderLM(cfg).eval()
+    assert model.embed_norm.eps == 1e-3
+    ids = torch.randint(0, 32, (2, N))
+    raw = 4.0 * model.embed(ids) + model.pos_embed[:, :N]  # scaled first, then normalised
+    expected = raw * torch.rsqrt(raw.pow(2).mean(-1, keepdim=True) + 1e-3) * model.embed_norm.weight
+    torch.testing.assert_close(model(ids, output_hidden_states=True).hidden_states[0], expected)
+
+
+def test_batch_statistic_embed_norm_gets_the_padding_mask() -> None:
+    model = DecoderLM(_tiny(embed_norm="batch_norm")).train()
+    ids = torch.randint(0, 32, (3, N))
+    mask = torch.ones(3, N, dtype=torch.bool)
+    mask[0, :3] = False
+    other = ids.clone()
+    other[~mask] = (ids[~mask] + 5) % 32
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    a = model(ids, attention_mask=mask).logits
+    model.load_state_dict(state)
+    b = model(other, attention_mask=mask).logits
+    torch.testing.assert_close(a[mask], b[mask])

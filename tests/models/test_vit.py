@@ -99,3 +99,15 @@ def test_vit_input_errors() -> None:
         model(torch.zeros(2, 1, 8, 8, dtype=torch.long))
     with pytest.raises(ValueError, match=r"expected labels of size \[2\], got \[2, 1\]"):
         model(torch.randn(2, 1, 8, 8), labels=torch.zeros(2, 1, dtype=torch.long))
+
+
+def test_vit_embed_norm_and_refused_embed_scale() -> None:
+    model = ViTEncoder(_cfg(embed_norm="layer_norm")).eval()
+    x = torch.randn(2, 1, 8, 8)
+    h0 = model(x, output_hidden_states=True).hidden_states[0]
+    patches = model.embed(x).flatten(2).transpose(1, 2)
+    raw = torch.cat([model.cls_token.expand(2, -1, -1), patches], dim=1) + model.pos_embed
+    torch.testing.assert_close(h0, torch.nn.functional.layer_norm(raw, (16,), eps=model.embed_norm.eps))
+    assert ViTEncoder(_cfg()).embed_norm is None
+    with pytest.raises(ValueError, match="ViTEncoder: .*expected embed_scale=None, got 'sqrt_d'"):
+        ViTEncoder(_cfg(embed_scale="sqrt_d"))
