@@ -1,8 +1,8 @@
 """Synthetic image corruptions with the CIFAR-10-C constants, for test-time-adaptation experiments on small images.
 
 Hendrycks & Dietterich, "Benchmarking Neural Network Robustness to Common Corruptions and Perturbations", ICLR 2019,
-https://arxiv.org/abs/1903.12261 (the 32-pixel constants of its CIFAR-10-C generator; ``saturate`` and
-``gaussian_blur`` are the generator's four "extra" corruptions that the benchmark does not report).
+https://arxiv.org/abs/1903.12261 (the 32-pixel constants of its CIFAR-10-C generator; ``speckle_noise``,
+``gaussian_blur`` and ``saturate`` are three of its four "extra" corruptions, which the benchmark does not report).
 
 What each corruption does to an image ``x`` in ``[0, 1]``, per channel unless said otherwise (c: the severity's
 constant from :data:`SEVERITY_CONSTANTS`):
@@ -362,8 +362,8 @@ def corrupt(images: _T, name: str, severity: int, *, seed: int = 0) -> _T:
 
     Example:
         >>> x = torch.full((2, 3, 16, 16), 128, dtype=torch.uint8)
-        >>> corrupt(x, "contrast", 5).unique().tolist()
-        [128]
+        >>> corrupt(x, "contrast", 5).unique().tolist()  # a flat image is unchanged, but 255·(128/255) = 127.99…
+        [127]
     """
     _check_args(name, severity, seed)
     nhwc = _to_nhwc(images, name)
