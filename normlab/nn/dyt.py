@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.functional.dyt import dyt
-from normlab.nn._base import NormBase, check_layout, check_num_features
+from normlab.nn._base import NormBase
 from normlab.registry import Paper, register_norm
 from normlab.testing import reference as ref
 
@@ -64,22 +64,17 @@ class DyT(NormBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.num_features = check_num_features("dyt", num_features)
-        self.channel_dim = check_layout("dyt", "any", channel_dim)
+        self._setup(num_features, channel_dim)
         self.alpha_init = float(alpha_init)
         self.affine = affine
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.alpha = nn.Parameter(torch.empty(1, **factory))
-        self.weight = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
-        self.bias = nn.Parameter(torch.empty(num_features, **factory)) if affine and bias else None
+        self.alpha = nn.Parameter(torch.empty(1, device=device, dtype=dtype))
+        self._init_affine(num_features, weight=affine, bias=affine and bias, device=device, dtype=dtype)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        nn.init.constant_(self.alpha, self.alpha_init)
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+    saturates_inf = True  # tanh(±inf) = ±1: an infinite input gives a finite output
+
+    def _param_init(self) -> dict[str, float]:
+        return {"alpha": self.alpha_init, "weight": 1.0, "bias": 0.0}
 
     def functional_kwargs(self) -> dict[str, Any]:
         return {
@@ -92,9 +87,3 @@ class DyT(NormBase):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         return dyt(x, **self.functional_kwargs())
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, alpha_init={self.alpha_init}, affine={self.affine}, "
-            f"bias={self.bias is not None}, channel_dim={self.channel_dim}"
-        )

@@ -52,7 +52,7 @@ def test_eps_placement_validated_and_torch_names_accepted() -> None:
 
 
 def test_scale_norm_init_and_inf_policy() -> None:
-    assert ScaleNorm(16).scale.item() == pytest.approx(4.0)
+    assert ScaleNorm(16).weight.item() == pytest.approx(4.0)
     x = torch.zeros(2, 4)
     x[0, 1] = float("inf")
     y = create_norm("layer_norm", 4)(x)
@@ -61,12 +61,10 @@ def test_scale_norm_init_and_inf_policy() -> None:
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"eps": None}, {"eps": 1e-3}])
-def test_rms_norm_torch_equivalent_uses_our_eps(kwargs: dict) -> None:
-    """The registry's torch twin of rms_norm gets our resolved eps, not torch's ``eps=None`` (finfo.eps)."""
-    from normlab import get_norm
-
+def test_rms_norm_torch_twin_uses_our_eps(kwargs: dict) -> None:
+    """The torch twin of RMSNorm gets our resolved eps, not torch's ``eps=None`` (finfo.eps)."""
     ours = RMSNorm(16, **kwargs)
-    twin = get_norm("rms_norm").torch_equivalent(16, kwargs)
+    twin = RMSNorm.torch_twin(16, **kwargs)
     assert twin is not None and twin.eps == ours.eps
     x = torch.randn(3, 16, dtype=torch.float64) * 1e-4  # small enough that eps matters
     torch.testing.assert_close(twin.double()(x), ours.double()(x))
