@@ -367,10 +367,7 @@ class NormBase(nn.Module):
     def recalibration_plan(self) -> RecalibrationPlan | None:
         """How :func:`~normlab.surgery.recalibrate_stats` re-estimates the running statistics; ``None`` when there are
         none (``track_running_stats=False``). Norms with the ``has_running_stats`` trait must override it."""
-        raise TypeError(
-            f"{type(self).__name__} has running statistics but no recalibration rule; implement "
-            "recalibration_plan() on the class"
-        )
+        raise NotImplementedError(f"{type(self).__name__} has running statistics but no recalibration rule")
 
     def batch_stat_view(self) -> BatchStatView | None:
         """The running statistics a batch-statistics monitor compares with the batch's, or ``None`` (no running

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from normlab import DyT, GroupNorm, InstanceNorm, LayerNorm, RMSNorm, ScaleNorm, create_norm
+from normlab import CRMSNorm, DyT, GroupNorm, InstanceNorm, LayerNorm, RMSNorm, ScaleNorm, create_norm
 
 
 def test_group_norm_groups() -> None:
@@ -68,3 +68,37 @@ def test_rms_norm_torch_twin_uses_our_eps(kwargs: dict) -> None:
     assert twin is not None and twin.eps == ours.eps
     x = torch.randn(3, 16, dtype=torch.float64) * 1e-4  # small enough that eps matters
     torch.testing.assert_close(twin.double()(x), ours.double()(x))
+
+
+def test_scale_norm_loads_a_state_dict_saved_before_the_rename_to_weight() -> None:
+    """``_version`` 1 called g ``scale``; the load hook maps it to ``weight`` (old checkpoints keep loading)."""
+    from collections import OrderedDict
+
+    old: OrderedDict[str, torch.Tensor] = OrderedDict([("norm.scale", torch.tensor([2.5]))])
+    old._metadata = OrderedDict([("", {"version": 1}), ("norm", {"version": 1})])  # type: ignore[attr-defined]
+    net = torch.nn.Sequential()
+    net.add_module("norm", ScaleNorm(4))
+    net.load_state_dict(old, strict=True)
+    assert net.norm.weight.item() == 2.5 and net.norm.scale.item() == 2.5
+    bare = ScaleNorm(4)
+    bare.load_state_dict({"scale": torch.tensor([0.5])})  # no metadata at all: a hand-built old dict
+    assert bare.weight.item() == 0.5
+    assert list(ScaleNorm(4).state_dict()) == ["weight"] and ScaleNorm(4).state_dict()._metadata[""]["version"] == 2
+
+
+@pytest.mark.parametrize(
+    ("module", "expected"),
+    [
+        (CRMSNorm(4, channel_dim=1), "4, channel_dim=1"),
+        (CRMSNorm(4, affine=False, bias=True, eps=1e-6), "4, eps=1e-06, affine=False, bias=True"),
+        (LayerNorm(4, bias=False), "4, bias=False"),
+        (LayerNorm((2, 3)), "(2, 3)"),
+        (RMSNorm(4), "4, eps=1e-06"),
+        (ScaleNorm(4, eps=1e-3), "4, eps=0.001"),
+        (DyT(4, alpha_init=0.8, channel_dim=1), "4, alpha_init=0.8, channel_dim=1"),
+    ],
+)
+def test_extra_repr_lists_every_constructor_argument_that_differs_from_its_default(
+    module: torch.nn.Module, expected: str
+) -> None:
+    assert module.extra_repr() == expected
