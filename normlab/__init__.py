@@ -28,6 +28,7 @@ from normlab.nn import (
     UnifiedNorm,
 )
 from normlab.registry import NormSpec, Paper, create_norm, get_norm, list_norms, register_norm
+from normlab.walk import iter_norms
 
 __version__ = "0.1.0"
 
@@ -54,6 +55,7 @@ __all__ = [
     "diagnostics",
     "functional",
     "get_norm",
+    "iter_norms",
     "list_norms",
     "models",
     "nn",
