@@ -250,11 +250,19 @@ class NormBase(nn.Module):
 
     # ----- construction helpers -----
     def _setup(self, num_features: Any, channel_dim: Any, layout: Layout = "any") -> None:
-        op = self._op()
-        self.num_features = check_num_features(op, num_features)
-        self.channel_dim = check_layout(op, layout, channel_dim)
+        """Validate and set ``num_features`` and ``channel_dim``; look up the registered functional op once (at
+        construction, so a compiled forward reads plain attributes)."""
+        name = self._name()
+        self.num_features = check_num_features(name, num_features)
+        self.channel_dim = check_layout(name, layout, channel_dim)
+        op = getattr(getattr(type(self), "norm_spec", None), "functional", None)
+        params = list(inspect.signature(op).parameters)[1:] if op is not None else []
+        self._op: Callable[..., Tensor] | None = op
+        self._op_params = tuple(p for p in params if p != "mask")
+        self._op_takes_mask = "mask" in params
 
-    def _op(self) -> str:
+    def _name(self) -> str:
+        """The registry name, for error messages."""
         spec = getattr(type(self), "norm_spec", None)
         return str(getattr(spec, "name", type(self).__name__))
 
@@ -348,11 +356,25 @@ class NormBase(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
     # ----- the norm protocol -----
-    def functional_kwargs(self) -> dict[str, Any]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def functional_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments that make the registered functional op compute exactly this module's forward:
+        every parameter of the op after the input (``mask`` aside) is :meth:`_functional_arg` of its name."""
+        return {name: self._functional_arg(name) for name in self._op_params}
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def _functional_arg(self, name: str) -> Any:
+        """One functional argument: the module's attribute of that name (``training``: its mode). Override for the
+        ones a module keeps under another name or derives."""
+        return self.training if name == "training" else getattr(self, name)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The registered functional op on ``x`` with :meth:`functional_kwargs`; ``mask`` goes to ops that take one
+        (batch statistics) and is ignored by per-token ops, whose statistic never mixes tokens."""
+        if self._op is None:
+            raise NotImplementedError(f"{type(self).__name__} registers no functional op; override forward()")
+        kwargs = self.functional_kwargs()
+        if self._op_takes_mask:
+            kwargs["mask"] = mask
+        return self._op(x, **kwargs)
 
     def folded_affine(self) -> FoldedAffine:
         """Eval-mode per-channel affine of a foldable norm (``NormSpec.foldable``); others raise ``TypeError``."""

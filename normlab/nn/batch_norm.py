@@ -113,25 +113,6 @@ class BatchNorm(NormBase):
         self._init_stats(bn_stats(num_features), track=track_running_stats, device=device, dtype=dtype)
         self.reset_parameters()
 
-    def functional_kwargs(self) -> dict[str, Any]:
-        return {
-            "num_features": self.num_features,
-            "running_mean": self.running_mean,
-            "running_var": self.running_var,
-            "weight": self.weight,
-            "bias": self.bias,
-            "training": self.training,
-            "momentum": self.momentum,
-            "eps": self.eps,
-            "channel_dim": self.channel_dim,
-            "num_batches_tracked": self.num_batches_tracked,
-            "process_group": self.process_group,
-            "sync_stats": self.sync_stats,
-        }
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return batch_norm(x, mask=mask, **self.functional_kwargs())
-
     running_mean: Tensor | None
     running_var: Tensor | None
     num_batches_tracked: Tensor | None

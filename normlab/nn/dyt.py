@@ -4,10 +4,8 @@ https://arxiv.org/abs/2503.10622): an element-wise replacement for LayerNorm/RMS
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from normlab.functional.dyt import dyt
 from normlab.nn._base import NormBase
@@ -76,14 +74,3 @@ class DyT(NormBase):
     def _param_init(self) -> dict[str, float]:
         return {"alpha": self.alpha_init, "weight": 1.0, "bias": 0.0}
 
-    def functional_kwargs(self) -> dict[str, Any]:
-        return {
-            "num_features": self.num_features,
-            "alpha": self.alpha,
-            "weight": self.weight,
-            "bias": self.bias,
-            "channel_dim": self.channel_dim,
-        }
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return dyt(x, **self.functional_kwargs())

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.functional.group_norm import group_norm, instance_norm
-from normlab.nn._base import NormBase, check_layout, check_num_features
+from normlab.nn._base import NormBase
 from normlab.nn.batch_norm import bn_stats
 from normlab.registry import Paper, register_norm
 from normlab.testing import reference as ref
@@ -81,7 +81,8 @@ class GroupNorm(NormBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.num_features = self.num_channels = check_num_features("group_norm", num_channels)
+        self._setup(num_channels, channel_dim)
+        self.num_channels = self.num_features
         groups = default_num_groups(num_channels) if num_groups is None else num_groups
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or num_channels % groups:
             raise ValueError(
@@ -89,7 +90,6 @@ class GroupNorm(NormBase):
                 f"got num_groups={num_groups!r}"
             )
         self.num_groups = groups
-        self.channel_dim = check_layout("group_norm", "any", channel_dim)
         self.eps = eps
         self.affine = affine
         self._init_affine(num_channels, weight=affine, bias=affine, device=device, dtype=dtype)
@@ -104,19 +104,9 @@ class GroupNorm(NormBase):
         g = kwargs.get("num_groups") or default_num_groups(num_features)
         return nn.GroupNorm(g, num_features, eps=kwargs.get("eps", 1e-5), affine=kwargs.get("affine", True))
 
-    def functional_kwargs(self) -> dict[str, Any]:
-        return {
-            "num_channels": self.num_channels,
-            "num_groups": self.num_groups,
-            "weight": self.weight,
-            "bias": self.bias,
-            "eps": self.eps,
-            "channel_dim": self.channel_dim,
-        }
-
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         _no_mask("group_norm", mask)
-        return group_norm(x, **self.functional_kwargs())
+        return super().forward(x)
 
 
 @register_norm(
@@ -187,20 +177,13 @@ class InstanceNorm(NormBase):
             affine=kwargs.get("affine", False), track_running_stats=kwargs.get("track_running_stats", False),
         )
 
-    def functional_kwargs(self) -> dict[str, Any]:
-        return {
-            "num_features": self.num_features,
-            "running_mean": self.running_mean,
-            "running_var": self.running_var,
-            "weight": self.weight,
-            "bias": self.bias,
-            "use_input_stats": self.training or not self.track_running_stats,
-            "momentum": self.momentum,
-            "eps": self.eps,
-            "channel_dim": self.channel_dim,
-        }
+    def _functional_arg(self, name: str) -> Any:
+        if name == "use_input_stats":
+            return self.training or not self.track_running_stats
+        return super()._functional_arg(name)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         _no_mask("instance_norm", mask)
         # num_batches_tracked stays 0, as in torch.nn.InstanceNorm*d (its momentum is never cumulative).
-        return instance_norm(x, **self.functional_kwargs())
+        return super().forward(x)
+

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from normlab.functional.identity import identity
 from normlab.nn._base import FoldedAffine, NormBase
@@ -47,12 +46,6 @@ class IdentityNorm(NormBase):
     ) -> None:
         super().__init__()
         self._setup(num_features, channel_dim)
-
-    def functional_kwargs(self) -> dict[str, Any]:
-        return {"num_features": self.num_features, "channel_dim": self.channel_dim}
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return identity(x, **self.functional_kwargs())
 
     def folded_affine(self) -> FoldedAffine:
         return FoldedAffine(

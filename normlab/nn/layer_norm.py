@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from normlab.functional.layer_norm import layer_norm
-from normlab.nn._base import NormBase, check_layout
+from normlab.nn._base import NormBase
 from normlab.registry import Paper, register_norm
 from normlab.testing import reference as ref
 
@@ -86,8 +86,7 @@ class LayerNorm(NormBase):
         if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
             raise ValueError(f"layer_norm: expected normalized_shape of positive ints, got {normalized_shape!r}")
         self.normalized_shape = shape_or_int
-        self.num_features = int(torch.Size(dims).numel())
-        self.channel_dim = check_layout("layer_norm", "any", channel_dim)
+        self._setup(int(torch.Size(dims).numel()), channel_dim)
         self.eps = eps
         self.affine = affine
         self._init_affine(dims, weight=affine, bias=affine and bias, device=device, dtype=dtype)
@@ -102,14 +101,3 @@ class LayerNorm(NormBase):
             bias=kwargs.get("bias", True),
         )
 
-    def functional_kwargs(self) -> dict[str, Any]:
-        return {
-            "normalized_shape": self.normalized_shape,
-            "weight": self.weight,
-            "bias": self.bias,
-            "eps": self.eps,
-            "channel_dim": self.channel_dim,
-        }
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return layer_norm(x, **self.functional_kwargs())

@@ -176,32 +176,14 @@ class PowerNorm(NormBase):
     iters: Tensor
     syncs_batch_stats = True
 
+    def _functional_arg(self, name: str) -> Any:
+        if name == "group_scaling_eps":  # GroupScaling's fixed eps (the functional's default)
+            return self.group_scaling.eps if self.group_scaling is not None else GroupScaling().eps
+        return super()._functional_arg(name)
+
     def restart_warmup(self) -> None:
         """Set ``iters`` to 0 so the warm-up runs again (e.g. before fine-tuning a loaded checkpoint)."""
         self.iters.zero_()
-
-    def functional_kwargs(self) -> dict[str, Any]:
-        return {
-            "num_features": self.num_features,
-            "running_phi": self.running_phi,
-            "ema_gz": self.ema_gz,
-            "iters": self.iters,
-            "weight": self.weight,
-            "bias": self.bias,
-            "training": self.training,
-            "eps": self.eps,
-            "alpha_fwd": self.alpha_fwd,
-            "alpha_bkw": self.alpha_bkw,
-            "warmup_iters": self.warmup_iters,
-            "group_num": self.group_num,
-            "backward_divisor": self.backward_divisor,
-            "channel_dim": self.channel_dim,
-            "process_group": self.process_group,
-            "sync_stats": self.sync_stats,
-        }
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return power_norm(x, mask=mask, **self.functional_kwargs())
 
     def folded_affine(self) -> FoldedAffine:
         """``scale = weight / sqrt(running_phi + eps)``, ``shift = bias``, ``keep`` = the GroupScaling module

@@ -136,26 +136,6 @@ class RepBatchNorm(NormBase):
     def _param_init(self) -> dict[str, float]:
         return {"alpha": self.alpha_init, "weight": self.weight_init, "bias": 0.0}
 
-    def functional_kwargs(self) -> dict[str, Any]:
-        return {
-            "num_features": self.num_features,
-            "alpha": self.alpha,
-            "running_mean": self.running_mean,
-            "running_var": self.running_var,
-            "weight": self.weight,
-            "bias": self.bias,
-            "training": self.training,
-            "momentum": self.momentum,
-            "eps": self.eps,
-            "channel_dim": self.channel_dim,
-            "num_batches_tracked": self.num_batches_tracked,
-            "process_group": self.process_group,
-            "sync_stats": self.sync_stats,
-        }
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return rep_batch_norm(x, mask=mask, **self.functional_kwargs())
-
     def folded_affine(self) -> FoldedAffine:
         """``scale = γ/sqrt(running_var + eps) + α``, ``shift = β − γ·running_mean/sqrt(running_var + eps)``."""
         bn = bn_folded_affine(self)
@@ -298,9 +278,6 @@ class PRepBatchNorm(NormBase):
             r0=self.r0, decrement_every=self.decrement_every, training=self.training, channel_dim=self.channel_dim,
         )
         return kw
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return prep_batch_norm(x, mask=mask, **self.functional_kwargs())
 
     def folded_affine(self) -> FoldedAffine:
         """RepBN's eval affine: exactly what eval computes, mid-ramp included (see :meth:`fold_note`).

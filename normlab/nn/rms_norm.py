@@ -85,7 +85,7 @@ class RMSNorm(NormBase):
     ) -> None:
         super().__init__()
         self._setup(num_features, channel_dim)
-        self._eps_inside = _eps_inside(self._op(), eps_placement)
+        self._eps_inside = _eps_inside(self._name(), eps_placement)
         self.eps = resolve_eps(eps, self._eps_inside)
         self.eps_placement = eps_placement
         self.affine = affine
@@ -107,19 +107,10 @@ class RMSNorm(NormBase):
     def _partial(self) -> int | None:
         return None
 
-    def functional_kwargs(self) -> dict[str, Any]:
-        return {
-            "num_features": self.num_features,
-            "weight": self.weight,
-            "bias": self.bias,
-            "eps": self.eps,
-            "eps_inside": self._eps_inside,
-            "channel_dim": self.channel_dim,
-            "partial": self._partial(),
-        }
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return rms_norm(x, **self.functional_kwargs())
+    def _functional_arg(self, name: str) -> Any:
+        if name == "eps_inside":
+            return self._eps_inside
+        return self._partial() if name == "partial" else super()._functional_arg(name)
 
 
 @register_norm(
@@ -259,18 +250,6 @@ class CRMSNorm(NormBase):
         self._init_affine(num_features, weight=affine, bias=bias, device=device, dtype=dtype)
         self.reset_parameters()
 
-    def functional_kwargs(self) -> dict[str, Any]:
-        return {
-            "num_features": self.num_features,
-            "weight": self.weight,
-            "bias": self.bias,
-            "eps": self.eps,
-            "channel_dim": self.channel_dim,
-        }
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return crms_norm(x, **self.functional_kwargs())
-
 
 @register_norm(
     "scale_norm",
@@ -326,14 +305,8 @@ class ScaleNorm(NormBase):
         if (version is None or version < 2) and prefix + "scale" in state_dict and prefix + "weight" not in state_dict:
             state_dict[prefix + "weight"] = state_dict.pop(prefix + "scale")
 
-    def functional_kwargs(self) -> dict[str, Any]:
-        return {"num_features": self.num_features, "weight": self.weight, "eps": self.eps,
-                "channel_dim": self.channel_dim}
-
     @property
     def scale(self) -> Tensor:
         """``g`` under its name before ``_version`` 2 (read-only; the parameter is :attr:`weight`)."""
         return self.weight
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return scale_norm(x, **self.functional_kwargs())

@@ -144,30 +144,6 @@ class UnifiedNorm(NormBase):
         """Set ``iters`` to 0 so the warm-up runs again (the official README's advice before fine-tuning)."""
         self.iters.zero_()
 
-    def functional_kwargs(self) -> dict[str, Any]:
-        return {
-            "num_features": self.num_features,
-            "running_var": self.running_var,
-            "buffer_x2": self.buffer_x2,
-            "buffer_gz": self.buffer_gz,
-            "ema_gz": self.ema_gz,
-            "iters": self.iters,
-            "skip_counter": self.skip_counter,
-            "weight": self.weight,
-            "bias": self.bias,
-            "training": self.training,
-            "eps": self.eps,
-            "momentum": self.momentum,
-            "warmup_iters": self.warmup_iters,
-            "outlier_filtration": self.outlier_filtration,
-            "channel_dim": self.channel_dim,
-            "process_group": self.process_group,
-            "sync_stats": self.sync_stats,
-        }
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return unified_norm(x, mask=mask, **self.functional_kwargs())
-
     def folded_affine(self) -> FoldedAffine:
         """``scale = weight / sqrt(running_var + eps)``, ``shift = bias`` (float64; no mean term)."""
         return quadratic_mean_affine(self, self.running_var)
