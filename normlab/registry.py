@@ -102,7 +102,7 @@ _NAME_INDEX: dict[str, str] = {}  # normalized name -> canonical key
 
 
 def normalize_name(name: str) -> str:
-    """Fold case, ``-``/``_``/space and a ``CamelCase`` boundary so that every spelling of a name matches."""
+    """Fold case and drop ``-``/``_``/spaces, so ``"RMSNorm"``, ``"rms_norm"`` and ``"rms-norm"`` all match."""
     return re.sub(r"[\s_\-]+", "", name).lower()
 
 
