@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from normlab import diagnostics, functional, models, nn, surgery
 from normlab.registry import NormSpec, Paper, create_norm, get_norm, list_norms, register_norm
 from normlab.registry import norms_defined_in as _norms_defined_in
+from normlab.walk import iter_norms
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "diagnostics",
     "functional",
     "get_norm",
+    "iter_norms",
     "list_norms",
     "models",
     "nn",

@@ -143,7 +143,7 @@ _REFERENCES: dict[str, Callable[..., Any]] = {}  # canonical key -> float64 refe
 
 
 def normalize_name(name: str) -> str:
-    """Fold case, ``-``/``_``/space and a ``CamelCase`` boundary so that every spelling of a name matches."""
+    """Fold case and drop ``-``/``_``/spaces, so ``"RMSNorm"``, ``"rms_norm"`` and ``"rms-norm"`` all match."""
     return re.sub(r"[\s_\-]+", "", name).lower()
 
 

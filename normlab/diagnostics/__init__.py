@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from normlab.diagnostics._capture import find_layers
 from normlab.diagnostics.attention import AttentionEntropy, attention_probs, entropy_per_query
-from normlab.diagnostics.batch_stats import BatchStatMonitor, batch_dependent_modules
+from normlab.diagnostics.batch_stats import BatchStatMonitor
 from normlab.diagnostics.collect import DEFAULT_METRICS, METRICS, collect
 from normlab.diagnostics.gradients import activation_grad_rows, gradient_rows, layer_skip_rows, param_grad_rows
 from normlab.diagnostics.plot import per_layer_series, plot_per_layer
@@ -27,7 +27,6 @@ __all__ = [
     "activation_grad_rows",
     "angular_distance",
     "attention_probs",
-    "batch_dependent_modules",
     "collect",
     "entropy_per_query",
     "find_layers",

@@ -3,8 +3,9 @@ running statistics the model will use at inference.
 
 This is the diagnostic behind PowerNorm (Shen et al. 2020, https://arxiv.org/abs/2003.07845), which shows that in
 Transformers the batch mean and variance fluctuate strongly around their running averages, and behind Unified
-Normalization (Yang et al. 2022, https://arxiv.org/abs/2208.01313). Modules are selected by their registry trait
-``batch_dependent`` (never by class), and only in train mode.
+Normalization (Yang et al. 2022, https://arxiv.org/abs/2208.01313). Norms are found by :func:`normlab.iter_norms`
+with the trait ``batch_dependent`` (normlab's and ``torch.nn.BatchNorm*``, never by class) and measured only in train
+mode; what each compares comes from its ``batch_stat_view()``.
 
 Per norm layer and forward, with running statistics ``(μ, s)`` as they were **before** that forward updated them and
 the batch statistics ``(μ_B, s_B)`` of the valid positions of its input, averaged over channels ``c``:
@@ -21,47 +22,16 @@ and the quadratic mean for UnifiedNorm (``running_var`` without ``running_mean``
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from normlab.diagnostics._capture import Row
-from normlab.registry import NormSpec
+from normlab.nn._base import BatchStatView
+from normlab.walk import iter_norms, norm_protocol
 
-__all__ = ["BatchStatMonitor", "batch_dependent_modules"]
-
-
-@dataclass
-class _Kind:
-    owner: nn.Module  # the module holding the running buffers (the norm itself, or e.g. PRepBN's norm2)
-    centred: bool  # statistics are mean/variance (BatchNorm) rather than a quadratic mean
-    transform: Callable[[Tensor], Tensor] | None  # applied to the input before the statistics (GroupScaling)
-
-
-def _stat_kind(module: nn.Module) -> _Kind | None:
-    for owner in (module, *module.children()):
-        names = {n for n, _ in owner.named_buffers(recurse=False)}
-        if "running_phi" in names:
-            gs = getattr(owner, "group_scaling", None)
-            return _Kind(owner, False, gs if isinstance(gs, nn.Module) else None)
-        if "running_var" in names and getattr(owner, "running_var", None) is not None:
-            return _Kind(owner, "running_mean" in names and getattr(owner, "running_mean", None) is not None, None)
-    return None
-
-
-def batch_dependent_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(qualified name, module)`` of every module whose registry spec is ``batch_dependent`` (outermost only:
-    a registered norm inside another, such as PRepBatchNorm's RepBN, is measured through its parent)."""
-    out: list[tuple[str, nn.Module]] = []
-    for name, m in model.named_modules():
-        spec = getattr(type(m), "norm_spec", None)
-        if isinstance(spec, NormSpec) and spec.batch_dependent:
-            if any(name.startswith(p + ".") for p, _ in out):
-                continue
-            out.append((name, m))
-    return out
+__all__ = ["BatchStatMonitor"]
 
 
 def _block_index(name: str, block_names: dict[str, int]) -> int | None:
@@ -104,14 +74,18 @@ class BatchStatMonitor:
                 layers = []
         ids = {id(b): i + 1 for i, b in enumerate(layers)}
         self._block_names = {n: ids[id(m)] for n, m in model.named_modules() if id(m) in ids}
-        self.modules = [(n, m, k) for n, m in batch_dependent_modules(model) if (k := _stat_kind(m)) is not None]
+        self.modules = [
+            (n, m, view)
+            for n, m, _ in iter_norms(model, batch_dependent=True)
+            if (view := norm_protocol(m).batch_stat_view()) is not None
+        ]
         self._rows: list[Row] = []
         self._steps: dict[str, int] = {}
         self._handles: list[Any] = []
 
     def __enter__(self) -> BatchStatMonitor:
-        for name, module, kind in self.modules:
-            self._handles.append(module.register_forward_pre_hook(self._hook(name, kind), with_kwargs=True))
+        for name, module, _ in self.modules:
+            self._handles.append(module.register_forward_pre_hook(self._hook(name), with_kwargs=True))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -122,28 +96,28 @@ class BatchStatMonitor:
     def rows(self) -> list[Row]:
         return list(self._rows)
 
-    def _hook(self, name: str, kind: _Kind) -> Callable[..., None]:
+    def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if not module.training:
                 return
             x = args[0] if args else kwargs.get("x", kwargs.get("input"))
             mask = args[1] if len(args) > 1 else kwargs.get("mask")
-            if not isinstance(x, Tensor):
+            view = norm_protocol(module).batch_stat_view()  # read now: a load_state_dict may have replaced buffers
+            if not isinstance(x, Tensor) or view is None:
                 return
             step = self._steps.get(name, 0)
             self._steps[name] = step + 1
             layer = _block_index(name, self._block_names)
-            for variant, value in _deviation(module, kind, x, mask):
+            for variant, value in _deviation(view, x, mask):
                 self._rows.append({"metric": "batch_stat_deviation", "module": name, "layer": layer, "step": step,
                                    "variant": variant, "value": value})
 
         return hook
 
 
-def _channel_rows(module: nn.Module, x: Tensor, mask: Tensor | None) -> Tensor:
-    """The valid positions of ``x`` as ``(n, C)`` with the channel axis of ``module`` (``channel_dim``, default -1)."""
-    cd = int(getattr(module, "channel_dim", -1)) % x.dim()
-    xc = x.detach().double().movedim(cd, -1)
+def _channel_rows(channel_dim: int, x: Tensor, mask: Tensor | None) -> Tensor:
+    """The valid positions of ``x`` as ``(n, C)``, the channel axis ``channel_dim`` last."""
+    xc = x.detach().double().movedim(channel_dim % x.dim(), -1)
     if mask is None:
         return xc.reshape(-1, xc.shape[-1])
     m = mask.bool()
@@ -152,30 +126,20 @@ def _channel_rows(module: nn.Module, x: Tensor, mask: Tensor | None) -> Tensor:
     return xc[m]
 
 
-def _buffer(owner: nn.Module, name: str) -> Tensor:
-    value = getattr(owner, name)
-    if not isinstance(value, Tensor):
-        raise TypeError(f"BatchStatMonitor: expected {type(owner).__name__}.{name} to be a Tensor, got {value!r}")
-    return value.detach().double()
-
-
 @torch.no_grad()
-def _deviation(module: nn.Module, kind: _Kind, x: Tensor, mask: Tensor | None) -> Iterator[tuple[str, float]]:
-    if kind.transform is not None:
-        x = kind.transform(x)
-    rows = _channel_rows(module, x, mask)
+def _deviation(view: BatchStatView, x: Tensor, mask: Tensor | None) -> Iterator[tuple[str, float]]:
+    if view.transform is not None:
+        x = view.transform(x)
+    rows = _channel_rows(view.channel_dim, x, mask)
     if rows.shape[0] < 2:
         return
-    owner = kind.owner
-    eps = float(getattr(owner, "eps", 1e-5))
-    if kind.centred:
-        run_mean = _buffer(owner, "running_mean")
-        run_s = _buffer(owner, "running_var")
+    run_s = view.running_var.detach().double()
+    if view.running_mean is not None:
+        run_mean = view.running_mean.detach().double()
         batch_mean = rows.mean(0)
         batch_s = rows.var(0, unbiased=True)
         yield "var", float((batch_s / run_s - 1.0).abs().mean())
-        yield "mean", float(((batch_mean - run_mean).abs() / (run_s + eps).sqrt()).mean())
+        yield "mean", float(((batch_mean - run_mean).abs() / (run_s + view.eps).sqrt()).mean())
     else:
-        run_s = _buffer(owner, "running_phi" if hasattr(owner, "running_phi") else "running_var")
         batch_s = rows.square().mean(0)
         yield "var", float((batch_s / run_s - 1.0).abs().mean())

@@ -175,6 +175,29 @@ def _native(
     return F.batch_norm(flat, mean, var, w, b, training, momentum, eps).reshape(xs.shape).movedim(-1, cd)
 
 
+def token_stats_input(
+    x: Tensor, num_features: int, channel_dim: int, mask: Tensor | None, op: str
+) -> tuple[Tensor | None, Tensor]:
+    """Validate the input of a token-only batch-statistic op (``(*, C)``, ``channel_dim=-1``) and its mask; return the
+    mask and ``x`` in its compute dtype."""
+    cd = check_channels(x, num_features, channel_dim, op, min_dim=2)
+    if cd != x.dim() - 1:
+        raise ValueError(f"{op}: works on token tensors (*, C); expected channel_dim=-1, got {channel_dim}")
+    return check_mask(mask, x, cd, op), x.to(compute_dtype(x))
+
+
+def divide_by_running(
+    xs: Tensor, running: Tensor, eps: float, weight: Tensor | None, bias: Tensor | None, out_dtype: torch.dtype
+) -> Tensor:
+    """The eval form of a norm that divides by a running quadratic mean: ``γ·x/sqrt(running + eps) + β``."""
+    y = xs * torch.rsqrt(running.to(xs.dtype) + eps)
+    if weight is not None:
+        y = y * weight.to(xs.dtype)
+    if bias is not None:
+        y = y + bias.to(xs.dtype)
+    return y.to(out_dtype)
+
+
 def batch_norm(
     x: Tensor,
     num_features: int,

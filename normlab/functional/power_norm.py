@@ -12,9 +12,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from normlab.functional._checks import check_channels, compute_dtype
 from normlab.functional._dist import all_reduce_sum_, check_count, second_moment, stats_group
-from normlab.functional.batch_norm import check_mask
+from normlab.functional.batch_norm import divide_by_running, token_stats_input
 
 __all__ = ["group_scaling", "power_norm"]
 
@@ -103,23 +102,14 @@ def power_norm(
     place (and ``ema_gz`` in the backward). See :class:`normlab.nn.PowerNorm` for the exact semantics.
     """
     op = "power_norm"
-    cd = check_channels(x, num_features, channel_dim, op, min_dim=2)
-    if cd != x.dim() - 1:
-        raise ValueError(f"{op}: works on token tensors (*, C); expected channel_dim=-1, got {channel_dim}")
-    mask = check_mask(mask, x, cd, op)
-    ct = compute_dtype(x)
-    xs = x.to(ct)
+    mask, xs = token_stats_input(x, num_features, channel_dim, mask, op)
+    ct = xs.dtype
     if group_num is not None:
         xs = group_scaling(xs, group_num, group_scaling_eps)
+    if not training:
+        return divide_by_running(xs, running_phi, eps, weight, bias, x.dtype)
     w = weight.to(ct) if weight is not None else None
     b = bias.to(ct) if bias is not None else None
-    if not training:
-        y = xs * torch.rsqrt(running_phi.to(ct) + eps)
-        if w is not None:
-            y = y * w
-        if b is not None:
-            y = y + b
-        return y.to(x.dtype)
 
     group = stats_group(process_group, sync_stats)
     flat = xs.detach().reshape(-1, num_features)

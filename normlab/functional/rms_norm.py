@@ -108,10 +108,10 @@ def crms_norm(
     return y.to(z.dtype)
 
 
-def scale_norm(x: Tensor, num_features: int, scale: Tensor, eps: float = 1e-5, channel_dim: int = -1) -> Tensor:
-    """ScaleNorm: ``g * x / max(||x||_2, eps)`` with one learned scalar ``g``."""
+def scale_norm(x: Tensor, num_features: int, weight: Tensor, eps: float = 1e-5, channel_dim: int = -1) -> Tensor:
+    """ScaleNorm: ``g * x / max(||x||_2, eps)`` with one learned scalar ``g`` (``weight``, shape ``(1,)``)."""
     cd = check_channels(x, num_features, channel_dim, "scale_norm")
     ct = compute_dtype(x)
     xs = x.to(ct)
     norm = torch.linalg.vector_norm(xs, dim=cd, keepdim=True).clamp_min(eps)
-    return (xs * (scale.to(ct) / norm)).to(x.dtype)
+    return (xs * (weight.to(ct) / norm)).to(x.dtype)

@@ -13,9 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from normlab.functional._checks import check_channels, compute_dtype
 from normlab.functional._dist import all_reduce_sum_, check_count, second_moment, stats_group
-from normlab.functional.batch_norm import check_mask
+from normlab.functional.batch_norm import divide_by_running, token_stats_input
 
 __all__ = ["unified_norm"]
 
@@ -106,21 +105,12 @@ def unified_norm(
     See :class:`normlab.nn.UnifiedNorm`.
     """
     op = "unified_norm"
-    cd = check_channels(x, num_features, channel_dim, op, min_dim=2)
-    if cd != x.dim() - 1:
-        raise ValueError(f"{op}: works on token tensors (*, C); expected channel_dim=-1, got {channel_dim}")
-    mask = check_mask(mask, x, cd, op)
-    ct = compute_dtype(x)
-    xs = x.to(ct)
+    mask, xs = token_stats_input(x, num_features, channel_dim, mask, op)
+    ct = xs.dtype
+    if not training:
+        return divide_by_running(xs, running_var, eps, weight, bias, x.dtype)
     w = weight.to(ct) if weight is not None else None
     b = bias.to(ct) if bias is not None else None
-    if not training:
-        y = xs * torch.rsqrt(running_var.to(ct) + eps)
-        if w is not None:
-            y = y * w
-        if b is not None:
-            y = y + b
-        return y.to(x.dtype)
 
     group = stats_group(process_group, sync_stats)
     count, x2, positions = second_moment(xs.detach().reshape(-1, num_features), mask, group)

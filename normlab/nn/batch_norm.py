@@ -11,24 +11,28 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab.functional.batch_norm import batch_norm
-from normlab.nn._base import FoldedAffine, NormBase, batch_stat_affine, check_layout, check_num_features
+from normlab.nn._base import (
+    BatchStatView,
+    FoldedAffine,
+    NormBase,
+    RecalibrationPlan,
+    bn_batch_stat_view,
+    bn_folded_affine,
+    bn_recalibration_plan,
+    check_unit,
+)
 from normlab.registry import Paper, register_norm
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "bn_stats"]
 
 
-def _torch_batch_norm(num_features: int, kw: dict[str, Any]) -> nn.Module | None:
-    if kw.get("channel_dim", 1) != 1:
-        return None
-    return nn.BatchNorm2d(
-        num_features,
-        eps=kw.get("eps", 1e-5),
-        momentum=kw.get("momentum", 0.1),
-        affine=kw.get("affine", True),
-        track_running_stats=kw.get("track_running_stats", True),
-    )
+def bn_stats(num_features: int) -> list[tuple[str, tuple[int, ...], float]]:
+    """BatchNorm's running buffers with their reset values (torch's names, so state dicts load both ways)."""
+    return [("running_mean", (num_features,), 0.0), ("running_var", (num_features,), 1.0),
+            ("num_batches_tracked", (), 0)]
 
 
 @register_norm(
@@ -43,7 +47,6 @@ def _torch_batch_norm(num_features: int, kw: dict[str, Any]) -> nn.Module | None
         "Batch Normalization: Accelerating Deep Network Training by Reducing Internal Covariate Shift",
         "https://arxiv.org/abs/1502.03167",
     ),
-    torch_equivalent=_torch_batch_norm,
     samples=({"channel_dim": -1}, {"affine": False}, {"momentum": None}, {"track_running_stats": False}),
     description="per-channel batch statistics; token tensors with padding masks; running stats at eval",
 )
@@ -97,72 +100,63 @@ class BatchNorm(NormBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.num_features = check_num_features("batch_norm", num_features)
-        self.channel_dim = check_layout("batch_norm", "any", channel_dim)
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"batch_norm: expected momentum in [0, 1] or None, got {momentum!r}")
+        self._setup(num_features, channel_dim)
         self.eps = eps
-        self.momentum = momentum
+        self.momentum = check_unit("batch_norm", "momentum", momentum, optional=True)
         self.affine = affine
         self.track_running_stats = track_running_stats
         self.process_group = process_group
         self.sync_stats = sync_stats
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
-        self.bias = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-        else:
-            self.running_mean: Tensor | None = None
-            self.running_var: Tensor | None = None
-            self.num_batches_tracked: Tensor | None = None
+        self._init_affine(num_features, weight=affine, bias=affine, device=device, dtype=dtype)
+        self._init_stats(bn_stats(num_features), track=track_running_stats, device=device, dtype=dtype)
         self.reset_parameters()
 
-    def reset_running_stats(self) -> None:
-        if self.running_mean is not None and self.running_var is not None and self.num_batches_tracked is not None:
-            self.running_mean.zero_()
-            self.running_var.fill_(1.0)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    def functional_kwargs(self) -> dict[str, Any]:
-        return {
-            "num_features": self.num_features,
-            "running_mean": self.running_mean,
-            "running_var": self.running_var,
-            "weight": self.weight,
-            "bias": self.bias,
-            "training": self.training,
-            "momentum": self.momentum,
-            "eps": self.eps,
-            "channel_dim": self.channel_dim,
-            "num_batches_tracked": self.num_batches_tracked,
-            "process_group": self.process_group,
-            "sync_stats": self.sync_stats,
-        }
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return batch_norm(x, mask=mask, **self.functional_kwargs())
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+    syncs_batch_stats = True
 
     def folded_affine(self) -> FoldedAffine:
         """``scale = γ / sqrt(running_var + eps)``, ``shift = β - scale * running_mean`` (float64)."""
-        if self.training:
-            raise RuntimeError("batch_norm: folded_affine() needs eval mode (running statistics); call .eval() first")
-        if self.running_mean is None or self.running_var is None:
-            raise TypeError("batch_norm: track_running_stats=False uses batch statistics in eval mode; not foldable")
-        return FoldedAffine(*batch_stat_affine(self.running_mean, self.running_var, self.weight, self.bias, self.eps))
+        return bn_folded_affine(self)
 
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}, channel_dim={self.channel_dim}, "
-            f"sync_stats={self.sync_stats}"
+    def recalibration_plan(self) -> RecalibrationPlan | None:
+        return bn_recalibration_plan(self)
+
+    def batch_stat_view(self) -> BatchStatView | None:
+        return bn_batch_stat_view(self, self.channel_dim)
+
+    @classmethod
+    def torch_twin(cls, num_features: int, **kwargs: Any) -> nn.Module | None:
+        if kwargs.get("channel_dim", 1) != 1:
+            return None
+        return nn.BatchNorm2d(
+            num_features,
+            eps=kwargs.get("eps", 1e-5),
+            momentum=kwargs.get("momentum", 0.1),
+            affine=kwargs.get("affine", True),
+            track_running_stats=kwargs.get("track_running_stats", True),
         )
+
+    @classmethod
+    def from_torch(cls, bn: _BatchNorm, process_group: Any = None) -> BatchNorm:
+        """A :class:`BatchNorm` (``channel_dim=1``, ``sync_stats=True``) with a ``torch.nn`` BatchNorm's exact
+        parameters and buffers, device, dtypes, training flag and ``requires_grad`` flags."""
+        like = bn.weight if bn.weight is not None else bn.running_mean
+        out = cls(
+            bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+            track_running_stats=bn.track_running_stats, channel_dim=1, process_group=process_group, sync_stats=True,
+            device=like.device if like is not None else None, dtype=like.dtype if like is not None else None,
+        )
+        with torch.no_grad():
+            for name in ("weight", "bias"):
+                src, dst = getattr(bn, name), getattr(out, name)
+                if src is not None and dst is not None:
+                    dst.copy_(src)
+                    dst.requires_grad_(src.requires_grad)
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                src, dst = getattr(bn, name), getattr(out, name)
+                if src is not None and dst is not None:
+                    dst.copy_(src)
+        out.train(bn.training)
+        return out

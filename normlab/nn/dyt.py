@@ -4,13 +4,11 @@ https://arxiv.org/abs/2503.10622): an element-wise replacement for LayerNorm/RMS
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from normlab.functional.dyt import dyt
-from normlab.nn._base import NormBase, check_layout, check_num_features
+from normlab.nn._base import NormBase
 from normlab.registry import Paper, register_norm
 
 __all__ = ["DyT"]
@@ -62,37 +60,15 @@ class DyT(NormBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.num_features = check_num_features("dyt", num_features)
-        self.channel_dim = check_layout("dyt", "any", channel_dim)
+        self._setup(num_features, channel_dim)
         self.alpha_init = float(alpha_init)
         self.affine = affine
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.alpha = nn.Parameter(torch.empty(1, **factory))
-        self.weight = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
-        self.bias = nn.Parameter(torch.empty(num_features, **factory)) if affine and bias else None
+        self.alpha = nn.Parameter(torch.empty(1, device=device, dtype=dtype))
+        self._init_affine(num_features, weight=affine, bias=affine and bias, device=device, dtype=dtype)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        nn.init.constant_(self.alpha, self.alpha_init)
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+    saturates_inf = True  # tanh(±inf) = ±1: an infinite input gives a finite output
 
-    def functional_kwargs(self) -> dict[str, Any]:
-        return {
-            "num_features": self.num_features,
-            "alpha": self.alpha,
-            "weight": self.weight,
-            "bias": self.bias,
-            "channel_dim": self.channel_dim,
-        }
+    def _param_init(self) -> dict[str, float]:
+        return {"alpha": self.alpha_init, "weight": 1.0, "bias": 0.0}
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return dyt(x, **self.functional_kwargs())
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, alpha_init={self.alpha_init}, affine={self.affine}, "
-            f"bias={self.bias is not None}, channel_dim={self.channel_dim}"
-        )

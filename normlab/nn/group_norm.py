@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from normlab.functional.group_norm import group_norm, instance_norm
-from normlab.nn._base import NormBase, check_layout, check_num_features
+from normlab.nn._base import NormBase
+from normlab.nn.batch_norm import bn_stats
 from normlab.registry import Paper, register_norm
 
 __all__ = ["GroupNorm", "InstanceNorm", "default_num_groups"]
@@ -32,20 +33,12 @@ def _no_mask(op: str, mask: Tensor | None) -> None:
         )
 
 
-def _torch_group_norm(num_channels: int, kw: dict[str, Any]) -> nn.Module | None:
-    if kw.get("channel_dim", 1) != 1:
-        return None
-    g = kw.get("num_groups") or default_num_groups(num_channels)
-    return nn.GroupNorm(g, num_channels, eps=kw.get("eps", 1e-5), affine=kw.get("affine", True))
-
-
 @register_norm(
     "group_norm",
     functional=group_norm,
     layout="any",
     aliases=("gn",),
     paper=Paper("Group Normalization", "https://arxiv.org/abs/1803.08494"),
-    torch_equivalent=_torch_group_norm,
     samples=({"num_groups": 1}, {"affine": False}, {"channel_dim": -1}),
     description="per-sample statistics over groups of channels and all positions",
 )
@@ -86,7 +79,8 @@ class GroupNorm(NormBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.num_features = self.num_channels = check_num_features("group_norm", num_channels)
+        self._setup(num_channels, channel_dim)
+        self.num_channels = self.num_features
         groups = default_num_groups(num_channels) if num_groups is None else num_groups
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or num_channels % groups:
             raise ValueError(
@@ -94,51 +88,23 @@ class GroupNorm(NormBase):
                 f"got num_groups={num_groups!r}"
             )
         self.num_groups = groups
-        self.channel_dim = check_layout("group_norm", "any", channel_dim)
         self.eps = eps
         self.affine = affine
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(num_channels, **factory)) if affine else None
-        self.bias = nn.Parameter(torch.empty(num_channels, **factory)) if affine else None
+        self._init_affine(num_channels, weight=affine, bias=affine, device=device, dtype=dtype)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+    repr_always = ("num_groups",)  # resolved from the default None
 
-    def functional_kwargs(self) -> dict[str, Any]:
-        return {
-            "num_channels": self.num_channels,
-            "num_groups": self.num_groups,
-            "weight": self.weight,
-            "bias": self.bias,
-            "eps": self.eps,
-            "channel_dim": self.channel_dim,
-        }
+    @classmethod
+    def torch_twin(cls, num_features: int, **kwargs: Any) -> nn.Module | None:
+        if kwargs.get("channel_dim", 1) != 1:
+            return None
+        g = kwargs.get("num_groups") or default_num_groups(num_features)
+        return nn.GroupNorm(g, num_features, eps=kwargs.get("eps", 1e-5), affine=kwargs.get("affine", True))
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         _no_mask("group_norm", mask)
-        return group_norm(x, **self.functional_kwargs())
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}, affine={self.affine}, "
-            f"channel_dim={self.channel_dim}"
-        )
-
-
-def _torch_instance_norm(num_features: int, kw: dict[str, Any]) -> nn.Module | None:
-    if kw.get("channel_dim", 1) != 1:
-        return None
-    return nn.InstanceNorm2d(
-        num_features,
-        eps=kw.get("eps", 1e-5),
-        momentum=kw.get("momentum", 0.1),
-        affine=kw.get("affine", False),
-        track_running_stats=kw.get("track_running_stats", False),
-    )
+        return super().forward(x)
 
 
 @register_norm(
@@ -147,7 +113,6 @@ def _torch_instance_norm(num_features: int, kw: dict[str, Any]) -> nn.Module | N
     layout="any",
     aliases=("in", "instancenorm1d", "instancenorm2d", "instancenorm3d"),
     paper=Paper("Instance Normalization: The Missing Ingredient for Fast Stylization", "https://arxiv.org/abs/1607.08022"),
-    torch_equivalent=_torch_instance_norm,
     samples=({"affine": True}, {"affine": True, "track_running_stats": True}, {"channel_dim": -1, "affine": True}),
     description="per-sample, per-channel statistics over all positions",
 )
@@ -187,60 +152,35 @@ class InstanceNorm(NormBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.num_features = check_num_features("instance_norm", num_features)
-        self.channel_dim = check_layout("instance_norm", "any", channel_dim)
+        self._setup(num_features, channel_dim)
         self.eps = eps
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
-        self.bias = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer(
-                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
-            )
-        else:
-            self.running_mean: Tensor | None = None
-            self.running_var: Tensor | None = None
-            self.num_batches_tracked: Tensor | None = None
+        self._init_affine(num_features, weight=affine, bias=affine, device=device, dtype=dtype)
+        self._init_stats(bn_stats(num_features), track=track_running_stats, device=device, dtype=dtype)
         self.reset_parameters()
 
-    def reset_running_stats(self) -> None:
-        if self.running_mean is not None and self.running_var is not None and self.num_batches_tracked is not None:
-            self.running_mean.zero_()
-            self.running_var.fill_(1.0)
-            self.num_batches_tracked.zero_()
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
 
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+    @classmethod
+    def torch_twin(cls, num_features: int, **kwargs: Any) -> nn.Module | None:
+        if kwargs.get("channel_dim", 1) != 1:
+            return None
+        return nn.InstanceNorm2d(
+            num_features, eps=kwargs.get("eps", 1e-5), momentum=kwargs.get("momentum", 0.1),
+            affine=kwargs.get("affine", False), track_running_stats=kwargs.get("track_running_stats", False),
+        )
 
-    def functional_kwargs(self) -> dict[str, Any]:
-        return {
-            "num_features": self.num_features,
-            "running_mean": self.running_mean,
-            "running_var": self.running_var,
-            "weight": self.weight,
-            "bias": self.bias,
-            "use_input_stats": self.training or not self.track_running_stats,
-            "momentum": self.momentum,
-            "eps": self.eps,
-            "channel_dim": self.channel_dim,
-        }
+    def _functional_arg(self, name: str) -> Any:
+        if name == "use_input_stats":
+            return self.training or not self.track_running_stats
+        return super()._functional_arg(name)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         _no_mask("instance_norm", mask)
         # num_batches_tracked stays 0, as in torch.nn.InstanceNorm*d (its momentum is never cumulative).
-        return instance_norm(x, **self.functional_kwargs())
+        return super().forward(x)
 
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}, channel_dim={self.channel_dim}"
-        )

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from normlab.functional.identity import identity
-from normlab.nn._base import FoldedAffine, NormBase, check_layout, check_num_features
+from normlab.nn._base import FoldedAffine, NormBase
 from normlab.registry import register_norm
 
 __all__ = ["IdentityNorm", "identity"]
@@ -44,22 +43,9 @@ class IdentityNorm(NormBase):
         **ignored: Any,
     ) -> None:
         super().__init__()
-        self.num_features = check_num_features("identity", num_features)
-        self.channel_dim = check_layout("identity", "any", channel_dim)
-
-    def reset_parameters(self) -> None:
-        """Nothing to reset: the identity has no parameters or buffers."""
-
-    def functional_kwargs(self) -> dict[str, Any]:
-        return {"num_features": self.num_features, "channel_dim": self.channel_dim}
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return identity(x, **self.functional_kwargs())
+        self._setup(num_features, channel_dim)
 
     def folded_affine(self) -> FoldedAffine:
         return FoldedAffine(
             torch.ones(self.num_features, dtype=torch.float64), torch.zeros(self.num_features, dtype=torch.float64)
         )
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, channel_dim={self.channel_dim}"

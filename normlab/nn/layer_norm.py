@@ -7,21 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from normlab.functional.layer_norm import layer_norm
-from normlab.nn._base import NormBase, check_layout
+from normlab.nn._base import NormBase
 from normlab.registry import Paper, register_norm
 
 __all__ = ["LayerNorm"]
-
-
-def _torch_layer_norm(num_features: int, kw: dict[str, Any]) -> nn.Module | None:
-    if kw.get("channel_dim", -1) != -1:
-        return None
-    return nn.LayerNorm(
-        num_features, eps=kw.get("eps", 1e-5), elementwise_affine=kw.get("affine", True), bias=kw.get("bias", True)
-    )
 
 
 @register_norm(
@@ -30,7 +22,6 @@ def _torch_layer_norm(num_features: int, kw: dict[str, Any]) -> nn.Module | None
     layout="any",
     aliases=("ln", "layernorm2d"),
     paper=Paper("Layer Normalization", "https://arxiv.org/abs/1607.06450"),
-    torch_equivalent=_torch_layer_norm,
     samples=({"bias": False}, {"affine": False}, {"channel_dim": 1}),
     description="per-token mean/variance; optional bias; channel_dim for NCHW",
 )
@@ -93,35 +84,18 @@ class LayerNorm(NormBase):
         if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
             raise ValueError(f"layer_norm: expected normalized_shape of positive ints, got {normalized_shape!r}")
         self.normalized_shape = shape_or_int
-        self.num_features = int(torch.Size(dims).numel())
-        self.channel_dim = check_layout("layer_norm", "any", channel_dim)
+        self._setup(int(torch.Size(dims).numel()), channel_dim)
         self.eps = eps
         self.affine = affine
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(dims, **factory)) if affine else None  # type: ignore[arg-type]
-        self.bias = nn.Parameter(torch.empty(dims, **factory)) if affine and bias else None  # type: ignore[arg-type]
+        self._init_affine(dims, weight=affine, bias=affine and bias, device=device, dtype=dtype)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    def functional_kwargs(self) -> dict[str, Any]:
-        return {
-            "normalized_shape": self.normalized_shape,
-            "weight": self.weight,
-            "bias": self.bias,
-            "eps": self.eps,
-            "channel_dim": self.channel_dim,
-        }
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return layer_norm(x, **self.functional_kwargs())
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.normalized_shape}, eps={self.eps}, affine={self.affine}, bias={self.bias is not None}, "
-            f"channel_dim={self.channel_dim}"
+    @classmethod
+    def torch_twin(cls, num_features: int, **kwargs: Any) -> nn.Module | None:
+        if kwargs.get("channel_dim", -1) != -1:
+            return None
+        return nn.LayerNorm(
+            num_features, eps=kwargs.get("eps", 1e-5), elementwise_affine=kwargs.get("affine", True),
+            bias=kwargs.get("bias", True),
         )
+

@@ -11,7 +11,15 @@ import torch
 from torch import Tensor, nn
 
 from normlab.functional.power_norm import BackwardDivisor, group_scaling, power_norm
-from normlab.nn._base import FoldedAffine, NormBase, check_layout, check_num_features
+from normlab.nn._base import (
+    BatchStatView,
+    FoldedAffine,
+    NormBase,
+    RecalibrationPlan,
+    check_int,
+    check_unit,
+    quadratic_mean_affine,
+)
 from normlab.registry import Paper, register_norm
 
 __all__ = ["GroupScaling", "PowerNorm"]
@@ -139,8 +147,7 @@ class PowerNorm(NormBase):
     ) -> None:
         super().__init__()
         op = "power_norm"
-        self.num_features = check_num_features(op, num_features)
-        self.channel_dim = check_layout(op, "token", channel_dim)
+        self._setup(num_features, channel_dim, "token")
         if group_num is not None and (
             isinstance(group_num, bool) or not isinstance(group_num, int) or group_num < 1 or num_features % group_num
         ):
@@ -150,88 +157,52 @@ class PowerNorm(NormBase):
             )
         if backward_divisor not in ("batch", "forward"):
             raise ValueError(f"{op}: expected backward_divisor 'batch' or 'forward', got {backward_divisor!r}")
-        for name, value in (("alpha_fwd", alpha_fwd), ("alpha_bkw", alpha_bkw)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{op}: expected {name} in [0, 1], got {value!r}")
-        if isinstance(warmup_iters, bool) or not isinstance(warmup_iters, int) or warmup_iters < 0:
-            raise ValueError(f"{op}: expected warmup_iters to be an int >= 0, got {warmup_iters!r}")
-        self.eps, self.alpha_fwd, self.alpha_bkw = eps, alpha_fwd, alpha_bkw
-        self.warmup_iters, self.group_num, self.affine = warmup_iters, group_num, affine
+        self.eps, self.alpha_fwd = eps, check_unit(op, "alpha_fwd", alpha_fwd)
+        self.alpha_bkw = check_unit(op, "alpha_bkw", alpha_bkw)
+        self.warmup_iters = check_int(op, "warmup_iters", warmup_iters)
+        self.group_num, self.affine = group_num, affine
         self.backward_divisor: BackwardDivisor = backward_divisor
         self.process_group, self.sync_stats = process_group, sync_stats
         self.group_scaling = GroupScaling(group_num) if group_num is not None else None
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
-        self.bias = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
-        self.register_buffer("running_phi", torch.ones(num_features, **factory))
-        self.register_buffer("ema_gz", torch.zeros(num_features, **factory))
-        self.register_buffer("iters", torch.tensor(0, dtype=torch.long, device=device))
+        self._init_affine(num_features, weight=affine, bias=affine, device=device, dtype=dtype)
+        C = (num_features,)  # noqa: N806
+        self._init_stats([("running_phi", C, 1.0), ("ema_gz", C, 0.0), ("iters", (), 0)], device=device, dtype=dtype)
         self.reset_parameters()
 
     running_phi: Tensor
     ema_gz: Tensor
     iters: Tensor
+    syncs_batch_stats = True
 
-    def reset_running_stats(self) -> None:
-        self.running_phi.fill_(1.0)
-        self.ema_gz.zero_()
-        self.iters.zero_()
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        if self.weight is not None and self.bias is not None:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+    def _functional_arg(self, name: str) -> Any:
+        if name == "group_scaling_eps":  # GroupScaling's fixed eps (the functional's default)
+            return self.group_scaling.eps if self.group_scaling is not None else GroupScaling().eps
+        return super()._functional_arg(name)
 
     def restart_warmup(self) -> None:
         """Set ``iters`` to 0 so the warm-up runs again (e.g. before fine-tuning a loaded checkpoint)."""
         self.iters.zero_()
 
-    def functional_kwargs(self) -> dict[str, Any]:
-        return {
-            "num_features": self.num_features,
-            "running_phi": self.running_phi,
-            "ema_gz": self.ema_gz,
-            "iters": self.iters,
-            "weight": self.weight,
-            "bias": self.bias,
-            "training": self.training,
-            "eps": self.eps,
-            "alpha_fwd": self.alpha_fwd,
-            "alpha_bkw": self.alpha_bkw,
-            "warmup_iters": self.warmup_iters,
-            "group_num": self.group_num,
-            "backward_divisor": self.backward_divisor,
-            "channel_dim": self.channel_dim,
-            "process_group": self.process_group,
-            "sync_stats": self.sync_stats,
-        }
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return power_norm(x, mask=mask, **self.functional_kwargs())
-
     def folded_affine(self) -> FoldedAffine:
         """``scale = weight / sqrt(running_phi + eps)``, ``shift = bias``, ``keep`` = the GroupScaling module
         that must stay before the folded linear layer (``None`` when ``group_num=None``)."""
-        if self.training:
-            raise RuntimeError("power_norm: folded_affine() needs eval mode (running statistics); call .eval() first")
-        scale = torch.rsqrt(self.running_phi.detach().double() + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight.detach().double()
-        shift = self.bias.detach().double() if self.bias is not None else torch.zeros_like(scale)
-        return FoldedAffine(scale, shift, keep=self.group_scaling)
+        return quadratic_mean_affine(self, self.running_phi, keep=self.group_scaling)
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+    def recalibration_plan(self) -> RecalibrationPlan | None:
+        """Step t = 1 <= warmup_iters: normalise by the batch quadratic mean; alpha_fwd = 0 makes the update
+        ``running_phi <- batch quadratic mean`` (of the group-scaled input, over valid tokens, synced across ranks)."""
+        return RecalibrationPlan(
+            [(self.running_phi, 1.0)], overrides=[(self, "alpha_fwd", 0.0), (self, "warmup_iters", 1)],
+            counters=[(self.iters, 0)], keep=[self.ema_gz],
+        )
+
+    def batch_stat_view(self) -> BatchStatView | None:
+        """The quadratic mean of the GroupScaling output (no mean)."""
+        return BatchStatView(self.running_phi, None, self.eps, self.channel_dim, self.group_scaling)
+
+    def _upgrade_state_dict(self, state_dict: dict[str, Any], prefix: str, version: int | None) -> None:
         # The official MaskPowerNorm stores running_phi / ema_gz as (1, C, 1, 1); accept those checkpoints.
         for key in ("running_phi", "ema_gz"):
             t = state_dict.get(prefix + key)
             if isinstance(t, Tensor) and t.dim() == 4 and t.numel() == self.num_features:
                 state_dict[prefix + key] = t.reshape(self.num_features)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}, "
-            f"warmup_iters={self.warmup_iters}, group_num={self.group_num}, affine={self.affine}, "
-            f"backward_divisor={self.backward_divisor!r}, channel_dim={self.channel_dim}, sync_stats={self.sync_stats}"
-        )

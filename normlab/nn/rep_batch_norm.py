@@ -5,6 +5,7 @@ following the official code (xinghaochen/SLAB @ f58db00b: ``RepBN`` and ``Linear
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -12,8 +13,19 @@ import torch
 from torch import Tensor, nn
 
 from normlab.functional.rep_batch_norm import prep_batch_norm, prep_lambda, rep_batch_norm
-from normlab.nn._base import FoldedAffine, NormBase, batch_stat_affine, check_layout, check_num_features
-from normlab.registry import Paper, create_norm, register_norm
+from normlab.nn._base import (
+    BatchStatView,
+    FoldedAffine,
+    NormBase,
+    RecalibrationPlan,
+    bn_batch_stat_view,
+    bn_folded_affine,
+    bn_recalibration_plan,
+    check_int,
+    check_unit,
+)
+from normlab.nn.batch_norm import bn_stats
+from normlab.registry import Paper, create_norm, get_norm, register_norm
 
 __all__ = ["PRepBatchNorm", "RepBatchNorm"]
 
@@ -22,6 +34,23 @@ _PAPER = Paper(
     "Normalization",
     "https://arxiv.org/abs/2405.11582",
 )
+
+
+def _build_norm1(
+    norm1: str | Callable[..., nn.Module], num_features: int, eps: float | None, **factory: Any
+) -> nn.Module:
+    """PRepBN's LN branch; ``eps`` goes only to a norm that takes one (DyT has none)."""
+    target = get_norm(norm1).cls if isinstance(norm1, str) else norm1
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: assume it takes eps, as most norms do
+        params = [inspect.Parameter("eps", inspect.Parameter.KEYWORD_ONLY)]  # type: ignore[assignment]
+    takes_eps = any(p.name == "eps" or p.kind is p.VAR_KEYWORD for p in params)
+    if takes_eps:
+        factory["eps"] = 1e-6 if eps is None else eps
+    elif eps is not None:
+        raise TypeError(f"prep_batch_norm: norm1={norm1!r} takes no eps, so norm1_eps must be None, got {eps!r}")
+    return create_norm(norm1, num_features, **factory)
 
 
 @register_norm(
@@ -87,72 +116,34 @@ class RepBatchNorm(NormBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        op = "rep_batch_norm"
-        self.num_features = check_num_features(op, num_features)
-        self.channel_dim = check_layout(op, "any", channel_dim)
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"{op}: expected momentum in [0, 1] or None, got {momentum!r}")
-        self.eps, self.momentum, self.affine = eps, momentum, affine
+        self._setup(num_features, channel_dim)
+        self.eps, self.affine = eps, affine
+        self.momentum = check_unit("rep_batch_norm", "momentum", momentum, optional=True)
         self.alpha_init, self.weight_init = float(alpha_init), float(weight_init)
         self.process_group, self.sync_stats = process_group, sync_stats
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.alpha = nn.Parameter(torch.empty(1, **factory))
-        self.weight = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
-        self.bias = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
-        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-        self.register_buffer("running_var", torch.ones(num_features, **factory))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        self.alpha = nn.Parameter(torch.empty(1, device=device, dtype=dtype))
+        self._init_affine(num_features, weight=affine, bias=affine, device=device, dtype=dtype)
+        self._init_stats(bn_stats(num_features), device=device, dtype=dtype)
         self.reset_parameters()
 
     running_mean: Tensor
     running_var: Tensor
     num_batches_tracked: Tensor
+    syncs_batch_stats = True
 
-    def reset_running_stats(self) -> None:
-        self.running_mean.zero_()
-        self.running_var.fill_(1.0)
-        self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        nn.init.constant_(self.alpha, self.alpha_init)
-        if self.weight is not None and self.bias is not None:
-            nn.init.constant_(self.weight, self.weight_init)
-            nn.init.zeros_(self.bias)
-
-    def functional_kwargs(self) -> dict[str, Any]:
-        return {
-            "num_features": self.num_features,
-            "alpha": self.alpha,
-            "running_mean": self.running_mean,
-            "running_var": self.running_var,
-            "weight": self.weight,
-            "bias": self.bias,
-            "training": self.training,
-            "momentum": self.momentum,
-            "eps": self.eps,
-            "channel_dim": self.channel_dim,
-            "num_batches_tracked": self.num_batches_tracked,
-            "process_group": self.process_group,
-            "sync_stats": self.sync_stats,
-        }
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return rep_batch_norm(x, mask=mask, **self.functional_kwargs())
+    def _param_init(self) -> dict[str, float]:
+        return {"alpha": self.alpha_init, "weight": self.weight_init, "bias": 0.0}
 
     def folded_affine(self) -> FoldedAffine:
         """``scale = γ/sqrt(running_var + eps) + α``, ``shift = β − γ·running_mean/sqrt(running_var + eps)``."""
-        if self.training:
-            raise RuntimeError("rep_batch_norm: folded_affine() needs eval mode (running statistics); call .eval()")
-        bn_scale, shift = batch_stat_affine(self.running_mean, self.running_var, self.weight, self.bias, self.eps)
-        return FoldedAffine(bn_scale + self.alpha.detach().double(), shift)
+        bn = bn_folded_affine(self)
+        return FoldedAffine(bn.scale + self.alpha.detach().double(), bn.shift)
 
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, alpha_init={self.alpha_init}, "
-            f"weight_init={self.weight_init}, affine={self.affine}, channel_dim={self.channel_dim}, "
-            f"sync_stats={self.sync_stats}"
-        )
+    def recalibration_plan(self) -> RecalibrationPlan | None:
+        return bn_recalibration_plan(self)
+
+    def batch_stat_view(self) -> BatchStatView | None:
+        return bn_batch_stat_view(self, self.channel_dim)
 
 
 @register_norm(
@@ -200,7 +191,8 @@ class PRepBatchNorm(NormBase):
         decrement_every: forwards per counter step. Default ``1``.
         norm1: the per-token norm of the LN branch: a registry key, class or partial. Default ``"layer_norm"``
             (LLaMA variant: ``"rms_norm"``).
-        norm1_eps: eps of ``norm1``. Default ``1e-6`` (DeiT; SLAB-Swin uses ``1e-5``).
+        norm1_eps: eps of ``norm1``. Default ``None``: ``1e-6`` (DeiT; SLAB-Swin uses ``1e-5``) for a norm that takes
+            an eps; a norm without one (``"dyt"``) needs ``None``.
         eps, momentum, alpha_init, weight_init, affine, process_group, sync_stats: of the RepBN branch
             (:class:`RepBatchNorm`), available as ``self.norm2``.
         channel_dim: must be ``-1``.
@@ -224,7 +216,7 @@ class PRepBatchNorm(NormBase):
         r0: float = 1.0,
         decrement_every: int = 1,
         norm1: str | Callable[..., nn.Module] = "layer_norm",
-        norm1_eps: float = 1e-6,
+        norm1_eps: float | None = None,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         alpha_init: float = 1.0,
@@ -237,24 +229,20 @@ class PRepBatchNorm(NormBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        op = "prep_batch_norm"
-        self.num_features = check_num_features(op, num_features)
-        self.channel_dim = check_layout(op, "token", channel_dim)
+        self._setup(num_features, channel_dim, "token")
         for name, value, low in (("total_steps", total_steps, 0), ("warmup_steps", warmup_steps, 0),
                                  ("decrement_every", decrement_every, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{op}: expected {name} to be an int >= {low}, got {value!r}")
+            check_int("prep_batch_norm", name, value, low)
         self.total_steps, self.warmup_steps, self.r0 = total_steps, warmup_steps, float(r0)
         self.decrement_every = decrement_every
-        self.norm1 = create_norm(norm1, num_features, eps=norm1_eps, device=device, dtype=dtype)
+        self.norm1 = _build_norm1(norm1, num_features, norm1_eps, device=device, dtype=dtype)
         self.norm2 = RepBatchNorm(
             num_features, eps=eps, momentum=momentum, alpha_init=alpha_init, weight_init=weight_init, affine=affine,
             process_group=process_group, sync_stats=sync_stats, device=device, dtype=dtype,
         )
-        self.register_buffer("warm", torch.tensor(warmup_steps, dtype=torch.long, device=device))
-        self.register_buffer("iter", torch.tensor(total_steps, dtype=torch.long, device=device))
-        self.register_buffer("total_step", torch.tensor(total_steps, dtype=torch.long, device=device))
-        self.register_buffer("num_step", torch.tensor(0, dtype=torch.long, device=device))
+        schedule = (("warm", warmup_steps), ("iter", total_steps), ("total_step", total_steps), ("num_step", 0))
+        for name, value in schedule:
+            self.register_buffer(name, torch.tensor(value, dtype=torch.long, device=device))
         self.reset_parameters()
 
     warm: Tensor
@@ -271,10 +259,7 @@ class PRepBatchNorm(NormBase):
 
     def reset_parameters(self) -> None:
         self.reset_schedule()
-        reset = getattr(self.norm1, "reset_parameters", None)
-        if callable(reset):
-            reset()
-        self.norm2.reset_parameters()
+        super().reset_parameters()
 
     def current_lambda(self) -> float:
         """λ of the next training forward (1.0 during the warm phase)."""
@@ -290,9 +275,6 @@ class PRepBatchNorm(NormBase):
             r0=self.r0, decrement_every=self.decrement_every, training=self.training, channel_dim=self.channel_dim,
         )
         return kw
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return prep_batch_norm(x, mask=mask, **self.functional_kwargs())
 
     def folded_affine(self) -> FoldedAffine:
         """RepBN's eval affine: exactly what eval computes, mid-ramp included (see :meth:`fold_note`).
@@ -316,8 +298,13 @@ class PRepBatchNorm(NormBase):
             "this eval output (RepBN only), but training still mixed in the LayerNorm branch"
         )
 
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, total_steps={self.total_steps}, warmup_steps={self.warmup_steps}, r0={self.r0}, "
-            f"decrement_every={self.decrement_every}, channel_dim={self.channel_dim}"
-        )
+    def recalibration_plan(self) -> RecalibrationPlan | None:
+        """Held at warm = iter = 0, i.e. λ = 0: the pass runs the RepBN that eval uses (batch statistics), and the
+        schedule buffers are put back afterwards, so the LayerNorm -> RepBN ramp continues where it was."""
+        plan = bn_recalibration_plan(self.norm2)
+        if plan is not None:
+            plan.counters = [(self.warm, 0), (self.iter, 0), (self.num_step, 0)]
+        return plan
+
+    def batch_stat_view(self) -> BatchStatView | None:
+        return self.norm2.batch_stat_view()

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.functional.rms_norm import crms_norm, partial_size, resolve_eps, rms_norm, scale_norm
-from normlab.nn._base import NormBase, check_layout, check_num_features
+from normlab.nn._base import NormBase
 from normlab.registry import Paper, register_norm
 
 __all__ = ["CRMSNorm", "PartialRMSNorm", "RMSNorm", "SRMSNorm", "ScaleNorm"]
@@ -29,20 +29,12 @@ def _eps_inside(op: str, eps_placement: str) -> bool:
     return eps_placement == "inside"
 
 
-def _torch_rms_norm(num_features: int, kw: dict[str, Any]) -> nn.Module | None:
-    if kw.get("eps_placement", "inside") != "inside" or kw.get("bias", False) or kw.get("channel_dim", -1) != -1:
-        return None
-    # eps=None must mean ours (1e-6), not torch's own None (finfo.eps of the input dtype).
-    return nn.RMSNorm(num_features, eps=resolve_eps(kw.get("eps"), True), elementwise_affine=kw.get("affine", True))
-
-
 @register_norm(
     "rms_norm",
     functional=rms_norm,
     layout="any",
     aliases=("rms",),
     paper=_RMS_PAPER,
-    torch_equivalent=_torch_rms_norm,
     samples=({"eps_placement": "outside"}, {"bias": True}, {"affine": False}, {"channel_dim": 1}),
     description="per-token root mean square; eps inside (default) or outside the root",
 )
@@ -90,46 +82,33 @@ class RMSNorm(NormBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        op = type(self).norm_spec.name if hasattr(type(self), "norm_spec") else "rms_norm"  # type: ignore[attr-defined]
-        self.num_features = check_num_features(op, num_features)
-        self.channel_dim = check_layout(op, "any", channel_dim)
-        self._eps_inside = _eps_inside(op, eps_placement)
+        self._setup(num_features, channel_dim)
+        self._eps_inside = _eps_inside(self._name(), eps_placement)
         self.eps = resolve_eps(eps, self._eps_inside)
         self.eps_placement = eps_placement
         self.affine = affine
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
-        self.bias = nn.Parameter(torch.empty(num_features, **factory)) if bias else None
+        self._init_affine(num_features, weight=affine, bias=bias, device=device, dtype=dtype)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+    repr_always = ("eps",)
+
+    @classmethod
+    def torch_twin(cls, num_features: int, **kwargs: Any) -> nn.Module | None:
+        if cls is not RMSNorm or kwargs.get("eps_placement", "inside") != "inside" or kwargs.get("bias", False):
+            return None
+        if kwargs.get("channel_dim", -1) != -1:
+            return None
+        # eps=None must mean ours (1e-6), not torch's own None (finfo.eps of the input dtype).
+        eps = resolve_eps(kwargs.get("eps"), True)
+        return nn.RMSNorm(num_features, eps=eps, elementwise_affine=kwargs.get("affine", True))
 
     def _partial(self) -> int | None:
         return None
 
-    def functional_kwargs(self) -> dict[str, Any]:
-        return {
-            "num_features": self.num_features,
-            "weight": self.weight,
-            "bias": self.bias,
-            "eps": self.eps,
-            "eps_inside": self._eps_inside,
-            "channel_dim": self.channel_dim,
-            "partial": self._partial(),
-        }
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return rms_norm(x, **self.functional_kwargs())
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, eps_placement={self.eps_placement!r}, affine={self.affine}, "
-            f"bias={self.bias is not None}, channel_dim={self.channel_dim}"
-        )
+    def _functional_arg(self, name: str) -> Any:
+        if name == "eps_inside":
+            return self._eps_inside
+        return self._partial() if name == "partial" else super()._functional_arg(name)
 
 
 @register_norm(
@@ -171,7 +150,7 @@ class PartialRMSNorm(RMSNorm):
         return self.k
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, p={self.p}, k={self.k}"
+        return f"{super().extra_repr()}, k={self.k}"
 
 
 @register_norm(
@@ -209,6 +188,8 @@ class SRMSNorm(RMSNorm):
         kwargs["affine"] = False
         kwargs["bias"] = False
         super().__init__(num_features, **kwargs)
+
+    repr_never = ("affine", "bias")
 
 
 @register_norm(
@@ -258,35 +239,11 @@ class CRMSNorm(NormBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.num_features = check_num_features("crms_norm", num_features)
-        self.channel_dim = check_layout("crms_norm", "any", channel_dim)
+        self._setup(num_features, channel_dim)
         self.eps = eps
         self.affine = affine
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
-        self.bias = nn.Parameter(torch.empty(num_features, **factory)) if bias else None
+        self._init_affine(num_features, weight=affine, bias=bias, device=device, dtype=dtype)
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    def functional_kwargs(self) -> dict[str, Any]:
-        return {
-            "num_features": self.num_features,
-            "weight": self.weight,
-            "bias": self.bias,
-            "eps": self.eps,
-            "channel_dim": self.channel_dim,
-        }
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return crms_norm(x, **self.functional_kwargs())
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, affine={self.affine}, bias={self.bias is not None}"
 
 
 @register_norm(
@@ -304,6 +261,8 @@ class ScaleNorm(NormBase):
     r"""ScaleNorm: ``g * x / max(||x||_2, eps)`` with a single learned scalar ``g`` (init ``sqrt(C)``).
 
     Paper: Nguyen & Salazar 2019, https://arxiv.org/abs/1910.05895. The L2 norm is taken over the channel axis.
+    ``g`` is the parameter ``weight`` (shape ``(1,)``), the name every norm's gain has; state dicts that call it
+    ``scale`` (before ``_version`` 2) still load.
 
     Args:
         num_features: channel count ``C`` (sets the initial ``g = sqrt(C)``).
@@ -325,26 +284,23 @@ class ScaleNorm(NormBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.num_features = check_num_features("scale_norm", num_features)
-        self.channel_dim = check_layout("scale_norm", "any", channel_dim)
+        self._setup(num_features, channel_dim)
         self.eps = eps
-        self.scale = nn.Parameter(torch.empty(1, device=device, dtype=dtype))
+        self.weight = nn.Parameter(torch.empty(1, device=device, dtype=dtype))
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        if self.scale.device.type != "meta":
-            nn.init.constant_(self.scale, math.sqrt(self.num_features))
+    # _version 2 renamed the learned scalar g from ``scale`` to ``weight``, the name every other norm uses.
+    _version = 2
 
-    def functional_kwargs(self) -> dict[str, Any]:
-        return {
-            "num_features": self.num_features,
-            "scale": self.scale,
-            "eps": self.eps,
-            "channel_dim": self.channel_dim,
-        }
+    def _param_init(self) -> dict[str, float]:
+        return {"weight": math.sqrt(self.num_features)}
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return scale_norm(x, **self.functional_kwargs())
+    def _upgrade_state_dict(self, state_dict: dict[str, Any], prefix: str, version: int | None) -> None:
+        if (version is None or version < 2) and prefix + "scale" in state_dict and prefix + "weight" not in state_dict:
+            state_dict[prefix + "weight"] = state_dict.pop(prefix + "scale")
 
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, channel_dim={self.channel_dim}"
+    @property
+    def scale(self) -> Tensor:
+        """``g`` under its name before ``_version`` 2 (read-only; the parameter is :attr:`weight`)."""
+        return self.weight
+

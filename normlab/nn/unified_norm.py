@@ -8,10 +8,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from normlab.functional.unified_norm import unified_norm
-from normlab.nn._base import FoldedAffine, NormBase, check_layout, check_num_features
+from normlab.nn._base import (
+    BatchStatView,
+    FoldedAffine,
+    NormBase,
+    RecalibrationPlan,
+    check_int,
+    check_unit,
+    quadratic_mean_affine,
+)
 from normlab.registry import Paper, register_norm
 
 __all__ = ["UnifiedNorm"]
@@ -106,26 +114,20 @@ class UnifiedNorm(NormBase):
     ) -> None:
         super().__init__()
         op = "unified_norm"
-        self.num_features = check_num_features(op, num_features)
-        self.channel_dim = check_layout(op, "token", channel_dim)
+        self._setup(num_features, channel_dim, "token")
         kf, kb = _window_sizes(window_size)
-        if isinstance(warmup_iters, bool) or not isinstance(warmup_iters, int) or warmup_iters < 0:
-            raise ValueError(f"{op}: expected warmup_iters to be an int >= 0, got {warmup_iters!r}")
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"{op}: expected momentum in [0, 1], got {momentum!r}")
         self.window_size = (kf, kb)
-        self.warmup_iters, self.outlier_filtration = warmup_iters, outlier_filtration
-        self.eps, self.momentum, self.affine = eps, momentum, affine
+        self.warmup_iters = check_int(op, "warmup_iters", warmup_iters)
+        self.outlier_filtration = outlier_filtration
+        self.eps, self.momentum, self.affine = eps, check_unit(op, "momentum", momentum), affine
         self.process_group, self.sync_stats = process_group, sync_stats
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
-        self.bias = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
-        self.register_buffer("running_var", torch.ones(num_features, **factory))
-        self.register_buffer("ema_gz", torch.zeros(num_features, **factory))
-        self.register_buffer("iters", torch.tensor(0, dtype=torch.long, device=device))
-        self.register_buffer("buffer_x2", torch.zeros(kf, num_features, **factory))
-        self.register_buffer("buffer_gz", torch.zeros(kb, num_features, **factory))
-        self.register_buffer("skip_counter", torch.tensor(0, dtype=torch.long, device=device))
+        self._init_affine(num_features, weight=affine, bias=affine, device=device, dtype=dtype)
+        C = num_features  # noqa: N806
+        self._init_stats(
+            [("running_var", (C,), 1.0), ("ema_gz", (C,), 0.0), ("iters", (), 0), ("buffer_x2", (kf, C), 0.0),
+             ("buffer_gz", (kb, C), 0.0), ("skip_counter", (), 0)],
+            device=device, dtype=dtype,
+        )
         self.reset_parameters()
 
     running_var: Tensor
@@ -134,62 +136,24 @@ class UnifiedNorm(NormBase):
     buffer_x2: Tensor
     buffer_gz: Tensor
     skip_counter: Tensor
-
-    def reset_running_stats(self) -> None:
-        self.running_var.fill_(1.0)
-        self.ema_gz.zero_()
-        self.iters.zero_()
-        self.buffer_x2.zero_()
-        self.buffer_gz.zero_()
-        self.skip_counter.zero_()
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        if self.weight is not None and self.bias is not None:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+    syncs_batch_stats = True
 
     def restart_warmup(self) -> None:
         """Set ``iters`` to 0 so the warm-up runs again (the official README's advice before fine-tuning)."""
         self.iters.zero_()
 
-    def functional_kwargs(self) -> dict[str, Any]:
-        return {
-            "num_features": self.num_features,
-            "running_var": self.running_var,
-            "buffer_x2": self.buffer_x2,
-            "buffer_gz": self.buffer_gz,
-            "ema_gz": self.ema_gz,
-            "iters": self.iters,
-            "skip_counter": self.skip_counter,
-            "weight": self.weight,
-            "bias": self.bias,
-            "training": self.training,
-            "eps": self.eps,
-            "momentum": self.momentum,
-            "warmup_iters": self.warmup_iters,
-            "outlier_filtration": self.outlier_filtration,
-            "channel_dim": self.channel_dim,
-            "process_group": self.process_group,
-            "sync_stats": self.sync_stats,
-        }
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return unified_norm(x, mask=mask, **self.functional_kwargs())
-
     def folded_affine(self) -> FoldedAffine:
         """``scale = weight / sqrt(running_var + eps)``, ``shift = bias`` (float64; no mean term)."""
-        if self.training:
-            raise RuntimeError("unified_norm: folded_affine() needs eval mode (running statistics); call .eval() first")
-        scale = torch.rsqrt(self.running_var.detach().double() + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight.detach().double()
-        shift = self.bias.detach().double() if self.bias is not None else torch.zeros_like(scale)
-        return FoldedAffine(scale, shift)
+        return quadratic_mean_affine(self, self.running_var)
 
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, window_size={self.window_size}, warmup_iters={self.warmup_iters}, "
-            f"outlier_filtration={self.outlier_filtration}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, channel_dim={self.channel_dim}, sync_stats={self.sync_stats}"
+    def recalibration_plan(self) -> RecalibrationPlan | None:
+        """Step t = 1 <= window: the statistic is the batch second moment (no window mean, no outlier filter,
+        r = 1); momentum 0 makes the update ``running_var <- batch second moment``. The window is put back after."""
+        return RecalibrationPlan(
+            [(self.running_var, 1.0)], overrides=[(self, "momentum", 0.0), (self, "outlier_filtration", False)],
+            counters=[(self.iters, 0)], keep=[self.buffer_x2, self.buffer_gz, self.ema_gz, self.skip_counter],
         )
+
+    def batch_stat_view(self) -> BatchStatView | None:
+        """The second moment of the input (no mean)."""
+        return BatchStatView(self.running_var, None, self.eps, self.channel_dim)

@@ -1,4 +1,5 @@
-"""Model surgery: swap, fold, convert and sync norms (tensor-level functions plus module-level wrappers)."""
+"""Model surgery: fold norms into linear/conv layers, recalibrate running statistics and sync batch statistics across
+ranks (tensor-level functions plus module-level wrappers)."""
 
 from __future__ import annotations
 

@@ -23,20 +23,12 @@ from typing import Literal
 import torch.fx
 from torch import nn
 
-from normlab.registry import NormSpec
+from normlab.walk import is_norm, norm_protocol, spec_of
 
-__all__ = ["Plan", "Refusal", "find_norms", "is_norm", "plan_fx", "plan_map", "plan_structure"]
+__all__ = ["Plan", "Refusal", "plan_fx", "plan_map", "plan_structure"]
 
 Direction = Literal["into_consumers", "into_producer"]
 
-_TORCH_NORMS: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._BatchNorm,
-    nn.modules.instancenorm._InstanceNorm,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.LocalResponseNorm,
-    nn.RMSNorm,
-)
 FOLD_TARGETS: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
 
 
@@ -68,33 +60,6 @@ class Refusal:
 
     def __str__(self) -> str:
         return f"{self.norm} ({self.norm_type}): {self.reason}"
-
-
-def is_norm(m: nn.Module) -> bool:
-    """A normlab norm (registered), a torch norm layer, or any module exposing ``folded_affine()``."""
-    return (
-        isinstance(getattr(type(m), "norm_spec", None), NormSpec)
-        or isinstance(m, _TORCH_NORMS)
-        or callable(getattr(m, "folded_affine", None))
-    )
-
-
-def find_norms(model: nn.Module) -> dict[str, nn.Module]:
-    """Every norm of ``model`` by path, not descending into norms (PRepBN's inner LayerNorm/RepBN are its own)."""
-    found: dict[str, nn.Module] = {}
-
-    def visit(module: nn.Module, prefix: str) -> None:
-        for name, child in module.named_children():
-            path = f"{prefix}.{name}" if prefix else name
-            if is_norm(child):
-                found.setdefault(path, child)
-            else:
-                visit(child, path)
-
-    if is_norm(model):
-        raise TypeError(f"fold_norms: expected a model containing norms, got the norm {type(model).__name__} itself")
-    visit(model, "")
-    return found
 
 
 def _refuse(norms: Mapping[str, nn.Module], path: str, reason: str, error: type[Exception] = ValueError) -> Refusal:
@@ -245,12 +210,11 @@ def plan_fx(model: nn.Module, norms: Mapping[str, nn.Module]) -> list[Plan | Ref
 
 def _has_keep(norm: nn.Module) -> bool:
     """Whether the norm keeps a per-token module in the graph when folded (PowerNorm's GroupScaling)."""
-    fa = getattr(norm, "folded_affine", None)
-    spec = getattr(type(norm), "norm_spec", None)
-    if not callable(fa) or (isinstance(spec, NormSpec) and not spec.foldable):
+    spec = spec_of(norm)
+    if spec is None or not spec.foldable:
         return False
     try:
-        return getattr(fa(), "keep", None) is not None
+        return norm_protocol(norm).folded_affine().keep is not None
     except Exception:  # validation reports later why it is not foldable
         return False
 

@@ -27,16 +27,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from normlab.nn._base import FoldedAffine
-from normlab.registry import NormSpec
-from normlab.surgery._fold_plan import (
-    Direction,
-    Plan,
-    Refusal,
-    find_norms,
-    plan_fx,
-    plan_map,
-    plan_structure,
-)
+from normlab.surgery._fold_plan import Direction, Plan, Refusal, plan_fx, plan_map, plan_structure
 from normlab.surgery.fold_math import (
     _padding_is_zero,
     fold_affine_into_conv_input,
@@ -44,6 +35,7 @@ from normlab.surgery.fold_math import (
     fold_affine_into_linear_input,
     fold_affine_into_linear_output,
 )
+from normlab.walk import is_norm, iter_norms, norm_protocol, spec_of
 
 __all__ = ["FoldRecord", "FoldReport", "KeptAfterFold", "Refusal", "fold_norms", "norm_affine"]
 
@@ -76,12 +68,6 @@ class FoldRecord:
         targets = ", ".join(self.targets)
         note = f"; note: {self.note}" if self.note else ""
         return f"{self.norm} ({self.norm_type}) {arrow} {targets}  [{self.found_by}; now {self.replaced_by}{note}]"
-
-
-def _fold_note(norm: nn.Module) -> str:
-    ask = getattr(norm, "fold_note", None)
-    note = ask() if callable(ask) else None
-    return note if isinstance(note, str) else ""
 
 
 @dataclass
@@ -121,41 +107,21 @@ class KeptAfterFold(nn.Module):
         return self.module(x)
 
 
-def _torch_batch_norm_affine(m: nn.modules.batchnorm._BatchNorm) -> FoldedAffine:
-    if m.running_mean is None or m.running_var is None:
-        raise TypeError(
-            f"{type(m).__name__}: track_running_stats=False uses batch statistics in eval mode; not foldable"
-        )
-    scale = torch.rsqrt(m.running_var.detach().double() + m.eps)
-    if m.weight is not None:
-        scale = scale * m.weight.detach().double()
-    shift = -scale * m.running_mean.detach().double()
-    if m.bias is not None:
-        shift = shift + m.bias.detach().double()
-    return FoldedAffine(scale, shift)
-
-
 def norm_affine(norm: nn.Module) -> FoldedAffine:
-    """The eval-mode per-channel affine of a norm module, or the error saying why it has none.
-
-    Registered norms must have the ``foldable`` trait and answer ``folded_affine()``; ``torch.nn.BatchNorm*d`` with
-    running stats is handled here; any other module exposing ``folded_affine()`` is asked.
+    """The eval-mode per-channel affine of a norm module (its protocol's ``folded_affine()``), checked, or the error
+    saying why it has none.
 
     Raises:
-        TypeError: not foldable. RuntimeError: the norm's own refusal (train mode).
+        TypeError: not a norm, or not foldable. RuntimeError: the norm's own refusal (train mode). ValueError: an
+            affine of the wrong shape or with non-finite entries.
     """
-    spec = getattr(type(norm), "norm_spec", None)
-    if isinstance(spec, NormSpec) and not spec.foldable:
+    spec = spec_of(norm)
+    if spec is not None and not spec.foldable:
         raise TypeError(
             f"{spec.name} is not foldable (registry trait foldable=False): its eval-mode output is not a fixed "
             "per-channel affine"
         )
-    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
-        return _torch_batch_norm_affine(norm)
-    fa = getattr(norm, "folded_affine", None)
-    if not callable(fa):
-        raise TypeError(f"{type(norm).__name__} is not foldable: its output depends on per-sample statistics")
-    affine = fa()
+    affine = norm_protocol(norm).folded_affine()
     if not isinstance(affine, FoldedAffine):
         raise TypeError(f"{type(norm).__name__}.folded_affine() returned {type(affine).__name__}, not a FoldedAffine")
     scale, shift = affine.scale, affine.shift
@@ -169,19 +135,20 @@ def norm_affine(norm: nn.Module) -> FoldedAffine:
     return affine
 
 
-def _channel_dim(norm: nn.Module) -> int:
-    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
-        return 1
-    return int(getattr(norm, "channel_dim", -1))
+class _NotFoldable(TypeError):
+    """A target layer of a kind a fold cannot rewrite (not ``nn.Linear`` / a ConvNd)."""
 
 
 def _check_target(
     plan: Plan, target: str, layer: nn.Module | None, n: int, channel_dim: int, owners: Mapping[int, list[str]]
 ) -> str | None:
-    """Why ``layer`` cannot take this fold exactly, or ``None``."""
+    """Why ``layer`` cannot take this fold exactly, or ``None``; raises :class:`_NotFoldable` for a layer kind that
+    no fold rewrites."""
     if not isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)):
         kind = type(layer).__name__ if layer is not None else "missing"
-        return f"target {target} is {kind}, not nn.Linear or a ConvNd (parametrised/σReparam layers are not folded)"
+        raise _NotFoldable(
+            f"target {target} is {kind}, not nn.Linear or a ConvNd (parametrised/σReparam layers are not folded)"
+        )
     if parametrize.is_parametrized(layer):
         return f"target {target} has a parametrization; its weight is computed, not stored"
     for name in ("weight", "bias"):
@@ -229,11 +196,14 @@ def _validate(
             "add)",
         )
     n = affine.scale.numel()
-    cdim = _channel_dim(norm)
+    cdim = norm_protocol(norm).channel_dim
     for target in plan.targets:
-        why = _check_target(plan, target, modules.get(target), n, cdim, owners)
+        try:
+            why = _check_target(plan, target, modules.get(target), n, cdim, owners)
+        except _NotFoldable as exc:
+            return Refusal(plan.norm, name, str(exc), TypeError)
         if why is not None:
-            return Refusal(plan.norm, name, why, TypeError if "not nn.Linear" in why else ValueError)
+            return Refusal(plan.norm, name, why, ValueError)
     return affine
 
 
@@ -333,7 +303,9 @@ def fold_norms(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_norms: expected an nn.Module, got {type(model).__name__}")
-    norms = find_norms(model)
+    if is_norm(model):
+        raise TypeError(f"fold_norms: expected a model containing norms, got the norm {type(model).__name__} itself")
+    norms = {path: m for path, m, _ in iter_norms(model)}
     training = [p for p, m in norms.items() if m.training]
     if model.training or training:
         where = f"norms in train mode: {', '.join(training[:5])}" if training else "model.training=True"
@@ -391,7 +363,7 @@ def fold_norms(
             affine = norm_affine(target.get_submodule(plan.norm))
         kept = _apply(target, plan, affine)
         norm = norms[plan.norm]
-        note = _fold_note(norm)
+        note = norm_protocol(norm).fold_note() or ""
         record = FoldRecord(plan.norm, type(norm).__name__, plan.direction, plan.targets, kept, plan.found_by, note)
         folded.append(record)
     return FoldReport(model=target, folded=folded, refused=refused, inplace=inplace)

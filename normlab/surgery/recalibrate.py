@@ -6,7 +6,8 @@ shifts the variance the RepBN statistics were gathered under, so after training 
 the RepBN statistics are updated on training data. The same pass fits every norm whose eval form uses running
 statistics: BatchNorm (https://arxiv.org/abs/1502.03167), RepBN / PRepBN, PowerNorm
 (https://arxiv.org/abs/2003.07845), Unified Normalization (https://arxiv.org/abs/2208.01313) and ``torch.nn``
-BatchNorm layers ("precise BN").
+BatchNorm layers ("precise BN"). The norms are found by :func:`normlab.iter_norms`; each says how its running
+statistics are re-estimated through its ``recalibration_plan()``, which this pass executes.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
 
-from normlab.registry import NormSpec
+from normlab.nn._base import RecalibrationPlan
+from normlab.walk import iter_norms, norm_protocol
 
 __all__ = ["RecalibrationReport", "recalibrate_stats"]
 
@@ -61,109 +62,35 @@ class RecalibrationReport:
 
 @dataclass
 class _Target:
-    """One norm and how to make its training forward write its pure batch statistic into its running buffers.
-
-    ``stats``: the running buffers the eval form reads, with their reset values. ``overrides``: attributes set for
-    the pass (``(object, name, value)``). ``counters``: buffers set before every call (``value``) and restored after
-    the pass (schedules and step counters, so the pass does not move them). ``keep``: other buffers the training
-    forward writes that are restored after the pass.
-    """
+    """One norm, the plan its protocol gave (:class:`~normlab.nn._base.RecalibrationPlan`) and its calls so far."""
 
     path: str
     module: nn.Module
-    stats: list[tuple[Tensor, float]]
-    overrides: list[tuple[Any, str, Any]] = field(default_factory=list)
-    counters: list[tuple[Tensor, int]] = field(default_factory=list)
-    keep: list[Tensor] = field(default_factory=list)
-    tracked: Tensor | None = None
+    plan: RecalibrationPlan
     calls: int = 0
-
-
-def _bn_stats(m: nn.Module) -> list[tuple[Tensor, float]] | None:
-    rm, rv = getattr(m, "running_mean", None), getattr(m, "running_var", None)
-    if not isinstance(rm, Tensor) or not isinstance(rv, Tensor):
-        return None
-    return [(rm, 0.0), (rv, 1.0)]
-
-
-def _buf(m: nn.Module, name: str) -> Tensor:
-    t = getattr(m, name, None)
-    if not isinstance(t, Tensor):
-        raise TypeError(f"recalibrate_stats: {type(m).__name__} has no tensor {name!r}")
-    return t
-
-
-def _tracked(m: nn.Module) -> Tensor | None:
-    nbt = getattr(m, "num_batches_tracked", None)
-    return nbt if isinstance(nbt, Tensor) else None
 
 
 _NO_STATS = "track_running_stats=False: eval mode uses batch statistics, there are no running statistics"
 _NOT_CALLED = "not called by the forward during the pass: running statistics left as they were"
 
 
-def _target(path: str, m: nn.Module, spec: NormSpec | None) -> _Target | str:
-    """The recalibration rule of one batch-statistic norm, or why it has nothing to recalibrate."""
-    name = "batch_norm" if spec is None else spec.name
-    if name in ("batch_norm", "rep_batch_norm"):
-        # momentum 1 makes the update `running <- batch statistic` (torch semantics: unbiased variance).
-        stats = _bn_stats(m)
-        if stats is None:
-            return _NO_STATS
-        return _Target(path, m, stats, overrides=[(m, "momentum", 1.0)], tracked=_tracked(m))
-    if name == "prep_batch_norm":
-        # Held at warm = iter = 0, i.e. lambda = 0: the pass runs the RepBN that eval uses (batch statistics), and
-        # the schedule buffers are put back afterwards, so the LayerNorm -> RepBN ramp continues where it was.
-        rep = m.get_submodule("norm2")
-        stats = _bn_stats(rep)
-        if stats is None:  # pragma: no cover - PRepBN always tracks running statistics
-            return _NO_STATS
-        return _Target(
-            path, m, stats, overrides=[(rep, "momentum", 1.0)],
-            counters=[(_buf(m, "warm"), 0), (_buf(m, "iter"), 0), (_buf(m, "num_step"), 0)], tracked=_tracked(rep),
-        )
-    if name == "power_norm":
-        # Step t = 1 <= warmup_iters: normalise by the batch quadratic mean; alpha_fwd = 0 makes the update
-        # `running_phi <- batch quadratic mean` (of the group-scaled input, over valid tokens, synced across ranks).
-        return _Target(
-            path, m, [(_buf(m, "running_phi"), 1.0)], overrides=[(m, "alpha_fwd", 0.0), (m, "warmup_iters", 1)],
-            counters=[(_buf(m, "iters"), 0)], keep=[_buf(m, "ema_gz")],
-        )
-    if name == "unified_norm":
-        # Step t = 1 <= window: the statistic is the batch second moment (no window mean, no outlier filter, r = 1);
-        # momentum 0 makes the update `running_var <- batch second moment`. The window is put back afterwards.
-        return _Target(
-            path, m, [(_buf(m, "running_var"), 1.0)],
-            overrides=[(m, "momentum", 0.0), (m, "outlier_filtration", False)],
-            counters=[(_buf(m, "iters"), 0)],
-            keep=[_buf(m, name) for name in ("buffer_x2", "buffer_gz", "ema_gz", "skip_counter")],
-        )
-    raise TypeError(
-        f"recalibrate_stats: norm {path} ({type(m).__name__}, registered as {name!r}) has running statistics but no "
-        "recalibration rule; add one in normlab/surgery/recalibrate.py"
-    )
-
-
 def _find_targets(model: nn.Module) -> tuple[list[_Target], list[tuple[str, str]]]:
+    """The batch-statistic norms with running statistics, each with its plan, and those with nothing to do."""
     targets: list[_Target] = []
     skipped: list[tuple[str, str]] = []
-    inside: list[str] = []  # paths of selected norms: a norm nested in one is run by its parent's forward
-    for path, m in model.named_modules():
-        if any(p == "" or path.startswith(p + ".") for p in inside):
-            continue
-        spec = getattr(type(m), "norm_spec", None)
-        registered = isinstance(spec, NormSpec) and spec.cls is type(m)
-        if registered and isinstance(spec, NormSpec) and spec.has_running_stats and spec.batch_dependent:
-            rule = _target(path or "<model>", m, spec)
-        elif isinstance(m, _BatchNorm):  # torch.nn.BatchNorm1d/2d/3d and SyncBatchNorm
-            rule = _target(path or "<model>", m, None)
+    for path, m, spec in iter_norms(model, has_running_stats=True, batch_dependent=True):
+        where = path or "<model>"
+        try:
+            plan = norm_protocol(m).recalibration_plan()
+        except NotImplementedError as exc:
+            raise TypeError(
+                f"recalibrate_stats: norm {where} ({type(m).__name__}, registered as {spec.name!r}) has running "
+                f"statistics but no recalibration rule; implement recalibration_plan() on its class ({exc})"
+            ) from exc
+        if plan is None:
+            skipped.append((where, _NO_STATS))
         else:
-            continue
-        inside.append(path)
-        if isinstance(rule, str):
-            skipped.append((path or "<model>", rule))
-        else:
-            targets.append(rule)
+            targets.append(_Target(where, m, plan))
     return targets, skipped
 
 
@@ -291,23 +218,26 @@ def recalibrate_stats(
     mom = None if momentum is None else float(momentum)
 
     modes = {m: m.training for m in model.modules()}
-    saved_attrs = [(obj, name, getattr(obj, name)) for t in targets for obj, name, _ in t.overrides]
-    saved_bufs = [(b, b.clone()) for t in targets for b in [*(c for c, _ in t.counters), *t.keep]]
+    plans = [t.plan for t in targets]
+    saved_attrs = [(obj, name, getattr(obj, name)) for p in plans for obj, name, _ in p.overrides]
+    saved_bufs = [(b, b.clone()) for p in plans for b in [*(c for c, _ in p.counters), *p.keep]]
     # The statistics themselves come back when the pass fails (an error leaves the model as it was) and, per norm,
     # when the forward never called it: a reset would otherwise leave it at mean 0 / variance 1, fitted to nothing.
-    saved_stats = [(t, b, b.clone()) for t in targets for b in [*(s for s, _ in t.stats), t.tracked] if b is not None]
+    saved_stats = [
+        (t, b, b.clone()) for t in targets for b in [*(s for s, _ in t.plan.stats), t.plan.tracked] if b is not None
+    ]
     ok = False
     handles: list[RemovableHandle] = []
     count = 0
     try:
         with torch.no_grad():
             if reset:
-                for t in targets:
-                    for buf, init in t.stats:
+                for p in plans:
+                    for buf, init in p.stats:
                         buf.fill_(init)
-                    if t.tracked is not None:
-                        t.tracked.zero_()
-            for obj, name, value in (o for t in targets for o in t.overrides):
+                    if p.tracked is not None:
+                        p.tracked.zero_()
+            for obj, name, value in (o for p in plans for o in p.overrides):
                 setattr(obj, name, value)
             model.eval()
             for t in targets:
@@ -354,14 +284,14 @@ def _hooks(t: _Target, momentum: float | None) -> list[RemovableHandle]:
     old: list[Tensor] = []
 
     def pre(module: nn.Module, args: Any) -> None:
-        for buf, value in t.counters:
+        for buf, value in t.plan.counters:
             buf.fill_(value)
-        old[:] = [buf.clone() for buf, _ in t.stats]
+        old[:] = [buf.clone() for buf, _ in t.plan.stats]
 
     def post(module: nn.Module, args: Any, output: Any) -> None:
         t.calls += 1
         weight = 1.0 / t.calls if momentum is None else momentum
-        for (buf, _), before in zip(t.stats, old, strict=True):
+        for (buf, _), before in zip(t.plan.stats, old, strict=True):
             buf.copy_(_blend(before, buf, weight))  # buf holds the batch statistic the forward wrote
 
     return [t.module.register_forward_pre_hook(pre), t.module.register_forward_hook(post)]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from normlab.diagnostics import BatchStatMonitor, batch_dependent_modules, collect
+from normlab.diagnostics import BatchStatMonitor, collect
 from normlab.functional.power_norm import group_scaling
 from normlab.models import DecoderLM, TransformerConfig
 from normlab.nn import BatchNorm, LayerNorm, PowerNorm, PRepBatchNorm, UnifiedNorm
@@ -76,7 +76,7 @@ def test_unified_norm_uses_quadratic_mean() -> None:
 def test_prep_batch_norm_measured_once_through_its_repbn() -> None:
     model = nn.Sequential()
     model.add_module("n", PRepBatchNorm(4, total_steps=3))
-    assert [name for name, _ in batch_dependent_modules(model)] == ["n"]
+    assert [name for name, _, _ in BatchStatMonitor(model).modules] == ["n"]
     x, mask = _data()
     got = _rows(_Wrap(model.n).train(), x, mask)
     valid = x.double()[mask]

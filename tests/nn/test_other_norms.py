@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from normlab import DyT, GroupNorm, InstanceNorm, LayerNorm, RMSNorm, ScaleNorm, create_norm
+from normlab import CRMSNorm, DyT, GroupNorm, InstanceNorm, LayerNorm, RMSNorm, ScaleNorm, create_norm
 
 
 def test_group_norm_groups() -> None:
@@ -52,7 +52,7 @@ def test_eps_placement_validated_and_torch_names_accepted() -> None:
 
 
 def test_scale_norm_init_and_inf_policy() -> None:
-    assert ScaleNorm(16).scale.item() == pytest.approx(4.0)
+    assert ScaleNorm(16).weight.item() == pytest.approx(4.0)
     x = torch.zeros(2, 4)
     x[0, 1] = float("inf")
     y = create_norm("layer_norm", 4)(x)
@@ -61,12 +61,44 @@ def test_scale_norm_init_and_inf_policy() -> None:
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"eps": None}, {"eps": 1e-3}])
-def test_rms_norm_torch_equivalent_uses_our_eps(kwargs: dict) -> None:
-    """The registry's torch twin of rms_norm gets our resolved eps, not torch's ``eps=None`` (finfo.eps)."""
-    from normlab import get_norm
-
+def test_rms_norm_torch_twin_uses_our_eps(kwargs: dict) -> None:
+    """The torch twin of RMSNorm gets our resolved eps, not torch's ``eps=None`` (finfo.eps)."""
     ours = RMSNorm(16, **kwargs)
-    twin = get_norm("rms_norm").torch_equivalent(16, kwargs)
+    twin = RMSNorm.torch_twin(16, **kwargs)
     assert twin is not None and twin.eps == ours.eps
     x = torch.randn(3, 16, dtype=torch.float64) * 1e-4  # small enough that eps matters
     torch.testing.assert_close(twin.double()(x), ours.double()(x))
+
+
+def test_scale_norm_loads_a_state_dict_saved_before_the_rename_to_weight() -> None:
+    """``_version`` 1 called g ``scale``; the load hook maps it to ``weight`` (old checkpoints keep loading)."""
+    from collections import OrderedDict
+
+    old: OrderedDict[str, torch.Tensor] = OrderedDict([("norm.scale", torch.tensor([2.5]))])
+    old._metadata = OrderedDict([("", {"version": 1}), ("norm", {"version": 1})])  # type: ignore[attr-defined]
+    net = torch.nn.Sequential()
+    net.add_module("norm", ScaleNorm(4))
+    net.load_state_dict(old, strict=True)
+    assert net.norm.weight.item() == 2.5 and net.norm.scale.item() == 2.5
+    bare = ScaleNorm(4)
+    bare.load_state_dict({"scale": torch.tensor([0.5])})  # no metadata at all: a hand-built old dict
+    assert bare.weight.item() == 0.5
+    assert list(ScaleNorm(4).state_dict()) == ["weight"] and ScaleNorm(4).state_dict()._metadata[""]["version"] == 2
+
+
+@pytest.mark.parametrize(
+    ("module", "expected"),
+    [
+        (CRMSNorm(4, channel_dim=1), "4, channel_dim=1"),
+        (CRMSNorm(4, affine=False, bias=True, eps=1e-6), "4, eps=1e-06, affine=False, bias=True"),
+        (LayerNorm(4, bias=False), "4, bias=False"),
+        (LayerNorm((2, 3)), "(2, 3)"),
+        (RMSNorm(4), "4, eps=1e-06"),
+        (ScaleNorm(4, eps=1e-3), "4, eps=0.001"),
+        (DyT(4, alpha_init=0.8, channel_dim=1), "4, alpha_init=0.8, channel_dim=1"),
+    ],
+)
+def test_extra_repr_lists_every_constructor_argument_that_differs_from_its_default(
+    module: torch.nn.Module, expected: str
+) -> None:
+    assert module.extra_repr() == expected

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from normlab import LayerNorm, PRepBatchNorm, RepBatchNorm, RMSNorm
+from normlab import DyT, LayerNorm, PRepBatchNorm, RepBatchNorm, RMSNorm
 
 F64 = torch.float64
 X = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]], dtype=F64)
@@ -162,6 +162,17 @@ def test_rms_norm_branch_and_two_dim_input() -> None:
     assert isinstance(m.norm1, RMSNorm)
     x = torch.randn(6, 4)
     torch.testing.assert_close(m(x), m.norm1(x))  # lambda = 1 on the first forward
+
+
+def test_norm1_without_eps_builds_and_norm1_eps_goes_to_norms_that_take_one() -> None:
+    """DyT has no eps: PRepBN used to pass ``eps=`` to every norm1 and raised TypeError for it."""
+    m = PRepBatchNorm(4, total_steps=1, norm1="dyt").train()
+    assert isinstance(m.norm1, DyT)
+    x = torch.randn(2, 3, 4)
+    torch.testing.assert_close(m(x), m.norm1(x))  # lambda = 1 on the first forward
+    assert PRepBatchNorm(4).norm1.eps == 1e-6 and PRepBatchNorm(4, norm1_eps=1e-5).norm1.eps == 1e-5
+    with pytest.raises(TypeError, match=r"norm1='dyt' takes no eps, so norm1_eps must be None, got 1e-05"):
+        PRepBatchNorm(4, norm1="dyt", norm1_eps=1e-5)
 
 
 def test_errors_name_the_parameter() -> None:
