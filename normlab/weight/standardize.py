@@ -372,7 +372,8 @@ _BAKEABLE = (WeightStandardization, ScaledWeightStandardization)
 def bake_weights(model: nn.Module) -> list[str]:
     """Replace every WS / Scaled WS / ``torch`` weight-norm parametrization in ``model`` by its current value
     (``remove_parametrizations(..., leave_parametrized=True)``), so ``module.weight`` is a plain parameter again —
-    for inference, and before ``normlab.surgery.fold_norms``, which refuses parametrized layers.
+    for inference, and before ``normlab.surgery.fold_norms``, which refuses parametrized layers. A
+    :class:`WSConv2d` / :class:`ScaledStdConv2d` left without parametrizations becomes a plain ``nn.Conv2d``.
 
     Returns:
         the ``"module.tensor"`` names that were baked.
@@ -388,4 +389,7 @@ def bake_weights(model: nn.Module) -> list[str]:
             if all(isinstance(p, _BAKEABLE + (wn,)) for p in plist):
                 parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
                 baked.append(f"{mod_name}.{tensor_name}" if mod_name else tensor_name)
+        if type(module) in (WSConv2d, ScaledStdConv2d) and not parametrize.is_parametrized(module):
+            # A plain nn.Conv2d now, so torch.fx (and fold_norms) see an ordinary leaf conv.
+            module.__class__ = nn.Conv2d
     return baked
