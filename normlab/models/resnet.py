@@ -275,7 +275,7 @@ class ResNet(nn.Module):
         """Class logits; with ``labels`` the mean cross-entropy."""
         c = self.config
         # The check is skipped under torch.fx tracing (shapes are proxies there), so fold_norms can trace the net.
-        if not torch.fx._symbolic_trace.is_fx_tracing() and (x.dim() != 4 or x.shape[1] != c.in_channels):
+        if not torch.fx._symbolic_trace.is_fx_symbolic_tracing() and (x.dim() != 4 or x.shape[1] != c.in_channels):
             raise ValueError(f"ResNet: expected input of shape [B, {c.in_channels}, H, W], got {list(x.shape)}")
         h = self.stem_conv(x)
         if c.variant == "standard":
