@@ -15,6 +15,7 @@ from normlab.weight.fixup import (
     FixupReport,
     PadShortcut,
     fixup_init,
+    fixup_param_groups,
     fixup_scale,
 )
 from normlab.weight.nf import NONLINEARITY_GAINS, NFBasicBlock, ScaledActivation, nf_expected_stds
@@ -55,6 +56,7 @@ __all__ = [
     "data_dependent_init_",
     "find_classifier",
     "fixup_init",
+    "fixup_param_groups",
     "fixup_scale",
     "nf_expected_stds",
     "scaled_standardize_weight",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,15 @@ from torch import Tensor, nn
 from normlab.weight.agc import find_classifier
 from normlab.weight.standardize import _raw_weight
 
-__all__ = ["FixupBasicBlock", "FixupBottleneck", "FixupReport", "PadShortcut", "fixup_init", "fixup_scale"]
+__all__ = [
+    "FixupBasicBlock",
+    "FixupBottleneck",
+    "FixupReport",
+    "PadShortcut",
+    "fixup_init",
+    "fixup_param_groups",
+    "fixup_scale",
+]
 
 _WEIGHT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
 
@@ -250,3 +259,23 @@ def fixup_init(model: nn.Module, *, classifier: str | None = None) -> FixupRepor
     _zero_(head)
     report.zeroed.append(head_name)
     return report
+
+
+def fixup_param_groups(model: nn.Module, lr: float, scalar_lr_factor: float = 0.1) -> list[dict[str, Any]]:
+    """Optimizer parameter groups as the Fixup CIFAR training script uses them: the one-element scalar biases and
+    multipliers at ``lr · scalar_lr_factor`` (default 1/10), every other parameter at ``lr``.
+
+    >>> opt = torch.optim.SGD(fixup_param_groups(model, lr=0.1), lr=0.1, momentum=0.9)  # doctest: +SKIP
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fixup_param_groups: expected an nn.Module, got {type(model).__name__}")
+    for name, value in (("lr", lr), ("scalar_lr_factor", scalar_lr_factor)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"fixup_param_groups: expected {name} to be a number > 0, got {value!r}")
+    scalars: list[nn.Parameter] = []
+    others: list[nn.Parameter] = []
+    for _, p in model.named_parameters():
+        (scalars if p.numel() == 1 else others).append(p)
+    if not scalars:
+        raise ValueError("fixup_param_groups: the model has no scalar (one-element) parameters; is it a Fixup model?")
+    return [{"params": others, "lr": lr}, {"params": scalars, "lr": lr * scalar_lr_factor}]

@@ -9,7 +9,7 @@ from torch.nn.utils import parametrize
 
 from normlab.models.resnet import ResNet, ResNetConfig
 from normlab.surgery import fold_norms
-from normlab.weight import NFBasicBlock, agc_parameters, attach_agc
+from normlab.weight import NFBasicBlock, agc_parameters, attach_agc, data_dependent_init_
 
 CONFIGS = {
     "bn": {},
@@ -40,6 +40,12 @@ def test_conv_options_reach_every_conv() -> None:
     nf = ResNet(ResNetConfig(depth=8, width=4, variant="nf", norm=None))
     blocks = [m for m in nf.modules() if isinstance(m, NFBasicBlock)]
     assert [round(b.expected_std**2, 6) for b in blocks] == [1.0, 1.04, 1.04]  # stage transitions restart at 1
+
+
+def test_weight_norm_resnet_takes_data_dependent_init() -> None:
+    model = ResNet(ResNetConfig(depth=8, width=4, norm=None, conv="weight_norm"))
+    done = data_dependent_init_(model, torch.randn(16, 3, 16, 16))
+    assert done[0] == "stem_conv" and len(done) == 1 + 3 * 2 + 2
 
 
 def _train(model: ResNet, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, agc: bool = False) -> list[float]:

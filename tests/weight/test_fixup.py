@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normlab.models.resnet import ResNet, ResNetConfig
-from normlab.weight import FixupBasicBlock, FixupBottleneck, fixup_init, fixup_scale
+from normlab.weight import FixupBasicBlock, FixupBottleneck, fixup_init, fixup_param_groups, fixup_scale
 
 
 def test_fixup_scale_spec_numbers() -> None:
@@ -75,6 +75,16 @@ def test_basic_block_forward_formula_and_scalar_reset() -> None:
     torch.testing.assert_close(block(x), F.relu(out + short))
     block.reset_fixup_scalars()
     assert block.bias1a.item() == 0 and block.scale.item() == 1
+
+
+def test_param_groups_put_scalars_at_a_tenth_of_the_lr() -> None:
+    model = ResNet(ResNetConfig(depth=8, width=4, variant="fixup", norm=None))
+    groups = fixup_param_groups(model, lr=0.1)
+    assert [g["lr"] for g in groups] == pytest.approx([0.1, 0.01])
+    assert len(groups[1]["params"]) == 3 * 5 + 2  # 4 biases + scale per block, stem and head bias
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="no scalar \\(one-element\\) parameters"):
+        fixup_param_groups(nn.Linear(2, 2), lr=0.1)
 
 
 def test_errors() -> None:
