@@ -130,7 +130,7 @@ def _fold_final(
     return True
 
 
-def _fold_norms(
+def fold_stream_norms(
     model: nn.Module, stream: Stream, report: StreamSurgeryReport, final_bias: FinalBias, keep_ln_params: bool
 ) -> None:
     d = stream.d_model
@@ -148,8 +148,11 @@ def _fold_norms(
         set_module(model, stream.final_norm, plain_layer_norm(ln, d, like, keep_params=keep_ln_params))
 
 
-def _center_writing(model: nn.Module, stream: Stream, report: StreamSurgeryReport) -> None:
-    untie_head(model, stream, report, "the token embedding is centred, the unembedding is not")
+def center_stream_writers(model: nn.Module, stream: Stream, report: StreamSurgeryReport, *, untie: bool = True) -> None:
+    """Centre every stream writer over d_model (untying a tied head first unless ``untie=False``: the caller has
+    checked that the head reads a zero-mean vector, on which the centred table acts as the original)."""
+    if untie:
+        untie_head(model, stream, report, "the token embedding is centred, the unembedding is not")
     for path in stream.embeddings:
         write_table(model, path, center_writer(read_table(model, path), dim=-1)[0])
         report.add(path, "centered", "each row over d_model")
@@ -245,9 +248,9 @@ def fold_ln(
     if final_bias not in ("auto", "head_bias", "keep"):
         raise ValueError(f"fold_ln: expected final_bias in ('auto', 'head_bias', 'keep'), got {final_bias!r}")
     target, stream, report = prepare(model, "fold_ln", inplace)
-    _fold_norms(target, stream, report, final_bias, keep_ln_params)
+    fold_stream_norms(target, stream, report, final_bias, keep_ln_params)
     if center_writing:
-        _center_writing(target, stream, report)
+        center_stream_writers(target, stream, report)
     if center_unembed:
         _center_unembed(target, stream, report)
     if fold_value_biases:
@@ -263,7 +266,7 @@ def center_writing_weights(model: nn.Module, *, inplace: bool = False) -> Stream
     zero-mean. A head tied to the token embedding is untied first. Same arguments and errors as :func:`fold_ln`.
     """
     target, stream, report = prepare(model, "center_writing_weights", inplace)
-    _center_writing(target, stream, report)
+    center_stream_writers(target, stream, report)
     return report
 
 
