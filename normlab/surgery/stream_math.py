@@ -84,8 +84,8 @@ def fold_ln_into_reader(
     Example:
         >>> w, b = fold_ln_into_reader(torch.eye(2), None, torch.tensor([2.0, 1.0]), torch.tensor([1.0, 0.0]))
         >>> w, b
-        (tensor([[ 1., -1.],
-                [-0.5,  0.5]]), tensor([1., 0.]))
+        (tensor([[ 1.0000, -1.0000],
+                [-0.5000,  0.5000]]), tensor([1., 0.]))
     """
     op = "fold_ln_into_reader"
     w = _float(op, "weight", weight, (2,))
