@@ -1,8 +1,11 @@
-"""Model surgery: fold norms into linear/conv layers, recalibrate running statistics and sync batch statistics across
-ranks (tensor-level functions plus module-level wrappers)."""
+"""Model surgery: fold norms into linear/conv layers, recalibrate running statistics, sync batch statistics across
+ranks, fold LayerNorm affines into the residual stream's readers (TransformerLens semantics) and convert Pre-LN models
+to Pre-RMSNorm / Pre-CRMSNorm exactly (tensor-level functions plus module-level wrappers)."""
 
 from __future__ import annotations
 
+from normlab.surgery._residual import STREAM_MAPS, StreamChange, StreamMap, StreamSurgeryReport
+from normlab.surgery.convert import PadLastAxis, ZeroMean, convert_to_crms_norm, convert_to_rms_norm
 from normlab.surgery.fold import FoldRecord, FoldReport, fold_norms, norm_affine
 from normlab.surgery.fold_math import (
     fold_affine_into_conv_input,
@@ -10,19 +13,46 @@ from normlab.surgery.fold_math import (
     fold_affine_into_linear_input,
     fold_affine_into_linear_output,
 )
+from normlab.surgery.ln_fold import center_unembed, center_writing_weights, fold_ln, fold_value_biases
 from normlab.surgery.recalibrate import RecalibrationReport, recalibrate_stats
+from normlab.surgery.stream_math import (
+    center_unembed_weights,
+    center_writer,
+    compress_reader,
+    compress_writer,
+    fold_ln_into_reader,
+    fold_value_bias,
+)
 from normlab.surgery.sync import convert_sync_norms
 
 __all__ = [
     "FoldRecord",
     "FoldReport",
+    "PadLastAxis",
     "RecalibrationReport",
+    "STREAM_MAPS",
+    "StreamChange",
+    "StreamMap",
+    "StreamSurgeryReport",
+    "ZeroMean",
+    "center_unembed",
+    "center_unembed_weights",
+    "center_writer",
+    "center_writing_weights",
+    "compress_reader",
+    "compress_writer",
     "convert_sync_norms",
+    "convert_to_crms_norm",
+    "convert_to_rms_norm",
     "fold_affine_into_conv_input",
     "fold_affine_into_conv_output",
     "fold_affine_into_linear_input",
     "fold_affine_into_linear_output",
+    "fold_ln",
+    "fold_ln_into_reader",
     "fold_norms",
+    "fold_value_bias",
+    "fold_value_biases",
     "norm_affine",
     "recalibrate_stats",
 ]
