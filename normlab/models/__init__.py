@@ -1,6 +1,6 @@
 """Small reference models: a decoder-only LM and a ViT-style encoder built from one parameterised block that
 expresses every norm placement (Post-/Pre-/Peri-/Sandwich-LN, Mix-LN, LayerNorm Scaling, DeepNorm, NormFormer),
-with QK-norm and σReparam options. The placements are the rows of one table (:mod:`normlab.models.placement`), which
+with QK-norm and σReparam options; a CIFAR-style ResNet with a norm slot and its Fixup / NF variants. The placements are the rows of one table (:mod:`normlab.models.placement`), which
 also names their papers.
 """
 
@@ -11,6 +11,7 @@ from normlab.models.cnn import CNNConfig, DigitsCNN
 from normlab.models.config import NORM_SLOTS, PLACEMENTS, QK_NORMS, TransformerConfig, deepnorm_coefficients
 from normlab.models.layers import MLP, Attention
 from normlab.models.placement import PLACEMENT_SPECS, PlacementSpec, get_placement
+from normlab.models.resnet import RESNET_CONVS, RESNET_VARIANTS, BasicBlock, ResNet, ResNetConfig
 from normlab.models.transformer import DecoderLM, ModelOutput, block_placements
 from normlab.models.vit import ViTEncoder
 
@@ -21,13 +22,18 @@ __all__ = [
     "PLACEMENTS",
     "PLACEMENT_SPECS",
     "QK_NORMS",
+    "RESNET_CONVS",
+    "RESNET_VARIANTS",
     "Attention",
+    "BasicBlock",
     "Block",
     "CNNConfig",
     "DecoderLM",
     "DigitsCNN",
     "ModelOutput",
     "PlacementSpec",
+    "ResNet",
+    "ResNetConfig",
     "TransformerConfig",
     "ViTEncoder",
     "block_placements",
