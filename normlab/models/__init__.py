@@ -1,7 +1,7 @@
 """Small reference models: a decoder-only LM and a ViT-style encoder built from one parameterised block that
 expresses every norm placement (Post-/Pre-/Peri-/Sandwich-LN, Mix-LN, LayerNorm Scaling, DeepNorm, NormFormer),
-with QK-norm and σReparam options; a CIFAR-style ResNet with a norm slot and its Fixup / NF variants. The placements are the rows of one table (:mod:`normlab.models.placement`), which
-also names their papers.
+with QK-norm and σReparam options; a CIFAR-style ResNet with a norm slot and its Fixup / NF variants. The
+placements are the rows of one table (:mod:`normlab.models.placement`), which also names their papers.
 """
 
 from __future__ import annotations
