@@ -10,7 +10,8 @@ Norm keyword arguments may be tied to the training schedule (:data:`SCHEDULE_KEY
 ``int(round(number * value))`` of that arm's schedule, e.g. ``warmup_iters = "warmup_steps"`` or
 ``total_steps = "0.75*steps"``. So ``--steps N`` keeps PowerNorm's warm-up tied to the LR warm-up and PRepBN's
 LayerNorm -> RepBN ramp inside training. :meth:`SuiteConfig.arm_model` returns the resolved integers; the suite
-(``to_dict``) keeps the references as written.
+(``to_dict``) keeps the references as written. ``warmup_steps`` itself may be a reference to ``steps`` or
+``eval_every`` (``"0.1*steps"``), so that a shorter run also has a shorter warm-up.
 
 Validation (:mod:`normlab.lab.validators`, a table of per-key validators) reports every problem at once
 (:class:`SuiteError` carries the list), naming the key, what was expected and what was received. Precedence is
@@ -90,7 +91,9 @@ class SuiteConfig:
         batch_size: sequences (LM) or images (digits) per step and process.
         seq_len: LM window length in bytes.
         lr: peak learning rate of AdamW.
-        warmup_steps: linear warmup from 0 to ``lr``; then cosine decay to ``min_lr_ratio * lr`` at ``steps``.
+        warmup_steps: linear warmup from 0 to ``lr``; then cosine decay to ``min_lr_ratio * lr`` at ``steps``. An int,
+            or a schedule reference to ``steps`` or ``eval_every`` (``"0.1*steps"``), so that ``--steps N`` shrinks or
+            grows the warm-up with the run (:meth:`warmup_of` resolves it).
         min_lr_ratio: final learning rate as a fraction of ``lr``.
         weight_decay: AdamW decoupled weight decay on matrices (not on norm parameters, biases or embeddings).
         grad_clip: max global gradient norm (0 disables clipping).
@@ -116,7 +119,7 @@ class SuiteConfig:
     batch_size: int = 16
     seq_len: int = 64
     lr: float = 3e-3
-    warmup_steps: int = 20
+    warmup_steps: int | str = 20
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -138,10 +141,28 @@ class SuiteConfig:
         out["arms"] = [a.to_dict() for a in self.arms]
         return out
 
+    def warmup_of(self, value: int | str | None = None) -> int:
+        """The suite's ``warmup_steps`` (or ``value``, an arm's override) in steps: a schedule reference
+        (``"0.1*steps"``) resolved against ``steps`` and ``eval_every``.
+
+        Raises:
+            ValueError: a reference that does not resolve (:func:`parse_suite` reports these first).
+        """
+        value = self.warmup_steps if value is None else value
+        resolved, problem = _schedule.resolve_ref("warmup_steps", value, self.warmup_schedule(), SUITE_KEYS)
+        if problem or not isinstance(resolved, int):
+            raise ValueError(problem or f"warmup_steps: expected an int or a schedule reference, got {value!r}")
+        return resolved
+
+    def warmup_schedule(self) -> dict[str, int]:
+        """What a ``warmup_steps`` reference may name (not itself)."""
+        return {"steps": self.steps, "eval_every": self.eval_every}
+
     def arm_train(self, arm: ArmConfig) -> dict[str, Any]:
-        """The training settings of ``arm``: the suite's, with the arm's overrides."""
+        """The training settings of ``arm``: the suite's, with the arm's overrides; ``warmup_steps`` resolved."""
         base = {k: getattr(self, k) for k in ARM_TRAIN_KEYS}
         base.update(arm.train)
+        base["warmup_steps"] = self.warmup_of(base["warmup_steps"])
         return base
 
     def arm_schedule(self, arm: ArmConfig) -> dict[str, int]:
@@ -167,7 +188,7 @@ class SuiteConfig:
 
     def diagnostic_steps(self) -> list[int]:
         """``diagnostics_at`` with schedule references (``"steps"``, ``"0.5*steps"``) resolved: sorted ints."""
-        schedule = {"steps": self.steps, "warmup_steps": self.warmup_steps, "eval_every": self.eval_every}
+        schedule = {"steps": self.steps, "warmup_steps": self.warmup_of(), "eval_every": self.eval_every}
         return sorted({_schedule.resolve_ref("diagnostics_at", s, schedule)[0] for s in self.diagnostics_at})
 
     def eval_steps(self) -> list[int]:

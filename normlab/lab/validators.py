@@ -19,6 +19,7 @@ from normlab.lab.tasks import Task, task_class
 __all__ = ["VALIDATORS", "validate_suite_dict"]
 
 Validator = Callable[[str, Any], "str | None"]
+WARMUP_KEYS = ("steps", "eval_every")  # what a warmup_steps reference may name (SuiteConfig.warmup_schedule)
 
 
 def _int_at_least(low: int) -> Validator:
@@ -48,6 +49,17 @@ def _string(non_empty: bool) -> Validator:
         return None
 
     return check
+
+
+def _warmup(key: str, value: Any) -> str | None:
+    if isinstance(value, str) and is_step_spec(value, WARMUP_KEYS):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return (
+            f"{key}: expected an int >= 0 or a schedule reference ('0.1*steps'; keys {list(WARMUP_KEYS)}), "
+            f"got {value!r}"
+        )
+    return None
 
 
 def _task(key: str, value: Any) -> str | None:
@@ -103,7 +115,7 @@ VALIDATORS: dict[str, Validator] = {
     "batch_size": _int_at_least(1),
     "seq_len": _int_at_least(2),
     "lr": _number_in(0.0, math.inf, False),
-    "warmup_steps": _int_at_least(0),
+    "warmup_steps": _warmup,
     "min_lr_ratio": _number_in(0.0, 1.0, True),
     "weight_decay": _number_in(0.0, math.inf, True),
     "grad_clip": _number_in(0.0, math.inf, True),
@@ -167,12 +179,17 @@ def _check_settings(data: dict[str, Any]) -> tuple[SuiteConfig, list[str]]:
         problems.append(f"model: unknown key(s) {bad_model} for task {cfg.task!r}; known: {sorted(model_fields)}")
         cfg.model = {k: v for k, v in cfg.model.items() if k in model_fields}
     problems += task.suite_problems(cfg)
-    if cfg.warmup_steps > cfg.steps:
-        problems.append(f"warmup_steps={cfg.warmup_steps} exceeds steps={cfg.steps}")
+    if cfg.warmup_of() > cfg.steps:
+        problems.append(f"warmup_steps={_shown(cfg.warmup_steps, cfg.warmup_of())} exceeds steps={cfg.steps}")
     for step in cfg.diagnostic_steps():
         if step > cfg.steps:
             problems.append(f"diagnostics_at: step {step} is after the last step (steps={cfg.steps})")
     return cfg, problems
+
+
+def _shown(value: int | str, resolved: int) -> str:
+    """A setting as written, with what a schedule reference resolved to: ``30`` or ``'2*steps' (40)``."""
+    return str(value) if isinstance(value, int) else f"{value!r} ({resolved})"
 
 
 def _arm_name(i: int, raw: dict[str, Any], seen: set[str], problems: list[str]) -> str:
@@ -216,8 +233,9 @@ def _check_arm(cfg: SuiteConfig, i: int, raw: dict[str, Any], seen: set[str]) ->
     problems += [f"{where}: {p}" for p in model_problems]
     if model_cfg is not None:
         problems += [f"{where}: {p}" for p in task.arm_problems(cfg, model_cfg)]
-    if arm.train.get("warmup_steps", 0) > cfg.steps:  # the suite's own warmup_steps is checked once, in settings
-        problems.append(f"{where}: warmup_steps={arm.train['warmup_steps']} exceeds steps={cfg.steps}")
+    if "warmup_steps" in arm.train and cfg.warmup_of(arm.train["warmup_steps"]) > cfg.steps:  # the suite's own:
+        warmup = _shown(arm.train["warmup_steps"], cfg.warmup_of(arm.train["warmup_steps"]))  # in settings, once
+        problems.append(f"{where}: warmup_steps={warmup} exceeds steps={cfg.steps}")
     return arm, model_cfg is not None and not ref_problems, problems
 
 

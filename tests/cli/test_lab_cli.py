@@ -28,6 +28,8 @@ def test_list_shows_packaged_suites(capsys: pytest.CaptureFixture[str]) -> None:
 def test_dry_run_valid_and_invalid(tmp_path: Path, tiny: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["lab", "--suite", "default", "--dry-run"]) == 0
     assert "is valid" in capsys.readouterr().out
+    assert main(["lab", "--steps", "10", "--dry-run"]) == 0  # the warm-up is 10% of the steps, not a fixed 20
+    assert "runs of 10 steps" in capsys.readouterr().out
     tiny["arms"].append({"name": "bad", "norm": "nope_norm", "depth": 3})
     tiny["steps"] = -1
     bad = tmp_path / "bad.toml"

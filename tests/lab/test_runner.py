@@ -17,6 +17,7 @@ import torch.distributed as torch_dist
 from normlab.lab.config import parse_suite
 from normlab.lab.dist import init_distributed
 from normlab.lab.runner import run_suite
+from normlab.lab.schedule import lr_at
 from normlab.lab.schema import read_rows, row_key, validate_row
 
 
@@ -107,18 +108,21 @@ def test_env_json_records_every_arms_full_resolved_config(tiny_run: tuple[Path, 
 
 
 def test_schedule_references_are_recorded_resolved(tmp_path: Path, tiny: dict[str, Any]) -> None:
-    tiny.update(steps=4, eval_every=2, warmup_steps=1, seeds=[0], diagnostics_at=[0, "steps"])
+    tiny.update(steps=4, eval_every=2, warmup_steps="0.25*steps", seeds=[0], diagnostics_at=[0, "steps"])
     tiny["arms"] = [{"name": "pn", "norm": "power_norm", "norm_kwargs": {"warmup_iters": "warmup_steps"}},
                     {"name": "prep", "norm": "prep_batch_norm", "norm_kwargs": {"total_steps": "0.75*steps"}}]
     cfg = parse_suite(tiny)
     result = run_suite(cfg, tmp_path / "run", progress=False)
     assert set(result.statuses.values()) == {"ok"}
     env = json.loads((tmp_path / "run" / "env.json").read_text())
-    assert env["arms"]["pn"]["model"]["norm_kwargs"] == {"warmup_iters": 1}
+    assert env["arms"]["pn"]["model"]["norm_kwargs"] == {"warmup_iters": 1}  # the warm-up's own reference first
+    assert env["arms"]["pn"]["train"]["warmup_steps"] == 1 and env["config"]["warmup_steps"] == "0.25*steps"
     assert env["arms"]["prep"]["model"]["norm_kwargs"] == {"total_steps": 3}
     assert env["config"]["arms"][1]["norm_kwargs"] == {"total_steps": "0.75*steps"}  # as written, for --resume
     rows = _check_complete(tmp_path / "run", cfg)
     assert {r["step"] for r in rows if r["kind"] == "diag"} == {0, 4}  # "steps" resolved to the last step
+    lrs = {r["step"]: r["value"] for r in rows if r["metric"] == "lr" and r["arm"] == "pn"}
+    assert lrs[2] == pytest.approx(lr_at(1, 4, cfg.lr, 1, cfg.min_lr_ratio))  # trained with the resolved warm-up
 
 
 def test_new_run_dir_claims_a_fresh_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
