@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 from torch import Tensor, nn
 
@@ -63,7 +63,8 @@ def read_layer_norm(model: nn.Module, path: str, d: int, op: str) -> LNParams:
     if type(norm) is nn.LayerNorm and tuple(norm.normalized_shape) == (d,):
         return LNParams(norm.weight, norm.bias, float(norm.eps), normlab=False)
     if isinstance(norm, LayerNorm) and norm.channel_dim == -1 and norm.normalized_shape in (d, (d,)):
-        return LNParams(norm.weight, norm.bias, float(norm.eps), normlab=True)
+        # NormBase declares its affine as registered-or-None parameters; nn.Module's __getattr__ types them loosely.
+        return LNParams(cast(Tensor | None, norm.weight), cast(Tensor | None, norm.bias), float(norm.eps), normlab=True)
     raise TypeError(
         f"{op}: expected a LayerNorm over the last axis of width {d} at {path}, got {type(norm).__name__}: {norm}"
     )
