@@ -67,7 +67,7 @@ Example:
 from __future__ import annotations
 
 from normlab.tta._common import LayerChoice
-from normlab.tta.adapt import METHOD_DEFAULTS, METHODS, Adapted, adapt, plan
+from normlab.tta.adapted import METHOD_DEFAULTS, METHODS, Adapted, adapt, plan
 from normlab.tta.tent import softmax_entropy
 
 __all__ = ["METHODS", "METHOD_DEFAULTS", "Adapted", "LayerChoice", "adapt", "plan", "softmax_entropy"]

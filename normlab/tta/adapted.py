@@ -120,7 +120,7 @@ def _nothing_to_adapt(model: nn.Module, method: str, choices: list[LayerChoice])
     cls = type(model).__name__
     if not choices:
         return ValueError(f"{method}: {cls} has no norms (normlab.iter_norms found none), so there is nothing to adapt")
-    what = "a norm with an affine parameter (weight/bias) to train" if method == "tent" else "a norm it can adapt"
+    what = "norm with an affine parameter (weight/bias) to train" if method == "tent" else "norm it can adapt"
     listing = "; ".join(str(c) for c in choices)
     return ValueError(f"{method}: {cls} has no {what}; its norms: {listing}")
 
