@@ -56,6 +56,9 @@ Safety: ``adapt`` works on a deep copy unless ``inplace=True``; ``reset()`` rest
 model with no affine parameter) raises a ``ValueError`` that lists the model's norms and why each was skipped; an
 empty batch raises a ``ValueError``.
 
+On a stream of :func:`normlab.data.streams.make_stream`, :func:`run_stream` predicts every batch once and resets
+where the stream says so; :class:`StreamResult` gives the error per domain and their mean.
+
 Example:
     >>> import torch
     >>> from normlab.models import CNNConfig, DigitsCNN
@@ -68,6 +71,17 @@ from __future__ import annotations
 
 from normlab.tta._common import LayerChoice
 from normlab.tta.adapted import METHOD_DEFAULTS, METHODS, Adapted, adapt, plan
+from normlab.tta.evaluate import StreamResult, run_stream
 from normlab.tta.tent import softmax_entropy
 
-__all__ = ["METHODS", "METHOD_DEFAULTS", "Adapted", "LayerChoice", "adapt", "plan", "softmax_entropy"]
+__all__ = [
+    "METHODS",
+    "METHOD_DEFAULTS",
+    "Adapted",
+    "LayerChoice",
+    "StreamResult",
+    "adapt",
+    "plan",
+    "run_stream",
+    "softmax_entropy",
+]

@@ -174,3 +174,35 @@ def _vit_group_norm() -> nn.Module:
     cfg = TransformerConfig(d_model=8, n_layers=1, n_heads=2, image_size=8, patch_size=4, in_channels=1,
                             num_classes=5, norm="group_norm", norm_kwargs={"num_groups": 2})
     return randomize(ViTEncoder(cfg))
+
+
+def _conv1d_bn1d() -> nn.Module:
+    return randomize(nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), nn.BatchNorm1d(4), nn.ReLU(),
+                                   nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(4, 3)))
+
+
+def _conv3d_bn3d() -> nn.Module:
+    return randomize(nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(),
+                                   nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 3)))
+
+
+@pytest.mark.parametrize("case", list(STAT_REFS) + ["unmix_tns"])
+@pytest.mark.parametrize(("make", "shape"), [(_conv1d_bn1d, (1, 10)), (_conv3d_bn3d, (1, 3, 4, 4))])
+def test_statistic_methods_on_batch_norm_1d_and_3d(case: str, make: Callable[[], nn.Module],
+                                                   shape: tuple[int, ...]) -> None:
+    """BatchNorm1d on (N, C, L) and BatchNorm3d are adapted like BatchNorm2d (the official codes patch only 2-d)."""
+    source = make()
+    method = case.split("-")[0]
+    if method == "unmix_tns":
+        tta = adapt(source, method, seed=0)
+        noise = torch.randn(16, 4, generator=torch.Generator().manual_seed(0)).double()
+        ref = swap_bns(source, lambda n, bn: RefUnMix(bn, *unmix_init(bn, 16, 0.5, noise)))
+    else:
+        options, wrap = STAT_REFS[case]
+        tta = adapt(source, method, **options)
+        ref = swap_bns(source, wrap)
+    assert tta.adapted == ["1"]
+    for x in batches(size=3, shape=shape):
+        torch.testing.assert_close(tta(x), ref_step(ref, x), **TOL)
+    if method != "unmix_tns":
+        assert_stats_match(tta.model, ref, ["1"])
