@@ -8,6 +8,9 @@ Each function takes the same arguments as its namesake in :mod:`normlab.function
 * ``"composite"``: the :mod:`normlab.functional` op itself (no custom op);
 * ``"cpu"``: the custom op, raising unless the input is on CPU and the fused kernels are available.
 
+Under ``torch.func`` transforms ``"auto"`` runs the composite op (custom ops with registered autograd do not support
+them in torch 2.13).
+
 The kernels normalise the last axis; another ``channel_dim`` is moved there (one copy each way). pRMSNorm and
 SRMSNorm are :func:`rms_norm` with ``partial=k`` and with ``weight=None``; RMSNorm / SRMSNorm / pRMSNorm: Zhang &
 Sennrich 2019 (https://arxiv.org/abs/1910.07467), CRMSNorm: Jiang et al. 2023 (https://arxiv.org/abs/2305.14858),
@@ -41,6 +44,12 @@ def _kernel_wanted(impl: str, x: Tensor, op: str) -> bool:
     """Validate ``impl``; whether to call the custom op (``False``: the composite functional op)."""
     if impl not in IMPLS:
         raise ValueError(f"{op}: expected impl in {IMPLS}, got impl={impl!r}")
+    # 2026-12-01, torch 2.13: an op whose autograd comes from torch.library.register_autograd cannot run under
+    # torch.func transforms (grad, vmap, jacrev raise "must override the setup_context"), so they get the composite op.
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        if impl == "cpu":
+            raise RuntimeError(f"{op}: impl='cpu' cannot run under torch.func transforms; use impl='auto'")
+        return False
     if impl == "cpu" and not torch.compiler.is_compiling():
         if x.device.type != "cpu":
             raise ValueError(f"{op}: impl='cpu' needs an input on the CPU, got an input on {x.device}")

@@ -60,6 +60,29 @@ inline A tanh_(A v) { return std::tanh(v); }
 template <typename A>
 inline Vectorized<A> tanh_(Vectorized<A> v) { return v.tanh(); }
 
+// float32 tanh at about twice the speed of ATen's (Sleef's 1-ulp tanh), within a few ulp of it:
+//   |x| <  0.55: the odd Taylor series of tanh through x^15 (the next term, 6404582/10854718875 x^17, is < 1 ulp);
+//   |x| >= 0.55: 1 - 2 / (exp(2|x|) + 1) with Sleef's 1-ulp exp (no cancellation there: tanh >= 0.5), sign restored.
+// NaN stays NaN and +-inf gives +-1, as std::tanh.
+template <>
+inline Vectorized<float> tanh_(Vectorized<float> x) {
+  using V = Vectorized<float>;
+  const V ax = x.abs();
+  const V one(1.f);
+  const V big = one - V(2.f) / ((ax + ax).exp() + one);
+  const V x2 = x * x;
+  V p(-929569.f / 638512875.f);
+  p = at::vec::fmadd(p, x2, V(21844.f / 6081075.f));
+  p = at::vec::fmadd(p, x2, V(-1382.f / 155925.f));
+  p = at::vec::fmadd(p, x2, V(62.f / 2835.f));
+  p = at::vec::fmadd(p, x2, V(-17.f / 315.f));
+  p = at::vec::fmadd(p, x2, V(2.f / 15.f));
+  p = at::vec::fmadd(p, x2, V(-1.f / 3.f));
+  const V small = at::vec::fmadd(p * x2, x, x);
+  const V signed_big = V::blendv(big, V(0.f) - big, x < V(0.f));
+  return V::blendv(signed_big, small, ax < V(0.55f));
+}
+
 // sum_{lo<=i<hi} op(x_i, g_i, i) (g may be x when an op reads one row). Fixed order: two vector accumulators, then
 // the scalar tail.
 template <typename T, typename Op>
