@@ -108,8 +108,10 @@ def test_empty_and_single_row(case_id: str, shape: tuple[int, ...]) -> None:
     case = by_id(case_id)
     x = torch.randn(shape)
     p = make_inputs(case, x)
-    got, want = run(case, x, p, "cpu"), run(case, x, p, "composite")
-    _compare(case, x, got, want, 1e-6, 2e-6)
+    # Against the float64 reference: with one channel, LayerNorm's weight gradient is exactly 0 (the kernel gives 0)
+    # while torch's LayerNorm returns rounding noise of ~1e-5.
+    got = run(case, x, p, "cpu")
+    _compare(case, x, got, run_ref(case, x, p), 1e-6, 2e-6)
     if x.numel() == 0:
         for name, g in got[1].items():
             assert g is not None and not g.any(), f"{name}: the gradient of an empty batch must be zero"
