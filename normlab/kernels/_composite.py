@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normlab.functional import crms_norm, dyt, layer_norm, rms_norm, scale_norm
 from normlab.functional._checks import compute_dtype
+from normlab.functional.dyt import dyt
+from normlab.functional.layer_norm import layer_norm
+from normlab.functional.rms_norm import crms_norm, rms_norm, scale_norm
 
 __all__ = ["INSIDE", "OUTSIDE", "CRMS", "SCALE", "rms_family_forward", "rms_family_backward", "layer_norm_backward",
            "dyt_forward", "dyt_backward", "add_norm_forward", "layer_norm_forward"]

@@ -28,9 +28,16 @@ import torch
 from torch import Tensor
 
 import normlab.kernels._custom_ops  # noqa: F401  (registers the torch.ops.normlab ops)
-from normlab import functional as F
 from normlab.functional._checks import check_channels, check_float_input
+
+# The composite ops, imported from their modules: the package namespace is filled from the registry at import,
+# which a type checker cannot follow.
+from normlab.functional.dyt import dyt as composite_dyt
+from normlab.functional.layer_norm import layer_norm as composite_layer_norm
+from normlab.functional.rms_norm import crms_norm as composite_crms_norm
 from normlab.functional.rms_norm import resolve_eps
+from normlab.functional.rms_norm import rms_norm as composite_rms_norm
+from normlab.functional.rms_norm import scale_norm as composite_scale_norm
 from normlab.kernels._build import cpu_status
 
 __all__ = ["IMPLS", "Impl", "add_layer_norm", "add_rms_norm", "crms_norm", "dyt", "layer_norm", "rms_norm",
@@ -89,7 +96,7 @@ def rms_norm(
     """RMSNorm / SRMSNorm (``weight=None``) / pRMSNorm (``partial=k``); see :func:`normlab.functional.rms_norm`."""
     cd = check_channels(x, num_features, channel_dim, "rms_norm")
     if not _kernel_wanted(impl, x, "rms_norm"):
-        return F.rms_norm(x, num_features, weight, bias, eps, eps_inside, channel_dim, partial)
+        return composite_rms_norm(x, num_features, weight, bias, eps, eps_inside, channel_dim, partial)
     k = num_features if partial is None else partial
     if not 1 <= k <= num_features:
         raise ValueError(f"rms_norm: expected partial in [1, num_features={num_features}], got partial={partial}")
@@ -112,7 +119,7 @@ def crms_norm(
     """CRMSNorm of a zero-mean code of width ``d - 1``; see :func:`normlab.functional.crms_norm`."""
     cd = check_channels(z, num_features, channel_dim, "crms_norm")
     if not _kernel_wanted(impl, z, "crms_norm"):
-        return F.crms_norm(z, num_features, weight, bias, eps, channel_dim)
+        return composite_crms_norm(z, num_features, weight, bias, eps, channel_dim)
     _check_param(weight, "weight", num_features, "crms_norm")
     _check_param(bias, "bias", num_features, "crms_norm")
     zs, back = _channels_last(z, cd)
@@ -125,7 +132,7 @@ def scale_norm(
     """ScaleNorm ``g * x / max(||x||_2, eps)``; see :func:`normlab.functional.scale_norm`."""
     cd = check_channels(x, num_features, channel_dim, "scale_norm")
     if not _kernel_wanted(impl, x, "scale_norm"):
-        return F.scale_norm(x, num_features, scale, eps, channel_dim)
+        return composite_scale_norm(x, num_features, scale, eps, channel_dim)
     _check_param(scale, "scale", 1, "scale_norm")
     xs, back = _channels_last(x, cd)
     return back(torch.ops.normlab.scale_norm(xs, scale, eps))
@@ -144,7 +151,7 @@ def layer_norm(
     """LayerNorm over ``normalized_shape`` or the ``channel_dim`` axis; see :func:`normlab.functional.layer_norm`."""
     cd = check_channels(x, normalized_shape, channel_dim, "layer_norm")
     if not _kernel_wanted(impl, x, "layer_norm"):
-        return F.layer_norm(x, normalized_shape, weight, bias, eps, channel_dim)
+        return composite_layer_norm(x, normalized_shape, weight, bias, eps, channel_dim)
     if isinstance(normalized_shape, tuple):  # trailing dims normalised jointly: one flat row each
         c = math.prod(normalized_shape)
         _check_param(weight, "weight", c, "layer_norm")
@@ -172,7 +179,7 @@ def dyt(
     """Dynamic Tanh ``weight * tanh(alpha * x) + bias``; see :func:`normlab.functional.dyt`."""
     cd = check_channels(x, num_features, channel_dim, "dyt")
     if not _kernel_wanted(impl, x, "dyt"):
-        return F.dyt(x, num_features, alpha, weight, bias, channel_dim)
+        return composite_dyt(x, num_features, alpha, weight, bias, channel_dim)
     _check_param(alpha, "alpha", 1, "dyt")
     _check_param(weight, "weight", num_features, "dyt")
     _check_param(bias, "bias", num_features, "dyt")
@@ -208,7 +215,7 @@ def add_rms_norm(
     _check_residual(x, residual, "add_rms_norm")
     if not _kernel_wanted(impl, x, "add_rms_norm"):
         h = x + residual
-        return F.rms_norm(h, num_features, weight, bias, eps, eps_inside), h
+        return composite_rms_norm(h, num_features, weight, bias, eps, eps_inside), h
     _check_param(weight, "weight", num_features, "add_rms_norm")
     _check_param(bias, "bias", num_features, "add_rms_norm")
     y, h = torch.ops.normlab.add_rms_norm(x, residual, weight, bias, resolve_eps(eps, eps_inside), eps_inside)
@@ -230,7 +237,7 @@ def add_layer_norm(
     _check_residual(x, residual, "add_layer_norm")
     if not _kernel_wanted(impl, x, "add_layer_norm"):
         h = x + residual
-        return F.layer_norm(h, num_features, weight, bias, eps), h
+        return composite_layer_norm(h, num_features, weight, bias, eps), h
     _check_param(weight, "weight", num_features, "add_layer_norm")
     _check_param(bias, "bias", num_features, "add_layer_norm")
     y, h = torch.ops.normlab.add_layer_norm(x, residual, weight, bias, eps)
