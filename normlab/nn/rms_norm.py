@@ -12,7 +12,7 @@ import math
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from normlab.functional.rms_norm import crms_norm, partial_size, resolve_eps, rms_norm, scale_norm
 from normlab.nn._base import NormBase
@@ -298,9 +298,3 @@ class ScaleNorm(NormBase):
     def _upgrade_state_dict(self, state_dict: dict[str, Any], prefix: str, version: int | None) -> None:
         if (version is None or version < 2) and prefix + "scale" in state_dict and prefix + "weight" not in state_dict:
             state_dict[prefix + "weight"] = state_dict.pop(prefix + "scale")
-
-    @property
-    def scale(self) -> Tensor:
-        """``g`` under its name before ``_version`` 2 (read-only; the parameter is :attr:`weight`)."""
-        return self.weight
-

@@ -92,7 +92,7 @@ def crms_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
 def scale_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
     xl = _last(x.to(torch.float64), m.channel_dim)
     norm = torch.sqrt((xl**2).sum(-1, keepdim=True)).clamp_min(m.eps)
-    return (xl * to64(m.scale) / norm).movedim(-1, m.channel_dim)
+    return (xl * to64(m.weight) / norm).movedim(-1, m.channel_dim)
 
 
 @register_reference("dyt")
