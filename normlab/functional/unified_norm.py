@@ -23,7 +23,8 @@ _R_FREE_ITERS = 1000  # r == 1 while t <= max(1000, warmup_iters)
 
 
 class _UnifiedFunction(torch.autograd.Function):
-    """``y = weight * x / sqrt(v + eps) + bias`` with UN's smoothed, calibrated backward (spec §1.4)."""
+    """``y = weight * x / sqrt(v + eps) + bias`` with UN's smoothed, calibrated backward (Yang et al. 2022,
+    gradient smoothing and calibration, as the official ``UN1d`` code computes it)."""
 
     @staticmethod
     def forward(  # type: ignore[override]

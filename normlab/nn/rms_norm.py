@@ -50,7 +50,7 @@ class RMSNorm(NormBase):
 
     ``eps_placement="inside"`` (default) is the LLaMA / T5 / ``torch.nn.RMSNorm`` convention and the official
     TensorFlow code; ``"outside"`` computes ``x / (rms + eps)`` as the official PyTorch code does, with that
-    code's ``eps=1e-8`` as default. The two differ for tiny inputs (spec §5.5).
+    code's ``eps=1e-8`` as default. The two differ for tiny inputs (``tests/nn/test_vectors.py`` shows one).
 
     Args:
         num_features: channel count ``C``.

@@ -10,7 +10,7 @@ Three ways to find the layers a norm folds into, all producing :class:`Plan` (a 
   taking the norm's output as its only input;
 * an explicit ``{norm_path: [consumer paths]}`` map from the user.
 
-Nothing here mutates the model. Folding math: ``shared/specs/ln-replacements.md`` §9.
+Nothing here mutates the model. Folding math: :mod:`normlab.surgery.fold_math`.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def plan_structure(model: nn.Module, norms: Mapping[str, nn.Module]) -> list[Pla
                         path,
                         f"its output is the residual stream (placement={block.placement!r}, norm after the residual "
                         "add): no adjacent linear layer sees it alone, so a local fold cannot be exact (the stream "
-                        "re-parameterisation of spec §9.4 is not implemented)",
+                        "re-parameterisation SLAB uses for its final norm is not implemented)",
                     ),
                 )
         inner = _join(m_path, "inner_norm")

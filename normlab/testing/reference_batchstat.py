@@ -1,7 +1,8 @@
 """Float64 references of the Transformer batch-statistic norms: PowerNorm (https://arxiv.org/abs/2003.07845),
 Unified Normalization (https://arxiv.org/abs/2208.01313), RepBN and PRepBN (SLAB, https://arxiv.org/abs/2405.11582).
 
-Written from the definitions in the spec, independently of :mod:`normlab.functional`. Each has the signature
+Written from the papers and the official code (the commits named in each norm's module), independently of
+:mod:`normlab.functional`. Each has the signature
 ``reference(module, x, mask=None) -> Tensor``: it reads the module's parameters, buffers and ``training`` flag and
 returns the output of the module's NEXT forward (in training: the step ``t = iters + 1``) without updating state.
 """
