@@ -14,16 +14,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab.functional.batch_norm import batch_norm
-from normlab.nn._base import (
-    BatchStatView,
-    FoldedAffine,
-    NormBase,
-    RecalibrationPlan,
-    bn_batch_stat_view,
-    bn_folded_affine,
-    bn_recalibration_plan,
-    check_unit,
-)
+from normlab.nn._base import BatchNormProtocol, NormBase, check_unit
 from normlab.registry import Paper, register_norm
 
 __all__ = ["BatchNorm", "bn_stats"]
@@ -50,7 +41,7 @@ def bn_stats(num_features: int) -> list[tuple[str, tuple[int, ...], float]]:
     samples=({"channel_dim": -1}, {"affine": False}, {"momentum": None}, {"track_running_stats": False}),
     description="per-channel batch statistics; token tensors with padding masks; running stats at eval",
 )
-class BatchNorm(NormBase):
+class BatchNorm(BatchNormProtocol, NormBase):
     r"""Batch normalization for channel-first and token tensors, with padding masks.
 
     Paper: Ioffe & Szegedy, https://arxiv.org/abs/1502.03167.
@@ -99,8 +90,7 @@ class BatchNorm(NormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._setup(num_features, channel_dim)
+        super().__init__(num_features, channel_dim)
         self.eps = eps
         self.momentum = check_unit("batch_norm", "momentum", momentum, optional=True)
         self.affine = affine
@@ -114,17 +104,6 @@ class BatchNorm(NormBase):
     running_mean: Tensor | None
     running_var: Tensor | None
     num_batches_tracked: Tensor | None
-    syncs_batch_stats = True
-
-    def folded_affine(self) -> FoldedAffine:
-        """``scale = γ / sqrt(running_var + eps)``, ``shift = β - scale * running_mean`` (float64)."""
-        return bn_folded_affine(self)
-
-    def recalibration_plan(self) -> RecalibrationPlan | None:
-        return bn_recalibration_plan(self)
-
-    def batch_stat_view(self) -> BatchStatView | None:
-        return bn_batch_stat_view(self, self.channel_dim)
 
     @classmethod
     def torch_twin(cls, num_features: int, **kwargs: Any) -> nn.Module | None:

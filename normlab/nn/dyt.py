@@ -59,8 +59,7 @@ class DyT(NormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._setup(num_features, channel_dim)
+        super().__init__(num_features, channel_dim)
         self.alpha_init = float(alpha_init)
         self.affine = affine
         self.alpha = nn.Parameter(torch.empty(1, device=device, dtype=dtype))

@@ -78,8 +78,7 @@ class GroupNorm(NormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._setup(num_channels, channel_dim)
+        super().__init__(num_channels, channel_dim)
         self.num_channels = self.num_features
         groups = default_num_groups(num_channels) if num_groups is None else num_groups
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or num_channels % groups:
@@ -151,8 +150,7 @@ class InstanceNorm(NormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._setup(num_features, channel_dim)
+        super().__init__(num_features, channel_dim)
         self.eps = eps
         self.momentum = momentum
         self.affine = affine

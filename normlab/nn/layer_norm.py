@@ -64,7 +64,6 @@ class LayerNorm(NormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
         if elementwise_affine is not None:
             affine = elementwise_affine
         if isinstance(normalized_shape, (list, tuple)):
@@ -83,8 +82,8 @@ class LayerNorm(NormBase):
         dims = shape_or_int if isinstance(shape_or_int, tuple) else (shape_or_int,)
         if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
             raise ValueError(f"layer_norm: expected normalized_shape of positive ints, got {normalized_shape!r}")
+        super().__init__(int(torch.Size(dims).numel()), channel_dim)
         self.normalized_shape = shape_or_int
-        self._setup(int(torch.Size(dims).numel()), channel_dim)
         self.eps = eps
         self.affine = affine
         self._init_affine(dims, weight=affine, bias=affine and bias, device=device, dtype=dtype)

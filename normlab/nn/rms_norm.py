@@ -81,8 +81,7 @@ class RMSNorm(NormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._setup(num_features, channel_dim)
+        super().__init__(num_features, channel_dim)
         self._eps_inside = _eps_inside(self._name(), eps_placement)
         self.eps = resolve_eps(eps, self._eps_inside)
         self.eps_placement = eps_placement
@@ -238,8 +237,7 @@ class CRMSNorm(NormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._setup(num_features, channel_dim)
+        super().__init__(num_features, channel_dim)
         self.eps = eps
         self.affine = affine
         self._init_affine(num_features, weight=affine, bias=bias, device=device, dtype=dtype)
@@ -283,8 +281,7 @@ class ScaleNorm(NormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._setup(num_features, channel_dim)
+        super().__init__(num_features, channel_dim)
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(1, device=device, dtype=dtype))
         self.reset_parameters()
