@@ -17,13 +17,18 @@ from normlab.functional.batch_norm import batch_norm
 from normlab.nn._base import BatchNormProtocol, NormBase, check_unit
 from normlab.registry import Paper, register_norm
 
-__all__ = ["BatchNorm", "bn_stats"]
+__all__ = ["BatchNorm", "init_bn_state"]
 
 
-def bn_stats(num_features: int) -> list[tuple[str, tuple[int, ...], float]]:
-    """BatchNorm's running buffers with their reset values (torch's names, so state dicts load both ways)."""
-    return [("running_mean", (num_features,), 0.0), ("running_var", (num_features,), 1.0),
-            ("num_batches_tracked", (), 0)]
+def init_bn_state(m: NormBase, affine: bool, track_running_stats: bool, device: Any, dtype: Any) -> None:
+    """BatchNorm's state under torch's names, so state dicts load both ways: per-channel ``weight`` / ``bias`` when
+    ``affine`` and ``running_mean`` / ``running_var`` / ``num_batches_tracked`` (``None`` without tracking)."""
+    setattr(m, "affine", affine)  # noqa: B010 - plain attributes NormBase does not declare
+    setattr(m, "track_running_stats", track_running_stats)  # noqa: B010
+    m._init_affine(m.num_features, weight=affine, bias=affine, device=device, dtype=dtype)
+    stats = [("running_mean", (m.num_features,), 0.0), ("running_var", (m.num_features,), 1.0),
+             ("num_batches_tracked", (), 0)]
+    m._init_stats(stats, track=track_running_stats, device=device, dtype=dtype)
 
 
 @register_norm(
@@ -93,12 +98,8 @@ class BatchNorm(BatchNormProtocol, NormBase):
         super().__init__(num_features, channel_dim)
         self.eps = eps
         self.momentum = check_unit("batch_norm", "momentum", momentum, optional=True)
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        self.process_group = process_group
-        self.sync_stats = sync_stats
-        self._init_affine(num_features, weight=affine, bias=affine, device=device, dtype=dtype)
-        self._init_stats(bn_stats(num_features), track=track_running_stats, device=device, dtype=dtype)
+        self.process_group, self.sync_stats = process_group, sync_stats
+        init_bn_state(self, affine, track_running_stats, device, dtype)
         self.reset_parameters()
 
     running_mean: Tensor | None

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from normlab.functional.group_norm import group_norm, instance_norm
 from normlab.nn._base import NormBase
-from normlab.nn.batch_norm import bn_stats
+from normlab.nn.batch_norm import init_bn_state
 from normlab.registry import Paper, register_norm
 
 __all__ = ["GroupNorm", "InstanceNorm", "default_num_groups"]
@@ -153,10 +153,7 @@ class InstanceNorm(NormBase):
         super().__init__(num_features, channel_dim)
         self.eps = eps
         self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        self._init_affine(num_features, weight=affine, bias=affine, device=device, dtype=dtype)
-        self._init_stats(bn_stats(num_features), track=track_running_stats, device=device, dtype=dtype)
+        init_bn_state(self, affine, track_running_stats, device, dtype)
         self.reset_parameters()
 
     running_mean: Tensor | None

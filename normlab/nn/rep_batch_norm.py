@@ -24,7 +24,7 @@ from normlab.nn._base import (
     check_int,
     check_unit,
 )
-from normlab.nn.batch_norm import bn_stats
+from normlab.nn.batch_norm import init_bn_state
 from normlab.registry import Paper, create_norm, get_norm, register_norm
 
 __all__ = ["PRepBatchNorm", "RepBatchNorm"]
@@ -116,13 +116,12 @@ class RepBatchNorm(BatchNormProtocol, NormBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(num_features, channel_dim)
-        self.eps, self.affine = eps, affine
+        self.eps = eps
         self.momentum = check_unit("rep_batch_norm", "momentum", momentum, optional=True)
         self.alpha_init, self.weight_init = float(alpha_init), float(weight_init)
         self.process_group, self.sync_stats = process_group, sync_stats
         self.alpha = nn.Parameter(torch.empty(1, device=device, dtype=dtype))
-        self._init_affine(num_features, weight=affine, bias=affine, device=device, dtype=dtype)
-        self._init_stats(bn_stats(num_features), device=device, dtype=dtype)
+        init_bn_state(self, affine, True, device, dtype)
         self.reset_parameters()
 
     running_mean: Tensor
