@@ -434,6 +434,12 @@ class NormBase(nn.Module):
         return self
 
     @classmethod
+    def resolved_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """The keyword arguments ``cls(num_features, **kwargs)`` runs with: its constructor's defaults (those of the
+        parents a ``**kwargs`` reaches included) overridden by ``kwargs``; for :meth:`torch_twin`."""
+        return {**_ctor_defaults(cls), **kwargs}
+
+    @classmethod
     def torch_twin(cls, num_features: int, **kwargs: Any) -> nn.Module | None:
         """The ``torch.nn`` module equivalent to ``cls(num_features, **kwargs)`` whose state dict loads into it
         strictly, or ``None`` where torch has none."""

@@ -17,7 +17,16 @@ from normlab.functional.batch_norm import batch_norm
 from normlab.nn._base import BatchNormProtocol, NormBase, check_unit
 from normlab.registry import Paper, register_norm
 
-__all__ = ["BatchNorm", "init_bn_state"]
+__all__ = ["BatchNorm", "bn_torch_twin", "init_bn_state"]
+
+
+def bn_torch_twin(torch_cls: type[nn.Module], num_features: int, args: dict[str, Any]) -> nn.Module | None:
+    """``torch_cls`` (``nn.BatchNorm2d``, ``nn.InstanceNorm2d``) built from a norm's resolved constructor arguments
+    ``args`` (:meth:`NormBase.resolved_kwargs`), or ``None`` unless the channel axis is torch's (``channel_dim=1``)."""
+    if args["channel_dim"] != 1:
+        return None
+    keys = ("eps", "momentum", "affine", "track_running_stats")
+    return torch_cls(num_features, **{k: args[k] for k in keys})
 
 
 def init_bn_state(m: NormBase, affine: bool, track_running_stats: bool, device: Any, dtype: Any) -> None:
@@ -108,15 +117,7 @@ class BatchNorm(BatchNormProtocol, NormBase):
 
     @classmethod
     def torch_twin(cls, num_features: int, **kwargs: Any) -> nn.Module | None:
-        if kwargs.get("channel_dim", 1) != 1:
-            return None
-        return nn.BatchNorm2d(
-            num_features,
-            eps=kwargs.get("eps", 1e-5),
-            momentum=kwargs.get("momentum", 0.1),
-            affine=kwargs.get("affine", True),
-            track_running_stats=kwargs.get("track_running_stats", True),
-        )
+        return bn_torch_twin(nn.BatchNorm2d, num_features, cls.resolved_kwargs(**kwargs))
 
     @classmethod
     def from_torch(cls, bn: _BatchNorm, process_group: Any = None) -> BatchNorm:

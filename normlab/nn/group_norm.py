@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from normlab.functional.group_norm import group_norm, instance_norm
 from normlab.nn._base import NormBase
-from normlab.nn.batch_norm import init_bn_state
+from normlab.nn.batch_norm import bn_torch_twin, init_bn_state
 from normlab.registry import Paper, register_norm
 
 __all__ = ["GroupNorm", "InstanceNorm", "default_num_groups"]
@@ -96,10 +96,11 @@ class GroupNorm(NormBase):
 
     @classmethod
     def torch_twin(cls, num_features: int, **kwargs: Any) -> nn.Module | None:
-        if kwargs.get("channel_dim", 1) != 1:
+        k = cls.resolved_kwargs(**kwargs)
+        if k["channel_dim"] != 1:
             return None
-        g = kwargs.get("num_groups") or default_num_groups(num_features)
-        return nn.GroupNorm(g, num_features, eps=kwargs.get("eps", 1e-5), affine=kwargs.get("affine", True))
+        g = k["num_groups"] or default_num_groups(num_features)
+        return nn.GroupNorm(g, num_features, eps=k["eps"], affine=k["affine"])
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         _no_mask("group_norm", mask)
@@ -162,12 +163,7 @@ class InstanceNorm(NormBase):
 
     @classmethod
     def torch_twin(cls, num_features: int, **kwargs: Any) -> nn.Module | None:
-        if kwargs.get("channel_dim", 1) != 1:
-            return None
-        return nn.InstanceNorm2d(
-            num_features, eps=kwargs.get("eps", 1e-5), momentum=kwargs.get("momentum", 0.1),
-            affine=kwargs.get("affine", False), track_running_stats=kwargs.get("track_running_stats", False),
-        )
+        return bn_torch_twin(nn.InstanceNorm2d, num_features, cls.resolved_kwargs(**kwargs))
 
     def _functional_arg(self, name: str) -> Any:
         if name == "use_input_stats":

@@ -91,10 +91,9 @@ class LayerNorm(NormBase):
 
     @classmethod
     def torch_twin(cls, num_features: int, **kwargs: Any) -> nn.Module | None:
-        if kwargs.get("channel_dim", -1) != -1:
+        k = cls.resolved_kwargs(**kwargs)
+        if k["channel_dim"] != -1:
             return None
-        return nn.LayerNorm(
-            num_features, eps=kwargs.get("eps", 1e-5), elementwise_affine=kwargs.get("affine", True),
-            bias=kwargs.get("bias", True),
-        )
+        affine = k["affine"] if k["elementwise_affine"] is None else k["elementwise_affine"]
+        return nn.LayerNorm(num_features, eps=k["eps"], elementwise_affine=affine, bias=k["bias"])
 

@@ -93,13 +93,11 @@ class RMSNorm(NormBase):
 
     @classmethod
     def torch_twin(cls, num_features: int, **kwargs: Any) -> nn.Module | None:
-        if cls is not RMSNorm or kwargs.get("eps_placement", "inside") != "inside" or kwargs.get("bias", False):
-            return None
-        if kwargs.get("channel_dim", -1) != -1:
+        k = cls.resolved_kwargs(**kwargs)
+        if cls is not RMSNorm or k["eps_placement"] != "inside" or k["bias"] or k["channel_dim"] != -1:
             return None
         # eps=None must mean ours (1e-6), not torch's own None (finfo.eps of the input dtype).
-        eps = resolve_eps(kwargs.get("eps"), True)
-        return nn.RMSNorm(num_features, eps=eps, elementwise_affine=kwargs.get("affine", True))
+        return nn.RMSNorm(num_features, eps=resolve_eps(k["eps"], True), elementwise_affine=k["affine"])
 
     def _partial(self) -> int | None:
         return None
