@@ -98,12 +98,6 @@ DERIVED_FUNCTIONAL_ARGS: dict[str, Callable[[torch.nn.Module], dict[str, object]
     "prms_norm": _rms_args,
     "srms_norm": _rms_args,
     "instance_norm": lambda m: {"use_input_stats": m.training or not m.track_running_stats},
-    # PRepBN's BatchNorm branch lives in its RepBN submodule ``norm2``.
-    "prep_batch_norm": lambda m: {
-        k: getattr(m.norm2, k)
-        for k in ("alpha", "running_mean", "running_var", "weight", "bias", "momentum", "eps",
-                  "num_batches_tracked", "process_group", "sync_stats")
-    },
 }
 
 

@@ -1,4 +1,4 @@
-"""One entry point, :func:`collect`, that runs the diagnostics of ``shared/specs/placement.md`` §11 on a model and
+"""One entry point, :func:`collect`, that runs the diagnostics of :mod:`normlab.diagnostics` on a model and
 returns tidy rows: D1 angular distance, D2 layer removal, D3 gradient norms, D4 variance growth, D5 massive
 activations, D6 attention entropy, and the batch-statistic fluctuation of PowerNorm
 (https://arxiv.org/abs/2003.07845). See the per-family modules for the papers and exact definitions.

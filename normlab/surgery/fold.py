@@ -7,7 +7,7 @@ stage (https://arxiv.org/abs/2003.07845) and the identity are a fixed per-channe
 output (pre-norm: q, k, v, fc1, gate, up, the LM head) or into the linear/conv that writes its input (conv→BN,
 Peri-LN branch-output norms), then replaces the norm by ``nn.Identity()`` (or by the per-token module that must stay,
 PowerNorm's GroupScaling). The tensor math lives in :mod:`normlab.surgery.fold_math`; where a norm's layers are comes
-from :mod:`normlab.surgery._fold_plan`. Spec: ``shared/specs/ln-replacements.md`` §9.
+from :mod:`normlab.surgery._fold_plan`. The eval affine is BatchNorm's inference form (Ioffe & Szegedy 2015, §3.1).
 
 The fold is exact up to float rounding, or it is refused: train mode, a norm that is not foldable, a weight tied to
 another module, a norm whose output is also the residual stream (Post-LN, DeepNorm), a conv with zero padding after a
@@ -173,7 +173,7 @@ def _check_target(
         if layer.padding_mode == "zeros" and not _padding_is_zero(layer.padding, layer.kernel_size):
             return (
                 f"{target} is a conv with zero padding ({layer.padding}) after the norm: the padded border taps "
-                "would miss the norm's shift, so the fold is not exact (spec §9.2)"
+                "would miss the norm's shift, so the fold is not exact"
             )
     have = layer.in_channels if plan.direction == "into_consumers" else layer.out_channels
     return None if have == need else f"{target} has {have} channels on the folded side, the norm has {need}"
