@@ -54,8 +54,12 @@ def rms_norm(
     eps_inside: bool = True,
     channel_dim: int = -1,
     partial: int | None = None,
+    unit_offset: bool = False,
 ) -> Tensor:
     """RMSNorm over the channel axis; ``partial=k`` estimates the RMS from the first ``k`` channels (pRMSNorm).
+
+    ``unit_offset=True`` multiplies by ``1 + weight`` instead of ``weight`` (Gemma's parametrisation, whose gain
+    is stored as an offset from 1), the sum taken in the compute dtype.
 
     ``eps_inside=True`` computes ``x / sqrt(mean(x^2) + eps)`` (LLaMA, T5, ``torch.nn.RMSNorm``);
     ``eps_inside=False`` computes ``x / (sqrt(mean(x^2)) + eps)`` (the official RMSNorm PyTorch code).
@@ -69,6 +73,8 @@ def rms_norm(
     if moved:
         xs = xs.movedim(cd, -1)
     w = weight.to(ct) if weight is not None else None
+    if w is not None and unit_offset:
+        w = 1.0 + w
     if eps_inside and partial is None:
         y = F.rms_norm(xs, (num_features,), w, eps)
     else:
