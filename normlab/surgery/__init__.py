@@ -11,12 +11,15 @@ from normlab.surgery.fold_math import (
     fold_affine_into_linear_output,
 )
 from normlab.surgery.recalibrate import RecalibrationReport, recalibrate_stats
+from normlab.surgery.swap import SwapRecord, SwapReport, swap_norms
 from normlab.surgery.sync import convert_sync_norms
 
 __all__ = [
     "FoldRecord",
     "FoldReport",
     "RecalibrationReport",
+    "SwapRecord",
+    "SwapReport",
     "convert_sync_norms",
     "fold_affine_into_conv_input",
     "fold_affine_into_conv_output",
@@ -25,4 +28,5 @@ __all__ = [
     "fold_norms",
     "norm_affine",
     "recalibrate_stats",
+    "swap_norms",
 ]
