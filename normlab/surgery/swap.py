@@ -311,12 +311,12 @@ def _match_dyt(report: SwapReport, moments: dict[str, list[float]] | None) -> No
         alpha: Tensor = report.model.get_submodule(r.path).get_parameter("alpha")
         if moments is None or moments[r.path][2] == 0:
             why = "no batches" if moments is None else "not called on the batches"
-            r.init = f"alpha = {float(alpha):.4g} (DyT's alpha0; {why}, so no 1/std(input))"
+            r.init = f"alpha = {float(alpha.detach()):.4g} (DyT's alpha0; {why}, so no 1/std(input))"
             continue
         s, sq, n = moments[r.path]
         std = math.sqrt(max(sq / n - (s / n) ** 2, 0.0))
         if std == 0.0:
-            r.init = f"alpha = {float(alpha):.4g} (DyT's alpha0: the input has std 0)"
+            r.init = f"alpha = {float(alpha.detach()):.4g} (DyT's alpha0: the input has std 0)"
             continue
         with torch.no_grad():
             alpha.fill_(1.0 / std)
@@ -331,13 +331,24 @@ def _recalibrate(report: SwapReport, batches: list[Any], forward: Callable[[nn.M
     if not todo:
         return
     mine = {id(report.model.get_submodule(p)) for p in todo}
-    saved = [(b, b.clone()) for _, m, _ in iter_norms(report.model, has_running_stats=True) if id(m) not in mine
-             for b in m.buffers()]
+    others = [m for _, m, _ in iter_norms(report.model, has_running_stats=True) if id(m) not in mine]
+    saved = {id(m): [(b, b.clone()) for b in m.buffers()] for m in others}
+
+    def keep(m: nn.Module, _args: Any) -> None:
+        # The pass resets and trains every norm with statistics; the others run in eval mode on their own.
+        m.training = False
+        with torch.no_grad():
+            for buf, value in saved[id(m)]:
+                buf.copy_(value)
+
+    handles = [m.register_forward_pre_hook(keep, prepend=True) for m in others]
     try:
         done = recalibrate_stats(report.model, batches, forward=forward)
     finally:
+        for h in handles:
+            h.remove()
         with torch.no_grad():
-            for buf, value in saved:
+            for buf, value in (pair for pairs in saved.values() for pair in pairs):
                 buf.copy_(value)
     for r in report.swaps:
         if r.path in todo:
@@ -370,6 +381,16 @@ def _build(path: str, m: nn.Module, spec: NormSpec, overrides: dict[str, Any], m
     return new, record
 
 
+def _check_args(model: Any, init: Any, forward: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"swap_norms: expected model to be an nn.Module, got {type(model).__name__}")
+    if init not in _INITS:
+        raise ValueError(f"swap_norms: expected init in {_INITS}, got {init!r}")
+    if forward is not None and not callable(forward):
+        raise TypeError(f"swap_norms: expected forward to be callable (model, batch) -> output, got "
+                        f"{type(forward).__name__}")
+
+
 def swap_norms(
     model: nn.Module,
     to: Any,
@@ -392,8 +413,8 @@ def swap_norms(
 
     Args:
         model: any module; changed in place (:meth:`SwapReport.undo` reverts).
-        to: a registry name (``"rms_norm"``), a registered class, or ``functools.partial(name_or_class, **kwargs)``
-            whose keywords override the derived constructor arguments (``partial("dyt", alpha_init=0.2)``).
+        to: a registry name (``"rms_norm"``), a registered class, or ``functools.partial(cls, **kwargs)`` of one,
+            whose keywords override the derived constructor arguments (``partial(DyT, alpha_init=0.2)``).
         where: which norms: ``None`` (all), a module-name regex (``re.search``), a class or tuple of classes
             (``isinstance``), a mapping of traits (``{"layout": "token"}``) or ``f(name, module, spec) -> bool``.
         init: ``"match"`` (default): carry γ, β and statistics, then the method's data-driven start (module
@@ -421,13 +442,7 @@ def swap_norms(
         >>> _ = report.undo(); net[1]
         LayerNorm((8,), eps=1e-06, elementwise_affine=True, bias=True)
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"swap_norms: expected model to be an nn.Module, got {type(model).__name__}")
-    if init not in _INITS:
-        raise ValueError(f"swap_norms: expected init in {_INITS}, got {init!r}")
-    if forward is not None and not callable(forward):
-        raise TypeError(f"swap_norms: expected forward to be callable (model, batch) -> output, got "
-                        f"{type(forward).__name__}")
+    _check_args(model, init, forward)
     spec, overrides = _target(to)
     chosen = _select(model, where)
     data = None if batches is None else list(batches)
