@@ -54,8 +54,12 @@ def rms_norm(
     eps_inside: bool = True,
     channel_dim: int = -1,
     partial: int | None = None,
+    unit_offset: bool = False,
 ) -> Tensor:
     """RMSNorm over the channel axis; ``partial=k`` estimates the RMS from the first ``k`` channels (pRMSNorm).
+
+    ``unit_offset=True`` multiplies by ``1 + weight`` instead of ``weight`` (Gemma's parametrisation, whose gain
+    is stored as an offset from 1), the sum taken in the compute dtype.
 
     ``eps_inside=True`` computes ``x / sqrt(mean(x^2) + eps)`` (LLaMA, T5, ``torch.nn.RMSNorm``);
     ``eps_inside=False`` computes ``x / (sqrt(mean(x^2)) + eps)`` (the official RMSNorm PyTorch code).
@@ -64,12 +68,15 @@ def rms_norm(
     eps = resolve_eps(eps, eps_inside)
     cd = check_channels(x, num_features, channel_dim, "rms_norm")
     xs = to_compute(x, cd)
+    w = affine_in(xs.dtype, weight, None)[0]
+    if w is not None and unit_offset:  # Gemma: the gain is stored as an offset from 1, summed in the compute dtype
+        w = 1.0 + w
     if eps_inside and partial is None:
-        y = F.rms_norm(xs, (num_features,), affine_in(xs.dtype, weight, None)[0], eps)
+        y = F.rms_norm(xs, (num_features,), w, eps)
     else:
         part = xs if partial is None else xs[..., :partial]
         ms = part.square().mean(-1, keepdim=True)
-        y = apply_affine(xs * torch.rsqrt(ms + eps) if eps_inside else xs / (ms.sqrt() + eps), weight, None)
+        y = apply_affine(xs * torch.rsqrt(ms + eps) if eps_inside else xs / (ms.sqrt() + eps), w, None)
     return from_compute(apply_affine(y, None, bias), x, cd)
 
 

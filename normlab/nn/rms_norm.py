@@ -35,7 +35,9 @@ def _eps_inside(op: str, eps_placement: str) -> bool:
     layout="any",
     aliases=("rms",),
     paper=_RMS_PAPER,
-    samples=({"eps_placement": "outside"}, {"bias": True}, {"affine": False}, {"channel_dim": 1}),
+    samples=(
+        {"eps_placement": "outside"}, {"bias": True}, {"affine": False}, {"channel_dim": 1}, {"unit_offset": True},
+    ),
     description="per-token root mean square; eps inside (default) or outside the root",
 )
 class RMSNorm(NormBase):
@@ -60,6 +62,7 @@ class RMSNorm(NormBase):
         affine: learn the gain ``weight`` (init 1). Default ``True``.
         bias: learn an offset ``bias`` (init 0), as the official code's ``bias=True``. Default ``False``.
         channel_dim: channel axis. Default ``-1``.
+        unit_offset: the gain is ``1 + weight`` (``weight`` init 0), Gemma's RMSNorm. Default ``False``.
 
     Shape:
         input ``(*, C)``; output the same shape and dtype (float16/bfloat16 statistics in float32).
@@ -78,10 +81,12 @@ class RMSNorm(NormBase):
         affine: bool = True,
         bias: bool = False,
         channel_dim: int = -1,
+        unit_offset: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(num_features, channel_dim)
+        self.unit_offset = unit_offset
         self._eps_inside = _eps_inside(self._name(), eps_placement)
         self.eps = resolve_eps(eps, self._eps_inside)
         self.eps_placement = eps_placement
@@ -91,10 +96,15 @@ class RMSNorm(NormBase):
 
     repr_always = ("eps",)
 
+    def _param_init(self) -> dict[str, float]:
+        return {"weight": 0.0 if self.unit_offset else 1.0, "bias": 0.0}
+
     @classmethod
     def torch_twin(cls, num_features: int, **kwargs: Any) -> nn.Module | None:
         k = cls.resolved_kwargs(**kwargs)
         if cls is not RMSNorm or k["eps_placement"] != "inside" or k["bias"] or k["channel_dim"] != -1:
+            return None
+        if k["unit_offset"]:  # torch.nn.RMSNorm has no (1 + weight) gain
             return None
         # eps=None must mean ours (1e-6), not torch's own None (finfo.eps of the input dtype).
         return nn.RMSNorm(num_features, eps=resolve_eps(k["eps"], True), elementwise_affine=k["affine"])

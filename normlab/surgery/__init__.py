@@ -23,6 +23,7 @@ from normlab.surgery.stream_math import (
     fold_ln_into_reader,
     fold_value_bias,
 )
+from normlab.surgery.swap import SwapRecord, SwapReport, swap_norms
 from normlab.surgery.sync import convert_sync_norms
 
 __all__ = [
@@ -34,6 +35,8 @@ __all__ = [
     "StreamChange",
     "StreamMap",
     "StreamSurgeryReport",
+    "SwapRecord",
+    "SwapReport",
     "ZeroMean",
     "center_unembed",
     "center_unembed_weights",
@@ -55,4 +58,5 @@ __all__ = [
     "fold_value_biases",
     "norm_affine",
     "recalibrate_stats",
+    "swap_norms",
 ]

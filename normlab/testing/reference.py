@@ -77,6 +77,10 @@ def rms_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
         y = xl / torch.sqrt(ms + m.eps)
     else:
         y = xl / (torch.sqrt(ms) + m.eps)
+    if getattr(m, "unit_offset", False) and m.weight is not None:  # Gemma: the gain is 1 + weight
+        y = y * (1.0 + to64(m.weight))
+        b = to64(getattr(m, "bias", None))
+        return (y if b is None else y + b).movedim(-1, m.channel_dim)
     return affine64(y, m).movedim(-1, m.channel_dim)
 
 
