@@ -344,7 +344,7 @@ def get_norm(name: str | type[nn.Module]) -> NormSpec:
     if key is None:
         choices = sorted(set(_NAME_INDEX) | set(_REGISTRY))
         close = difflib.get_close_matches(normalize_name(name), choices, n=3, cutoff=0.5)
-        close_keys = sorted({_NAME_INDEX.get(c, c) for c in close})
+        close_keys = list(dict.fromkeys(_NAME_INDEX.get(c, c) for c in close))  # closest first, as difflib ranks
         hint = f"did you mean {', '.join(repr(c) for c in close_keys)}? " if close_keys else ""
         raise KeyError(f"unknown norm {name!r}; {hint}available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[key]
