@@ -29,15 +29,19 @@ def bn_torch_twin(torch_cls: type[nn.Module], num_features: int, args: dict[str,
     return torch_cls(num_features, **{k: args[k] for k in keys})
 
 
+def bn_stats(num_features: int) -> list[tuple[str, tuple[int, ...], float]]:
+    """BatchNorm's running buffers with their reset values (torch's names, so state dicts load both ways)."""
+    return [("running_mean", (num_features,), 0.0), ("running_var", (num_features,), 1.0),
+            ("num_batches_tracked", (), 0)]
+
+
 def init_bn_state(m: NormBase, affine: bool, track_running_stats: bool, device: Any, dtype: Any) -> None:
     """BatchNorm's state under torch's names, so state dicts load both ways: per-channel ``weight`` / ``bias`` when
     ``affine`` and ``running_mean`` / ``running_var`` / ``num_batches_tracked`` (``None`` without tracking)."""
     setattr(m, "affine", affine)  # noqa: B010 - plain attributes NormBase does not declare
     setattr(m, "track_running_stats", track_running_stats)  # noqa: B010
     m._init_affine(m.num_features, weight=affine, bias=affine, device=device, dtype=dtype)
-    stats = [("running_mean", (m.num_features,), 0.0), ("running_var", (m.num_features,), 1.0),
-             ("num_batches_tracked", (), 0)]
-    m._init_stats(stats, track=track_running_stats, device=device, dtype=dtype)
+    m._init_stats(bn_stats(m.num_features), track=track_running_stats, device=device, dtype=dtype)
 
 
 @register_norm(
