@@ -31,7 +31,7 @@ Rows (JSONL, long format) and ``env.json`` go to ``--out`` (default ``benchmarks
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
 import sys
 import time
@@ -51,7 +51,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from normlab.cli.env import collect_env  # noqa: E402
+from normlab._env import collect_env  # noqa: E402
+from normlab._io import append_jsonl, atomic_write_json  # noqa: E402  (the lab's row and env.json writers)
 from normlab.models import DecoderLM, TransformerConfig, ViTEncoder  # noqa: E402
 from normlab.surgery import fold_norms  # noqa: E402
 
@@ -157,6 +158,8 @@ def _cases(spec: dict[str, Any], batch: int, vocab: int) -> tuple[list[Case], Te
                 case.model, case.n_folded = report.model, len(report.folded)
                 out = _forward(case.model, x)
                 case.fold_err = float((out - ref).abs().max() / ref.abs().max())
+                if not math.isfinite(case.fold_err):  # rows are standard JSON, and a NaN fold is a broken fold
+                    raise ValueError(f"the folded model's output is not finite (max rel. error {case.fold_err})")
             cases.append(case)
         except Exception as exc:  # a failing variant becomes an error row; the sweep goes on
             cases.append(Case(name, None, error=f"{type(exc).__name__}: {exc}"))
@@ -261,16 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     config = {"models": models, "batches": batches, "reps": reps, "vocab": args.vocab, "variants": VARIANTS}
     env = collect_env() | {"argv": sys.argv, "threads": torch.get_num_threads(), "config": config, "seed": 0}
     env |= {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch_imported_before_script": _TORCH_PRELOADED}
-    (out / "env.json").write_text(json.dumps(env, indent=2, default=str))
+    atomic_write_json(out / "env.json", env)
     rows: list[dict[str, Any]] = []
-    with open(out / "rows.jsonl", "w") as f:
-        for name, spec in models.items():
-            for batch in batches:
-                print(f"timing {name} batch {batch} ...", file=sys.stderr, flush=True)
-                for row in run_case_set(name, spec, batch, reps, args.vocab, 5.0 if args.quick else 50.0):
-                    rows.append(row)
-                    f.write(json.dumps(row) + "\n")
-                    f.flush()
+    for name, spec in models.items():
+        for batch in batches:
+            print(f"timing {name} batch {batch} ...", file=sys.stderr, flush=True)
+            case_rows = run_case_set(name, spec, batch, reps, args.vocab, 5.0 if args.quick else 50.0)
+            append_jsonl(out / "rows.jsonl", case_rows)  # each (model, batch) on disk as soon as it is timed
+            rows += case_rows
     print(format_table(rows))
     print(f"\nrows: {out / 'rows.jsonl'}")
     return 0

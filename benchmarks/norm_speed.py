@@ -11,7 +11,6 @@ gives each variant's p50 and its ratio to ``torch.nn.LayerNorm`` at the same sha
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,7 +28,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import normlab  # noqa: E402
-from normlab.cli.env import collect_env  # noqa: E402
+from normlab._env import collect_env  # noqa: E402
+from normlab._io import append_jsonl, atomic_write_json  # noqa: E402  (the lab's row and env.json writers)
 
 SHAPES = [(512, 768), (8192, 1024), (2048, 4096)]
 QUICK_SHAPES = [(256, 128)]
@@ -125,7 +125,7 @@ def run(shapes: list[tuple[int, int]], reps: int, out_dir: Path) -> list[dict[st
     out_dir.mkdir(parents=True, exist_ok=False)
     env = collect_env() | {"argv": sys.argv, "reps": reps, "shapes": shapes, "threads": torch.get_num_threads()}
     env["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
-    (out_dir / "env.json").write_text(json.dumps(env, indent=2))
+    atomic_write_json(out_dir / "env.json", env)
     rows: list[dict[str, object]] = []
     for t, c in shapes:
         shape = f"{t}x{c}"
@@ -176,9 +176,7 @@ def run(shapes: list[tuple[int, int]], reps: int, out_dir: Path) -> list[dict[st
         for (name, passes), msg in errors.items():
             print(f"error {shape} {name} {passes}: {msg}", file=sys.stderr)
             rows.append(_row(shape, name, passes, reps, status="error", error=msg))
-    with open(out_dir / "rows.jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    append_jsonl(out_dir / "rows.jsonl", rows)
     return rows
 
 

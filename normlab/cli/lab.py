@@ -46,10 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _parse_value(text: str) -> Any:
-    from normlab.lab.config import _toml_loads  # tomllib, or tomli on Python 3.10
+    from normlab.lab.config import toml_loads  # tomllib, or tomli on Python 3.10
 
     try:
-        return _toml_loads(f"v = {text}")["v"]
+        return toml_loads(f"v = {text}")["v"]
     except ValueError:
         return text  # a bare string
 
@@ -126,15 +126,15 @@ def _fail(message: str) -> int:
 def run(args: argparse.Namespace) -> int:
     from normlab.lab.config import SuiteError, load_suite
     from normlab.lab.dist import broadcast_object, init_distributed, shutdown
-    from normlab.lab.runner import (
+    from normlab.lab.rundir import (
         NotARunDir,
         RunDirLocked,
         RunDirNotEmpty,
         is_unused_run_dir,
         load_run_config,
         new_run_dir,
-        run_suite,
     )
+    from normlab.lab.runner import run_suite
     from normlab.lab.validate import check_requirements
 
     if args.list:

@@ -10,24 +10,28 @@ Norm keyword arguments may be tied to the training schedule (:data:`SCHEDULE_KEY
 ``int(round(number * value))`` of that arm's schedule, e.g. ``warmup_iters = "warmup_steps"`` or
 ``total_steps = "0.75*steps"``. So ``--steps N`` keeps PowerNorm's warm-up tied to the LR warm-up and PRepBN's
 LayerNorm -> RepBN ramp inside training. :meth:`SuiteConfig.arm_model` returns the resolved integers; the suite
-(``to_dict``) keeps the references as written.
+(``to_dict``) keeps the references as written. ``warmup_steps`` itself may be a reference to ``steps`` or
+``eval_every`` (``"0.1*steps"``), so that a shorter run also has a shorter warm-up.
 
-Validation reports every problem at once (:class:`SuiteError` carries the list), naming the key, what was expected
-and what was received. Precedence is CLI > file > defaults: :func:`apply_overrides` edits the raw dict before
-:func:`parse_suite` turns it into a :class:`SuiteConfig`.
+Validation (:mod:`normlab.lab.validators`, a table of per-key validators) reports every problem at once
+(:class:`SuiteError` carries the list), naming the key, what was expected and what was received. Precedence is
+CLI > file > defaults: :func:`apply_overrides` edits the raw dict before :func:`parse_suite` turns it into a
+:class:`SuiteConfig`. What differs between tasks (model config class, model defaults) is asked of the task's class
+(:mod:`normlab.lab.tasks`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
-import math
-import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from normlab.lab import schedule as _schedule
+from normlab.lab.schedule import SCHEDULE_KEYS
+from normlab.lab.tasks import TASK_CLASSES, task_class
 
 __all__ = [
     "ARM_TRAIN_KEYS",
@@ -44,15 +48,12 @@ __all__ = [
     "parse_suite",
     "read_suite_dict",
     "resolve_schedule_refs",
+    "toml_loads",
     "validate_suite_dict",
 ]
 
-TASKS = ("lm_stdlib", "digits")
+TASKS = tuple(TASK_CLASSES)
 ARM_TRAIN_KEYS = ("lr", "batch_size", "warmup_steps", "weight_decay", "grad_clip")
-# Integer schedule settings that norm kwargs may reference ("warmup_steps", "0.75*steps"); an arm's own
-# warmup_steps override is the value its references see.
-SCHEDULE_KEYS = ("steps", "warmup_steps", "eval_every")
-_SCHEDULE_REF = re.compile(r"^\s*(?:(\d+(?:\.\d*)?|\.\d+)\s*\*\s*)?([A-Za-z_][A-Za-z0-9_]*)\s*$")
 
 
 class SuiteError(ValueError):
@@ -90,7 +91,9 @@ class SuiteConfig:
         batch_size: sequences (LM) or images (digits) per step and process.
         seq_len: LM window length in bytes.
         lr: peak learning rate of AdamW.
-        warmup_steps: linear warmup from 0 to ``lr``; then cosine decay to ``min_lr_ratio * lr`` at ``steps``.
+        warmup_steps: linear warmup from 0 to ``lr``; then cosine decay to ``min_lr_ratio * lr`` at ``steps``. An int,
+            or a schedule reference to ``steps`` or ``eval_every`` (``"0.1*steps"``), so that ``--steps N`` shrinks or
+            grows the warm-up with the run (:meth:`warmup_of` resolves it).
         min_lr_ratio: final learning rate as a fraction of ``lr``.
         weight_decay: AdamW decoupled weight decay on matrices (not on norm parameters, biases or embeddings).
         grad_clip: max global gradient norm (0 disables clipping).
@@ -116,7 +119,7 @@ class SuiteConfig:
     batch_size: int = 16
     seq_len: int = 64
     lr: float = 3e-3
-    warmup_steps: int = 20
+    warmup_steps: int | str = 20
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -138,10 +141,28 @@ class SuiteConfig:
         out["arms"] = [a.to_dict() for a in self.arms]
         return out
 
+    def warmup_of(self, value: int | str | None = None) -> int:
+        """The suite's ``warmup_steps`` (or ``value``, an arm's override) in steps: a schedule reference
+        (``"0.1*steps"``) resolved against ``steps`` and ``eval_every``.
+
+        Raises:
+            ValueError: a reference that does not resolve (:func:`parse_suite` reports these first).
+        """
+        value = self.warmup_steps if value is None else value
+        resolved, problem = _schedule.resolve_ref("warmup_steps", value, self.warmup_schedule(), SUITE_KEYS)
+        if problem or not isinstance(resolved, int):
+            raise ValueError(problem or f"warmup_steps: expected an int or a schedule reference, got {value!r}")
+        return resolved
+
+    def warmup_schedule(self) -> dict[str, int]:
+        """What a ``warmup_steps`` reference may name (not itself)."""
+        return {"steps": self.steps, "eval_every": self.eval_every}
+
     def arm_train(self, arm: ArmConfig) -> dict[str, Any]:
-        """The training settings of ``arm``: the suite's, with the arm's overrides."""
+        """The training settings of ``arm``: the suite's, with the arm's overrides; ``warmup_steps`` resolved."""
         base = {k: getattr(self, k) for k in ARM_TRAIN_KEYS}
         base.update(arm.train)
+        base["warmup_steps"] = self.warmup_of(base["warmup_steps"])
         return base
 
     def arm_schedule(self, arm: ArmConfig) -> dict[str, int]:
@@ -157,9 +178,8 @@ class SuiteConfig:
         """
         merged = copy.deepcopy(self.model)
         merged.update(copy.deepcopy(arm.model))
-        if self.task == "lm_stdlib":
-            merged.setdefault("vocab_size", 256)
-            merged.setdefault("max_seq_len", self.seq_len)
+        for key, value in task_class(self.task).model_defaults(self).items():
+            merged.setdefault(key, value)
         if resolve:
             merged, problems = resolve_schedule_refs(merged, self.arm_schedule(arm))
             if problems:
@@ -168,264 +188,45 @@ class SuiteConfig:
 
     def diagnostic_steps(self) -> list[int]:
         """``diagnostics_at`` with schedule references (``"steps"``, ``"0.5*steps"``) resolved: sorted ints."""
-        schedule = {"steps": self.steps, "warmup_steps": self.warmup_steps, "eval_every": self.eval_every}
-        return sorted({_resolve_ref("diagnostics_at", s, schedule)[0] for s in self.diagnostics_at})
+        schedule = {"steps": self.steps, "warmup_steps": self.warmup_of(), "eval_every": self.eval_every}
+        return sorted({_schedule.resolve_ref("diagnostics_at", s, schedule)[0] for s in self.diagnostics_at})
 
     def eval_steps(self) -> list[int]:
         """The steps with an evaluation and a checkpoint: 0, every ``eval_every``, and ``steps``."""
         return sorted({0, self.steps, *range(self.eval_every, self.steps + 1, self.eval_every)})
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(SuiteConfig)}
-_INT_MIN = {"steps": 1, "batch_size": 1, "seq_len": 2, "warmup_steps": 0, "eval_every": 1, "eval_batches": 1,
-            "eval_batch_size": 1}
-_FLOAT_RANGE = {  # name: (low, high, low_inclusive)
-    "lr": (0.0, math.inf, False),
-    "min_lr_ratio": (0.0, 1.0, True),
-    "weight_decay": (0.0, math.inf, True),
-    "grad_clip": (0.0, math.inf, True),
-    "divergence_factor": (1.0, math.inf, False),
-    "val_fraction": (0.0, 1.0, False),
-}
-
-
-def _is_step_spec(s: Any) -> bool:
-    """An entry of ``diagnostics_at``: an int >= 0 or a schedule reference."""
-    if isinstance(s, str):
-        match = _SCHEDULE_REF.match(s)
-        return match is not None and match.group(2) in SCHEDULE_KEYS
-    return isinstance(s, int) and not isinstance(s, bool) and s >= 0
-
-
-def _check_value(key: str, value: Any) -> str | None:
-    """A problem with one training setting, or ``None``."""
-    if key in _INT_MIN:
-        if isinstance(value, bool) or not isinstance(value, int) or value < _INT_MIN[key]:
-            return f"{key}: expected an int >= {_INT_MIN[key]}, got {value!r}"
-    elif key in _FLOAT_RANGE:
-        lo, hi, inclusive = _FLOAT_RANGE[key]
-        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-        ok = ok and (value >= lo if inclusive else value > lo) and value <= hi
-        if not ok:
-            bracket = "[" if inclusive else "("
-            return f"{key}: expected a number in {bracket}{lo}, {hi}], got {value!r}"
-    elif key in ("name", "description"):
-        if not isinstance(value, str) or (key == "name" and not value):
-            return f"{key}: expected a {'non-empty ' if key == 'name' else ''}string, got {value!r}"
-    elif key == "task":
-        if value not in TASKS:
-            return f"task: expected one of {TASKS}, got {value!r}"
-    elif key == "betas":
-        if (
-            not isinstance(value, list)
-            or len(value) != 2
-            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in value)
-        ):
-            return f"betas: expected two numbers in [0, 1), got {value!r}"
-    elif key == "seeds":
-        ints = isinstance(value, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value)
-        if not ints or not value or len(set(value)) != len(value):
-            return f"seeds: expected a non-empty list of distinct ints >= 0, got {value!r}"
-    elif key == "diagnostics_at":
-        if not isinstance(value, list) or not all(_is_step_spec(s) for s in value) or len(set(value)) != len(value):
-            return (
-                f"diagnostics_at: expected a list of distinct ints >= 0 or schedule references ('steps', "
-                f"'0.5*steps'; keys {list(SCHEDULE_KEYS)}), got {value!r}"
-            )
-    elif key == "diagnostics":
-        if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
-            return f"diagnostics: expected a list of metric names, got {value!r}"
-        from normlab.diagnostics import METRICS
-
-        unknown = [m for m in value if m not in METRICS]
-        if unknown:
-            return f"diagnostics: unknown metric(s) {unknown}; available: {list(METRICS)}"
-    elif key == "model":
-        if not isinstance(value, dict):
-            return f"model: expected a table, got {type(value).__name__}"
-    return None
-
-
-def _resolve_ref(where: str, value: Any, schedule: dict[str, int]) -> tuple[Any, str | None]:
-    """One kwarg value: a schedule reference resolved to an int, any other value unchanged, or a problem."""
-    if not isinstance(value, str):
-        return value, None
-    match = _SCHEDULE_REF.match(value)
-    if match is None:
-        return value, None
-    number, key = match.groups()
-    if key in schedule:
-        resolved = int(round(float(number if number is not None else 1) * schedule[key]))
-        return resolved, None
-    # A bare word is an ordinary string kwarg (norm1 = "rms_norm") unless it looks like a misspelt reference.
-    looks_like_ref = number is not None or key in _FIELDS or difflib.get_close_matches(key, SCHEDULE_KEYS, cutoff=0.6)
-    if not looks_like_ref:
-        return value, None
-    hint = difflib.get_close_matches(key, SCHEDULE_KEYS, n=1, cutoff=0.6)
-    why = "is not an integer schedule key" if key in _FIELDS else "is not a schedule key"
-    return value, (
-        f"{where}: schedule reference {value!r}: {key!r} {why}; expected '<key>' or '<number>*<key>' with key in "
-        f"{list(SCHEDULE_KEYS)}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-    )
+SUITE_KEYS = tuple(f.name for f in dataclasses.fields(SuiteConfig))
 
 
 def resolve_schedule_refs(model: dict[str, Any], schedule: dict[str, int]) -> tuple[dict[str, Any], list[str]]:
-    """A copy of the model config ``model`` with the schedule references in ``norm_kwargs`` and in each
-    ``norm_overrides`` slot's ``kwargs`` resolved to ints against ``schedule``; and the problems found.
+    """:func:`normlab.lab.schedule.resolve_schedule_refs`, with the suite's other settings named as not being
+    schedule keys (``"lr"`` is reported, not taken for a string).
 
     >>> resolve_schedule_refs({"norm_kwargs": {"total_steps": "0.75*steps", "norm1": "rms_norm"}}, {"steps": 200})
     ({'norm_kwargs': {'total_steps': 150, 'norm1': 'rms_norm'}}, [])
     """
-    out = copy.deepcopy(model)
-    problems: list[str] = []
-
-    def resolve(kwargs: Any, where: str) -> None:
-        if not isinstance(kwargs, dict):
-            return  # the model config reports the wrong type
-        for k, v in kwargs.items():
-            kwargs[k], problem = _resolve_ref(f"{where}.{k}", v, schedule)
-            if problem:
-                problems.append(problem)
-
-    resolve(out.get("norm_kwargs"), "norm_kwargs")
-    overrides = out.get("norm_overrides")
-    if isinstance(overrides, dict):
-        for slot, value in overrides.items():
-            if isinstance(value, dict):
-                resolve(value.get("kwargs"), f"norm_overrides.{slot}.kwargs")
-    return out, problems
+    return _schedule.resolve_schedule_refs(model, schedule, SUITE_KEYS)
 
 
 def model_config_class(task: str) -> Any:
-    """The model config dataclass of a task: ``CNNConfig`` for ``digits``, else ``TransformerConfig``."""
-    if task == "digits":
-        from normlab.models.cnn import CNNConfig
-
-        return CNNConfig
-    from normlab.models.config import TransformerConfig
-
-    return TransformerConfig
-
-
-# Model-config fields whose validity does not depend on other fields: each is checked alone (everything else at its
-# default) so that, e.g., an unknown norm, an unknown placement and d_model % n_heads != 0 are all reported at once
-# although the model config's constructor stops at its first error.
-_INDEPENDENT_MODEL_KEYS = {"lm_stdlib": ("norm", "placement", "mlp", "qk_norm"), "digits": ("norm",)}
-
-
-def _error_text(exc: BaseException) -> str:
-    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-
-
-def _model_problems(model_cls: Any, task: str, merged: dict[str, Any]) -> tuple[Any, list[str]]:
-    """Build ``model_cls`` from ``merged``; return ``(config or None, problems)`` with every problem found."""
-    problems: list[str] = []
-    bad: set[str] = set()
-    for key in _INDEPENDENT_MODEL_KEYS.get(task, ()):
-        if key in merged:
-            try:
-                model_cls.from_dict({key: merged[key]})
-            except (ValueError, TypeError, KeyError) as exc:
-                problems.append(_error_text(exc))
-                bad.add(key)
-    try:
-        model_cfg = model_cls.from_dict({k: v for k, v in merged.items() if k not in bad})
-    except (ValueError, TypeError, KeyError) as exc:
-        problems.append(_error_text(exc))
-        return None, problems
-    return (model_cfg if not problems else None), problems
+    """The model config dataclass of a task (``TransformerConfig`` for ``lm_stdlib``, ``CNNConfig`` for ``digits``)."""
+    return task_class(task).model_config_class()
 
 
 def validate_suite_dict(
     data: dict[str, Any], origin: str = "suite"
 ) -> tuple[SuiteConfig, list[str], list[tuple[int, ArmConfig]]]:
-    """Validate a TOML-shaped dict, collecting every problem instead of raising.
+    """Validate a TOML-shaped dict, collecting every problem instead of raising
+    (:func:`normlab.lab.validators.validate_suite_dict`).
 
     Returns:
         ``(cfg, problems, buildable)``: the config as far as it could be built (invalid settings keep their
-        defaults), the problems, and the arms whose model config was built (``--dry-run`` builds those), each with
-        its index in ``data["arms"]``: an entry that is not a table is left out of ``cfg.arms``, so an arm's
-        position there is not what the messages call ``arms[i]``.
+        defaults), the problems, and the ``(index, arm)`` pairs whose model config was built.
     """
-    problems: list[str] = []
-    if not isinstance(data, dict):
-        return SuiteConfig(), [f"expected a table at the top level, got {type(data).__name__}"], []
-    unknown = sorted(set(data) - set(_FIELDS))
-    if unknown:
-        problems.append(f"unknown top-level key(s) {unknown}; known keys: {sorted(_FIELDS)}")
-    values: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in ("arms",) or key not in _FIELDS:
-            continue
-        problem = _check_value(key, value)
-        if problem:
-            problems.append(problem)
-        else:
-            values[key] = copy.deepcopy(value)
-    cfg = SuiteConfig(**values)
-    model_cls = model_config_class(cfg.task)
-    model_fields = {f.name for f in dataclasses.fields(model_cls)}
-    bad_model = sorted(set(cfg.model) - model_fields)
-    if bad_model:
-        problems.append(f"model: unknown key(s) {bad_model} for task {cfg.task!r}; known: {sorted(model_fields)}")
-        cfg.model = {k: v for k, v in cfg.model.items() if k in model_fields}
-    if cfg.task == "lm_stdlib" and cfg.model.get("vocab_size", 256) != 256:
-        problems.append(f"model.vocab_size: the byte-level corpus needs 256, got {cfg.model['vocab_size']!r}")
-    if cfg.warmup_steps > cfg.steps:
-        problems.append(f"warmup_steps={cfg.warmup_steps} exceeds steps={cfg.steps}")
-    for step in cfg.diagnostic_steps():
-        if step > cfg.steps:
-            problems.append(f"diagnostics_at: step {step} is after the last step (steps={cfg.steps})")
+    from normlab.lab.validators import validate_suite_dict as validate
 
-    raw_arms = data.get("arms", [])
-    if not isinstance(raw_arms, list) or not raw_arms:
-        problems.append(f"arms: expected a non-empty list of [[arms]] tables, got {raw_arms!r}")
-        raw_arms = []
-    seen: set[str] = set()
-    buildable: list[tuple[int, ArmConfig]] = []
-    for i, raw in enumerate(raw_arms):
-        where = f"arms[{i}]"
-        if not isinstance(raw, dict):
-            problems.append(f"{where}: expected a table, got {type(raw).__name__}")
-            continue
-        name = raw.get("name")
-        if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name):
-            problems.append(f"{where}.name: expected a non-empty string of letters, digits, '-_.'; got {name!r}")
-            name = f"#{i}"
-        elif name in seen:
-            problems.append(f"{where}.name: duplicate arm name {name!r}")
-        seen.add(name)
-        where = f"arms[{i}] ({name})"
-        arm = ArmConfig(name=name)
-        for key, value in raw.items():
-            if key == "name":
-                continue
-            if key in ARM_TRAIN_KEYS:
-                problem = _check_value(key, value)
-                if problem:
-                    problems.append(f"{where}: {problem}")
-                else:
-                    arm.train[key] = copy.deepcopy(value)
-            elif key in model_fields:
-                arm.model[key] = copy.deepcopy(value)
-            else:
-                problems.append(
-                    f"{where}: unknown key {key!r}; an arm takes 'name', training overrides {list(ARM_TRAIN_KEYS)} "
-                    f"or {model_cls.__name__} fields {sorted(model_fields)}"
-                )
-        merged, ref_problems = resolve_schedule_refs(cfg.arm_model(arm, resolve=False), cfg.arm_schedule(arm))
-        problems += [f"{where}: {p}" for p in ref_problems]
-        model_cfg, model_problems = _model_problems(model_cls, cfg.task, merged)
-        problems += [f"{where}: {p}" for p in model_problems]
-        if model_cfg is not None:
-            if cfg.task == "lm_stdlib" and model_cfg.max_seq_len < cfg.seq_len:
-                problems.append(f"{where}: max_seq_len={model_cfg.max_seq_len} is shorter than seq_len={cfg.seq_len}")
-            if not ref_problems:
-                buildable.append((i, arm))
-        if arm.train.get("warmup_steps", 0) > cfg.steps:  # the suite's own warmup_steps is checked once, above
-            problems.append(f"{where}: warmup_steps={arm.train['warmup_steps']} exceeds steps={cfg.steps}")
-        cfg.arms.append(arm)
-    return cfg, problems, buildable
+    return validate(data, origin)
 
 
 def parse_suite(data: dict[str, Any], origin: str = "suite") -> SuiteConfig:
@@ -441,7 +242,7 @@ def parse_suite(data: dict[str, Any], origin: str = "suite") -> SuiteConfig:
     return cfg
 
 
-def _toml_loads(text: str) -> dict[str, Any]:
+def toml_loads(text: str) -> dict[str, Any]:
     try:
         import tomllib  # Python >= 3.11
     except ImportError:  # pragma: no cover - Python 3.10
@@ -461,7 +262,7 @@ def list_suites() -> dict[str, str]:
     out: dict[str, str] = {}
     for entry in sorted(_suites_dir().iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".toml"):
-            data = _toml_loads(entry.read_text(encoding="utf-8"))
+            data = toml_loads(entry.read_text(encoding="utf-8"))
             out[entry.name[: -len(".toml")]] = str(data.get("description", ""))
     return out
 
@@ -486,7 +287,7 @@ def read_suite_dict(source: str | Path) -> tuple[dict[str, Any], str]:
             )
         text, origin = entry.read_text(encoding="utf-8"), f"suite {source!r}"
     try:
-        return _toml_loads(text), origin
+        return toml_loads(text), origin
     except ValueError as exc:  # tomllib.TOMLDecodeError is a ValueError
         raise SuiteError([f"invalid TOML: {exc}"], origin) from exc
 

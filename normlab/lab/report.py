@@ -239,7 +239,7 @@ def _document(data: RunData, plot_files: list[tuple[str, str]]) -> list[Block]:
         f"task: `{cfg.task}`; {len(cfg.arms)} arms × {len(cfg.seeds)} seeds {cfg.seeds}; {cfg.steps} steps, "
         f"batch {cfg.batch_size}" + (f" × {cfg.seq_len} bytes" if cfg.task == "lm_stdlib" else " images")
         + f" per process, world size {env.get('world_size', 1)}",
-        f"AdamW lr {cfg.lr:g} (betas {cfg.betas}, weight decay {cfg.weight_decay:g}), {cfg.warmup_steps} warmup "
+        f"AdamW lr {cfg.lr:g} (betas {cfg.betas}, weight decay {cfg.weight_decay:g}), {cfg.warmup_of()} warmup "
         f"steps then cosine to {cfg.min_lr_ratio:g}×lr, grad clip {cfg.grad_clip:g}; eval every {cfg.eval_every} "
         f"steps; divergence: training or validation loss NaN/inf or > {cfg.divergence_factor:g}× the step-0 "
         "validation loss",

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from normlab._io import append_jsonl, atomic_write_text, jsonl_text
 
 __all__ = [
     "KINDS",
@@ -119,13 +120,7 @@ def rewrite_rows(path: Path, keep: Callable[[dict[str, Any]], bool]) -> int:
     dropped = len(rows) - len(kept)
     if dropped == 0 and not torn:
         return 0
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in kept:
-            f.write(json.dumps(r, sort_keys=True, allow_nan=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, jsonl_text(kept))
     return dropped
 
 
@@ -147,8 +142,4 @@ class RowLog:
             validate_row(r)
         if not self.enabled or not rows:
             return
-        text = "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in rows)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.path, rows)

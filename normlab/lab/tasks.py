@@ -10,22 +10,28 @@ generator, computes the loss and evaluates on a fixed validation set that every 
 
 Under DDP each rank draws its own training stream (the generator is seeded with ``(seed, rank)``) and evaluates a
 slice of the validation set; the sums are all-reduced.
+
+A task class also owns what validating a suite of it needs, without loading any data (class methods): its model
+config class, the defaults and cross-checks it adds to the model table, a model build and a tiny input for
+``--dry-run``, and the optional packages its data loader needs. Nothing outside this module branches on a task name.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from normlab.data._cache import Requirement
+from normlab._env import Requirement
 from normlab.data.images import REQUIREMENTS as IMAGE_REQUIREMENTS
-from normlab.lab.config import SuiteConfig
 from normlab.lab.dist import DistInfo, all_reduce_sum
 
-__all__ = ["TASK_CLASSES", "DigitsTask", "LMTask", "Task", "make_task"]
+if TYPE_CHECKING:  # config imports this module for the task table
+    from normlab.lab.config import SuiteConfig
+
+__all__ = ["TASK_CLASSES", "DigitsTask", "LMTask", "Task", "make_task", "task_class"]
 
 Batch = dict[str, Tensor]
 
@@ -36,13 +42,48 @@ class Task:
     unit = "samples/s"
     eval_metrics: tuple[str, ...] = ("val_loss",)
     requirements: tuple[Requirement, ...] = ()  # optional packages its data loader needs (the loader's own list)
+    # Model-config fields whose validity does not depend on other fields: validation checks each alone (everything
+    # else at its default), so that e.g. an unknown norm and an unknown placement are both reported although the
+    # model config's constructor stops at its first error.
+    independent_model_keys: tuple[str, ...] = ("norm",)
 
     def __init__(self, cfg: SuiteConfig, dist: DistInfo, device: torch.device) -> None:
         self.cfg = cfg
         self.dist = dist
         self.device = device
 
-    def build_model(self, model_cfg: dict[str, Any]) -> nn.Module:  # pragma: no cover - abstract
+    @classmethod
+    def model_config_class(cls) -> Any:  # pragma: no cover - abstract
+        """The model config dataclass (``from_dict``, ``to_dict``) of the task's model."""
+        raise NotImplementedError
+
+    @classmethod
+    def model_defaults(cls, cfg: SuiteConfig) -> dict[str, Any]:
+        """Model-config values the task derives from the suite, used where the suite's model table sets none."""
+        return {}
+
+    @classmethod
+    def suite_problems(cls, cfg: SuiteConfig) -> list[str]:
+        """Problems of the suite's settings that only this task has (empty: none)."""
+        return []
+
+    @classmethod
+    def arm_problems(cls, cfg: SuiteConfig, model_cfg: Any) -> list[str]:
+        """Problems of one arm's built model config against the suite's settings (empty: none)."""
+        return []
+
+    @classmethod
+    def build_model(cls, model_cfg: dict[str, Any]) -> nn.Module:
+        """The model of a (resolved) model config dict."""
+        return cls.build(cls.model_config_class().from_dict(model_cfg))
+
+    @classmethod
+    def build(cls, model_cfg: Any) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def smoke_batch(cls, cfg: SuiteConfig, model_cfg: Any) -> Batch:  # pragma: no cover - abstract
+        """Two random samples that the model of ``model_cfg`` takes (with labels): ``--dry-run``'s forward."""
         raise NotImplementedError
 
     def sample(self, rng: np.random.Generator, batch_size: int) -> Batch:  # pragma: no cover - abstract
@@ -90,6 +131,7 @@ class LMTask(Task):
     """Byte-level LM on the stdlib corpus."""
 
     unit = "tokens/s"
+    independent_model_keys = ("norm", "placement", "mlp", "qk_norm")
 
     def __init__(self, cfg: SuiteConfig, dist: DistInfo, device: torch.device) -> None:
         super().__init__(cfg, dist, device)
@@ -102,10 +144,37 @@ class LMTask(Task):
         self._val = [mine[i : i + cfg.eval_batch_size] for i in range(0, len(mine), cfg.eval_batch_size)]
         self._diag = windows[: min(8, total)]
 
-    def build_model(self, model_cfg: dict[str, Any]) -> nn.Module:
-        from normlab.models import DecoderLM, TransformerConfig
+    @classmethod
+    def model_config_class(cls) -> Any:
+        from normlab.models.config import TransformerConfig
 
-        return DecoderLM(TransformerConfig.from_dict(model_cfg))
+        return TransformerConfig
+
+    @classmethod
+    def model_defaults(cls, cfg: SuiteConfig) -> dict[str, Any]:
+        return {"vocab_size": 256, "max_seq_len": cfg.seq_len}
+
+    @classmethod
+    def suite_problems(cls, cfg: SuiteConfig) -> list[str]:
+        vocab = cfg.model.get("vocab_size", 256)
+        return [] if vocab == 256 else [f"model.vocab_size: the byte-level corpus needs 256, got {vocab!r}"]
+
+    @classmethod
+    def arm_problems(cls, cfg: SuiteConfig, model_cfg: Any) -> list[str]:
+        if model_cfg.max_seq_len < cfg.seq_len:
+            return [f"max_seq_len={model_cfg.max_seq_len} is shorter than seq_len={cfg.seq_len}"]
+        return []
+
+    @classmethod
+    def build(cls, model_cfg: Any) -> nn.Module:
+        from normlab.models import DecoderLM
+
+        return DecoderLM(model_cfg)
+
+    @classmethod
+    def smoke_batch(cls, cfg: SuiteConfig, model_cfg: Any) -> Batch:
+        ids = torch.randint(0, 256, (2, min(8, cfg.seq_len)))
+        return {"input_ids": ids, "labels": ids}
 
     def sample(self, rng: np.random.Generator, batch_size: int) -> Batch:
         from normlab.data.text import random_windows
@@ -145,10 +214,21 @@ class DigitsTask(Task):
         bs = cfg.eval_batch_size
         self._val = [{"x": x[i : i + bs], "labels": y[i : i + bs]} for i in range(0, len(x), bs)]
 
-    def build_model(self, model_cfg: dict[str, Any]) -> nn.Module:
-        from normlab.models.cnn import CNNConfig, DigitsCNN
+    @classmethod
+    def model_config_class(cls) -> Any:
+        from normlab.models.cnn import CNNConfig
 
-        return DigitsCNN(CNNConfig.from_dict(model_cfg))
+        return CNNConfig
+
+    @classmethod
+    def build(cls, model_cfg: Any) -> nn.Module:
+        from normlab.models.cnn import DigitsCNN
+
+        return DigitsCNN(model_cfg)
+
+    @classmethod
+    def smoke_batch(cls, cfg: SuiteConfig, model_cfg: Any) -> Batch:
+        return {"x": torch.rand(2, model_cfg.in_channels, 8, 8), "labels": torch.tensor([0, 1])}
 
     def sample(self, rng: np.random.Generator, batch_size: int) -> Batch:
         idx = torch.from_numpy(rng.integers(0, len(self.data.y_train), size=batch_size))
@@ -167,8 +247,13 @@ class DigitsTask(Task):
 TASK_CLASSES: dict[str, type[Task]] = {"lm_stdlib": LMTask, "digits": DigitsTask}
 
 
+def task_class(task: str) -> type[Task]:
+    """The :class:`Task` subclass of the task name ``task``."""
+    if task not in TASK_CLASSES:
+        raise ValueError(f"task: expected one of {tuple(TASK_CLASSES)}, got {task!r}")
+    return TASK_CLASSES[task]
+
+
 def make_task(cfg: SuiteConfig, dist: DistInfo, device: torch.device) -> Task:
-    """The :class:`Task` of ``cfg.task``."""
-    if cfg.task not in TASK_CLASSES:
-        raise ValueError(f"make_task: expected task in {tuple(TASK_CLASSES)}, got {cfg.task!r}")
-    return TASK_CLASSES[cfg.task](cfg, dist, device)
+    """The :class:`Task` of ``cfg.task``, with its data loaded."""
+    return task_class(cfg.task)(cfg, dist, device)

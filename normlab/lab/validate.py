@@ -7,11 +7,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
-from normlab.data._cache import missing_requirements
-from normlab.lab.config import ArmConfig, SuiteConfig, collect_overrides, model_config_class, validate_suite_dict
-from normlab.lab.tasks import TASK_CLASSES
+from normlab._env import missing_requirements
+from normlab.lab.config import ArmConfig, SuiteConfig, collect_overrides, validate_suite_dict
+from normlab.lab.tasks import TASK_CLASSES, task_class
 
 __all__ = ["check_requirements", "check_suite", "dry_run_problems"]
 
@@ -36,23 +34,13 @@ def check_suite(cfg: SuiteConfig, arms: Sequence[tuple[int, ArmConfig]] | None =
             every arm of ``cfg`` at its position in ``cfg.arms`` (the same for a suite that parsed).
     """
     problems: list[str] = []
-    cls = model_config_class(cfg.task)
+    task = task_class(cfg.task)
     for i, arm in enumerate(cfg.arms) if arms is None else arms:
         where = f"arms[{i}] ({arm.name})"
         try:
-            model_cfg = cls.from_dict(cfg.arm_model(arm))
-            if cfg.task == "lm_stdlib":
-                from normlab.models import DecoderLM
-
-                model: torch.nn.Module = DecoderLM(model_cfg)
-                ids = torch.randint(0, 256, (2, min(8, cfg.seq_len)))
-                out = model(ids, labels=ids)
-            else:
-                from normlab.models.cnn import DigitsCNN
-
-                model = DigitsCNN(model_cfg)
-                out = model(torch.rand(2, model_cfg.in_channels, 8, 8), labels=torch.tensor([0, 1]))
-            out.loss.backward()
+            model_cfg = task.model_config_class().from_dict(cfg.arm_model(arm))
+            model = task.build(model_cfg)
+            model(**task.smoke_batch(cfg, model_cfg)).loss.backward()
         except Exception as exc:  # every failure is a problem to report, whatever its type
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             problems.append(f"{where}: {type(exc).__name__}: {msg}")

@@ -28,6 +28,8 @@ def test_list_shows_packaged_suites(capsys: pytest.CaptureFixture[str]) -> None:
 def test_dry_run_valid_and_invalid(tmp_path: Path, tiny: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["lab", "--suite", "default", "--dry-run"]) == 0
     assert "is valid" in capsys.readouterr().out
+    assert main(["lab", "--steps", "10", "--dry-run"]) == 0  # the warm-up is 10% of the steps, not a fixed 20
+    assert "runs of 10 steps" in capsys.readouterr().out
     tiny["arms"].append({"name": "bad", "norm": "nope_norm", "depth": 3})
     tiny["steps"] = -1
     bad = tmp_path / "bad.toml"
@@ -70,10 +72,10 @@ def test_dry_run_reports_every_problem_across_arms(
 def test_digits_without_scikit_learn_names_the_extra(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import normlab.data._cache as cache
+    import normlab._env as env_mod
     from normlab.data import load_digits_split
 
-    monkeypatch.setattr(cache, "module_available", lambda module: module != "sklearn")
+    monkeypatch.setattr(env_mod, "module_available", lambda module: module != "sklearn")
     with pytest.raises(ImportError, match=r"scikit-learn .*'sklearn'.* pip install 'normlab\[data\]'"):
         load_digits_split()  # the loader and the lab's check read the same declaration
     assert main(["lab", "--suite", "digits", "--dry-run"]) == 2
@@ -106,13 +108,13 @@ def test_out_pointing_at_a_file_is_refused(tmp_path: Path, capsys: pytest.Captur
 def test_a_second_process_cannot_resume_a_locked_run(
     tmp_path: Path, tiny: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from normlab.lab.runner import _lock_run_dir
+    from normlab.lab.rundir import lock_run_dir
 
     suite = _two_step_suite(tmp_path, tiny)
     out = tmp_path / "run"
     assert main(["lab", "--suite", str(suite), "--out", str(out), "--no-progress", "--no-report"]) == 0
     events = (out / "events.jsonl").read_text()
-    held = _lock_run_dir(out)  # stands in for a first `--resume` still running
+    held = lock_run_dir(out)  # stands in for a first `--resume` still running
     try:
         capsys.readouterr()
         assert main(["lab", "--resume", str(out), "--no-progress", "--no-report"]) == 2

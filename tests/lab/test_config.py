@@ -98,7 +98,7 @@ def test_default_suite_schedules_leave_warmup_and_finish_the_ramp() -> None:
                         lambda_zero_at = step
             for m in norms:
                 if isinstance(m, (PowerNorm, UnifiedNorm)):
-                    assert m.warmup_iters == cfg.warmup_steps and m.warmup_iters < cfg.steps
+                    assert m.warmup_iters == cfg.warmup_of() and m.warmup_iters < cfg.steps
                     assert int(m.iters) == cfg.steps > m.warmup_iters  # out of warm-up for the last steps
             if arm.name == "prep_batch_norm":
                 assert norms[0].total_steps == round(0.75 * cfg.steps)
@@ -134,6 +134,51 @@ def test_every_problem_is_reported_at_once(tiny: dict[str, Any]) -> None:
     ):
         assert any(re.search(pattern, p) for p in problems), (pattern, text)
     assert str(info.value).startswith(f"bad.toml: {len(problems)} problem(s):")
+
+
+def test_warmup_relative_to_the_schedule_follows_steps(tiny: dict[str, Any]) -> None:
+    tiny.update(warmup_steps="0.2*steps", diagnostics_at=[0, "steps"])
+    tiny["arms"] = [
+        {"name": "pn", "norm": "power_norm", "norm_kwargs": {"warmup_iters": "warmup_steps"}},
+        {"name": "own", "norm": "layer_norm", "warmup_steps": "0.4*eval_every"},
+        {"name": "fixed", "norm": "layer_norm", "warmup_steps": 3},
+    ]
+    cfg = parse_suite(tiny)  # steps 20, eval_every 5
+    assert cfg.warmup_of() == 4 and [cfg.arm_train(a)["warmup_steps"] for a in cfg.arms] == [4, 2, 3]
+    assert cfg.arm_model(cfg.arms[0])["norm_kwargs"] == {"warmup_iters": 4}  # PowerNorm follows the LR warm-up
+    assert cfg.to_dict()["warmup_steps"] == "0.2*steps" and cfg.to_dict()["arms"][1]["warmup_steps"] == "0.4*eval_every"
+    shorter = parse_suite(apply_overrides(tiny, {"steps": 5}))  # an absolute warm-up of 4 would not fit: it shrinks
+    assert shorter.warmup_of() == 1 and shorter.arm_model(shorter.arms[0])["norm_kwargs"] == {"warmup_iters": 1}
+    assert parse_suite(shorter.to_dict()).to_dict() == shorter.to_dict()
+
+
+@pytest.mark.parametrize("name", ["default", "placement", "digits"])
+def test_packaged_suites_shrink_their_warmup_with_steps(name: str) -> None:
+    full = load_suite(name)
+    short = load_suite(name, {"steps": 10})
+    assert short.warmup_of() <= 10 and short.warmup_of() < full.warmup_of()
+    assert check_suite(short) == []
+
+
+@pytest.mark.parametrize(
+    ("warmup", "problem"),
+    [
+        ("0.1*warmup_steps", r"warmup_steps: expected an int >= 0 or a schedule reference \('0\.1\*steps'; keys "
+                             r"\['steps', 'eval_every'\]\), got '0\.1\*warmup_steps'"),
+        ("0.1*stepz", r"warmup_steps: expected an int >= 0 or a schedule reference .*got '0\.1\*stepz'"),
+        (-1, r"warmup_steps: expected an int >= 0 or a schedule reference .*got -1"),
+        ("2*steps", r"warmup_steps='2\*steps' \(40\) exceeds steps=20"),
+    ],
+)
+def test_bad_relative_warmups_are_reported(tiny: dict[str, Any], warmup: Any, problem: str) -> None:
+    tiny["warmup_steps"] = warmup
+    tiny["arms"][1]["warmup_steps"] = warmup
+    with pytest.raises(SuiteError) as info:
+        parse_suite(tiny)
+    problems = info.value.problems
+    assert len(problems) == 2, problems  # the suite's and the arm's
+    assert re.fullmatch(problem, problems[0]), problems[0]
+    assert re.fullmatch(r"arms\[1\] \(bn\): " + problem, problems[1]), problems[1]
 
 
 def test_schedule_problems_name_the_value_and_the_limit(tiny: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ import torch.distributed as torch_dist
 from normlab.lab.config import parse_suite
 from normlab.lab.dist import init_distributed
 from normlab.lab.runner import run_suite
+from normlab.lab.schedule import lr_at
 from normlab.lab.schema import read_rows, row_key, validate_row
 
 
@@ -107,52 +108,55 @@ def test_env_json_records_every_arms_full_resolved_config(tiny_run: tuple[Path, 
 
 
 def test_schedule_references_are_recorded_resolved(tmp_path: Path, tiny: dict[str, Any]) -> None:
-    tiny.update(steps=4, eval_every=2, warmup_steps=1, seeds=[0], diagnostics_at=[0, "steps"])
+    tiny.update(steps=4, eval_every=2, warmup_steps="0.25*steps", seeds=[0], diagnostics_at=[0, "steps"])
     tiny["arms"] = [{"name": "pn", "norm": "power_norm", "norm_kwargs": {"warmup_iters": "warmup_steps"}},
                     {"name": "prep", "norm": "prep_batch_norm", "norm_kwargs": {"total_steps": "0.75*steps"}}]
     cfg = parse_suite(tiny)
     result = run_suite(cfg, tmp_path / "run", progress=False)
     assert set(result.statuses.values()) == {"ok"}
     env = json.loads((tmp_path / "run" / "env.json").read_text())
-    assert env["arms"]["pn"]["model"]["norm_kwargs"] == {"warmup_iters": 1}
+    assert env["arms"]["pn"]["model"]["norm_kwargs"] == {"warmup_iters": 1}  # the warm-up's own reference first
+    assert env["arms"]["pn"]["train"]["warmup_steps"] == 1 and env["config"]["warmup_steps"] == "0.25*steps"
     assert env["arms"]["prep"]["model"]["norm_kwargs"] == {"total_steps": 3}
     assert env["config"]["arms"][1]["norm_kwargs"] == {"total_steps": "0.75*steps"}  # as written, for --resume
     rows = _check_complete(tmp_path / "run", cfg)
     assert {r["step"] for r in rows if r["kind"] == "diag"} == {0, 4}  # "steps" resolved to the last step
+    lrs = {r["step"]: r["value"] for r in rows if r["metric"] == "lr" and r["arm"] == "pn"}
+    assert lrs[2] == pytest.approx(lr_at(1, 4, cfg.lr, 1, cfg.min_lr_ratio))  # trained with the resolved warm-up
 
 
 def test_new_run_dir_claims_a_fresh_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import datetime as dt
 
-    import normlab.lab.runner as runner
+    import normlab.lab.rundir as rundir
 
     class Frozen(dt.datetime):
         @classmethod
         def now(cls, tz: Any = None) -> Frozen:  # type: ignore[override]
             return cls(2025, 1, 2, 3, 4, 5)
 
-    monkeypatch.setattr(runner._dt, "datetime", Frozen)
+    monkeypatch.setattr(rundir._dt, "datetime", Frozen)
     base = tmp_path / "runs"
-    claimed = [runner.new_run_dir("s", base) for _ in range(3)]  # three invocations in the same second
+    claimed = [rundir.new_run_dir("s", base) for _ in range(3)]  # three invocations in the same second
     assert [p.name for p in claimed] == ["s-20250102-030405", "s-20250102-030405-2", "s-20250102-030405-3"]
     assert all(p.is_dir() and not any(p.iterdir()) for p in claimed)  # created: no one else can take them
 
 
 def test_env_json_is_never_overwritten(tmp_path: Path, tiny: dict[str, Any]) -> None:
     from normlab.lab.dist import DistInfo
-    from normlab.lab.runner import _write_env
+    from normlab.lab.rundir import write_env
 
     cfg = parse_suite(tiny)
     (tmp_path / "env.json").write_text("{}")
     with pytest.raises(FileExistsError):
-        _write_env(tmp_path, cfg, ["normlab"], DistInfo())
+        write_env(tmp_path, cfg, ["normlab"], DistInfo())
     assert (tmp_path / "env.json").read_text() == "{}"
 
 
 def test_env_json_is_complete_or_absent(tmp_path: Path, tiny: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    import normlab.data._cache as cache
+    import normlab._io as io_mod
     from normlab.lab.dist import DistInfo
-    from normlab.lab.runner import _write_env
+    from normlab.lab.rundir import write_env
 
     cfg = parse_suite(tiny)
     real_fsync = os.fsync
@@ -160,18 +164,18 @@ def test_env_json_is_complete_or_absent(tmp_path: Path, tiny: dict[str, Any], mo
     def killed_before_sync(fd: int) -> None:  # the JSON is written but not yet durable: the process "dies" here
         raise _Interrupt
 
-    monkeypatch.setattr(cache.os, "fsync", killed_before_sync)
+    monkeypatch.setattr(io_mod.os, "fsync", killed_before_sync)
     with pytest.raises(_Interrupt):
-        _write_env(tmp_path, cfg, ["normlab"], DistInfo())
+        write_env(tmp_path, cfg, ["normlab"], DistInfo())
     assert not (tmp_path / "env.json").exists()  # nothing under its name before the write is complete
     assert list(tmp_path.iterdir()) == []  # and the temporary file is gone
-    monkeypatch.setattr(cache.os, "fsync", real_fsync)
-    _write_env(tmp_path, cfg, ["normlab"], DistInfo())
+    monkeypatch.setattr(io_mod.os, "fsync", real_fsync)
+    write_env(tmp_path, cfg, ["normlab"], DistInfo())
     assert json.loads((tmp_path / "env.json").read_text())["config"] == cfg.to_dict()
     assert [p.name for p in tmp_path.iterdir()] == ["env.json"]
     before = (tmp_path / "env.json").read_text()
     with pytest.raises(FileExistsError, match=r"env.json exists and is never overwritten"):
-        _write_env(tmp_path, cfg, ["other"], DistInfo())
+        write_env(tmp_path, cfg, ["other"], DistInfo())
     assert (tmp_path / "env.json").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["env.json"]
 
