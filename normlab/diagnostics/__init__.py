@@ -1,7 +1,8 @@
 """Diagnostics that measure what the normalization papers plot, as hooks that work on normlab's models and on
 Hugging Face models: angular distance between layers (D1), layer removal (D2), gradient norms (D3), hidden-state
 variance growth (D4), massive activations (D5), attention entropy (D6) and the batch-statistic fluctuation of
-batch-dependent norms (PowerNorm, https://arxiv.org/abs/2003.07845). Definitions: ``shared/specs/placement.md`` §11.
+batch-dependent norms (PowerNorm, https://arxiv.org/abs/2003.07845) and the saturation of norms with a bounded
+nonlinearity (DyT, https://arxiv.org/abs/2503.10622). Definitions: ``shared/specs/placement.md`` §11.
 
 >>> rows = collect(model, batch, metrics=["angular_distance", "attention_entropy"])  # doctest: +SKIP
 >>> plot_per_layer(rows, "angular_distance", "d1.png")  # doctest: +SKIP
@@ -16,6 +17,7 @@ from normlab.diagnostics.collect import DEFAULT_METRICS, METRICS, collect
 from normlab.diagnostics.gradients import activation_grad_rows, gradient_rows, layer_skip_rows, param_grad_rows
 from normlab.diagnostics.plot import per_layer_series, plot_per_layer
 from normlab.diagnostics.representation import REPRESENTATION_METRICS, RepresentationStats, angular_distance
+from normlab.diagnostics.saturation import SaturationMonitor, saturating_norms, saturation_rows
 
 __all__ = [
     "DEFAULT_METRICS",
@@ -24,6 +26,7 @@ __all__ = [
     "AttentionEntropy",
     "BatchStatMonitor",
     "RepresentationStats",
+    "SaturationMonitor",
     "activation_grad_rows",
     "angular_distance",
     "attention_probs",
@@ -36,4 +39,6 @@ __all__ = [
     "param_grad_rows",
     "per_layer_series",
     "plot_per_layer",
+    "saturating_norms",
+    "saturation_rows",
 ]

@@ -91,6 +91,12 @@ class DyT(NormBase):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         return dyt(x, **self.functional_kwargs())
 
+    def saturation(self, x: Tensor) -> Tensor:
+        """Where this norm's tanh saturates on input ``x``: a bool mask of the elements with ``|αx| > 2`` (there
+        ``tanh`` is within 3.6% of ±1 and its slope ``1 - tanh²`` below 0.071). Read by
+        :mod:`normlab.diagnostics.saturation`, which measures any norm that has this method."""
+        return (self.alpha.detach().to(x.dtype) * x).abs() > 2.0
+
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, alpha_init={self.alpha_init}, affine={self.affine}, "
