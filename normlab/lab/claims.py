@@ -264,6 +264,8 @@ def compare(values_a: dict[int, float], values_b: dict[int, float], relation: st
     else:
         m = float(margin if margin is not None else 0.0)
         verdict = "held" if abs(d) + u < m else "did not hold" if abs(d) - u > m else "not separable"
+        if verdict == "did not hold":  # which way: "DyT is worse than LN" and "DyT beats LN" are different news
+            return Comparison(a, b, values_a, values_b, d, u, verdict, f"{a} {'higher' if d > 0 else 'lower'}")
     return Comparison(a, b, values_a, values_b, d, u, verdict)
 
 

@@ -197,7 +197,8 @@ def claims_blocks(results: list[ClaimResult], diagnoses: dict[str, ArmDiagnosis]
         c = res.claim
         for i, comp in enumerate(res.comparisons):
             first = i == 0
-            verdict = comp.verdict if len(res.comparisons) == 1 else f"{comp.verdict} (claim: {res.verdict})"
+            verdict = comp.verdict + (f" ({comp.reason})" if comp.reason and math.isfinite(comp.spread) else "")
+            verdict += f" (claim: {res.verdict})" if len(res.comparisons) > 1 else ""
             metric = c.metric + (f" ({c.layers} layers)" if c.layers != "all" else "")
             table.append([f"**{c.id}**: {c.text}" if first else "″", f"[{c.paper}]({c.url})" if first else "″",
                           c.statement(comp.a), metric, _mean_cell(comp.values_a), _mean_cell(comp.values_b),

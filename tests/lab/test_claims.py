@@ -108,6 +108,7 @@ def test_each_verdict_on_rows_with_a_known_outcome() -> None:
     assert by_id["diverged_a"].comparisons[0].reason == "div diverged"
     assert by_id["one_seed"].comparisons[0].reason == "one seed: no spread"
     assert [c.verdict for c in by_id["one_of_two_failed"].comparisons] == ["held", "did not hold"]
+    assert by_id["far_not_equivalent"].comparisons[0].reason == "far higher"
 
 
 def test_compare_boundaries() -> None:
@@ -185,8 +186,9 @@ def test_report_claims_and_diagnosis_sections(tmp_path: Path) -> None:
     for cid, verdict in EXPECTED.items():
         line = next(ln for ln in claims.splitlines() if f"**{cid}**" in ln)
         shown = line.rstrip(" |").split(" | ")[-1]
-        assert shown == verdict or shown.endswith(f"(claim: {verdict})"), (cid, line)
+        assert shown.split(" (")[0] == verdict or shown.endswith(f"(claim: {verdict})"), (cid, line)
     assert "| worse < ref | final_val_loss | 2.3050 | 2.0050 | +0.3000 ± 0.0141 | 2/2 | did not hold |" in claims
+    assert "| 2/2 | did not hold (far higher) |" in claims
     evidence = claims[claims.index("### Where a claim did not hold"):]
     assert "**worse_not_held** (worse < ref): worse: saturated: 99% of the inputs of `final_norm`" in evidence
     assert "frozen: 97% of the parameters" in evidence and "ref: no failure detected" in evidence

@@ -91,7 +91,7 @@ def test_default_suite_smoke_scale_end_to_end(tmp_path: Path, capsys: pytest.Cap
     cfg = load_suite("default")
     for claim in cfg.claims:
         line = next(ln for ln in claims.splitlines() if f"**{claim.id}**" in ln)
-        assert line.rstrip(" |").split(" | ")[-1] in VERDICTS
+        assert line.rstrip(" |").split(" | ")[-1].split(" (")[0] in VERDICTS
     diagnosis = md[md.index("## Diagnosis"):]
     assert all(f"| {a.name} |" in diagnosis for a in cfg.arms)
     assert "## Claims" in (out / "report.html").read_text(encoding="utf-8").replace("<h2>Claims</h2>", "## Claims")
