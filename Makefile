@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 # One torch thread: the default suite took 6 min 16 s wall with it (README, measured 2026-11-30 on the shared 2-core
-# machine, .venv already built); two threads on a shared machine ran several times slower. ARGS come after it, so
+# machine, .venv already built, seven arms; about 7 min with the eighth, dyt_ln_final); two threads on a shared machine ran several times slower. ARGS come after it, so
 # `make lab ARGS='--threads 2'` overrides it (argparse keeps the last value).
 lab: $(STAMP)
 	$(BIN)/normlab lab --threads 1 $(ARGS)

@@ -17,6 +17,7 @@ _EXAMPLES = """examples:
   normlab lab                              the default suite (LayerNorm/RMSNorm/DyT/BatchNorm/... byte-level LMs)
   normlab lab --list                       packaged suites
   normlab lab --suite placement --dry-run  validate a suite against the registry and config schema, run nothing
+  normlab lab --scale smoke                the same comparison in miniature (under a minute); --scale paper: larger
   normlab lab --suite my.toml --steps 50 --seeds 0 --set model.d_model=64
   normlab lab --resume runs/default-20250101-120000   finish a run that was interrupted
 """
@@ -27,6 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", default=None, help="packaged suite name or a TOML file (default: 'default')")
     p.add_argument("--list", action="store_true", help="list the packaged suites and exit")
     p.add_argument("--dry-run", action="store_true", help="validate the suite (every problem at once) and exit")
+    p.add_argument("--scale", default=None, choices=("smoke", "default", "paper"),
+                   help="size preset of the suite: smoke (under a minute, what the tests run), default (the suite as "
+                        "written), paper (closer to the papers' settings; for a GPU or torchrun). Overrides apply "
+                        "on top")
     p.add_argument("--out", default=None, help="run directory (must not exist or be empty)")
     p.add_argument("--runs-dir", default="runs", help="parent of new run directories (default: runs)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
@@ -108,13 +113,13 @@ def _dry_run(args: argparse.Namespace, overrides: dict[str, Any], arms: list[str
     except (SuiteError, FileNotFoundError) as exc:
         print(f"normlab lab: {exc}", file=sys.stderr)
         return 2
-    cfg, problems = dry_run_problems(data, origin, overrides, arms)
+    cfg, problems = dry_run_problems(data, origin, overrides, arms, scale=args.scale or "default")
     if problems:
         print(str(SuiteError(problems, origin)), file=sys.stderr)
         return 2
     runs = len(cfg.arms) * len(cfg.seeds)
-    print(f"suite {cfg.name!r} is valid: {len(cfg.arms)} arms x {len(cfg.seeds)} seeds = {runs} runs of "
-          f"{cfg.steps} steps ({', '.join(a.name for a in cfg.arms)})")
+    print(f"suite {cfg.name!r} (scale {cfg.scale}) is valid: {len(cfg.arms)} arms x {len(cfg.seeds)} seeds = {runs} "
+          f"runs of {cfg.steps} steps ({', '.join(a.name for a in cfg.arms)}); {len(cfg.claims)} claims")
     return 0
 
 
@@ -143,8 +148,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         overrides, arms = overrides_from_args(args)
         if args.resume:
-            given = [flag for flag, v in (("--suite", args.suite), ("--out", args.out), ("--dry-run", args.dry_run))
-                     if v]
+            given = [flag for flag, v in (("--suite", args.suite), ("--out", args.out), ("--dry-run", args.dry_run),
+                                          ("--scale", args.scale)) if v]
             if given or overrides or arms:
                 raise ValueError(f"--resume takes the config stored in the run directory; drop {given or 'overrides'}")
         elif args.dry_run:
@@ -153,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
             run_dir: Path | None = Path(args.resume)
             cfg = load_run_config(Path(args.resume))
         else:
-            cfg = load_suite(args.suite or "default", overrides, arms)
+            cfg = load_suite(args.suite or "default", overrides, arms, scale=args.scale or "default")
     except (SuiteError, ValueError, FileNotFoundError) as exc:
         return _fail(str(exc))
     missing = check_requirements(cfg.task)

@@ -1,8 +1,9 @@
 """Diagnostics that measure what the normalization papers plot, as hooks that work on normlab's models and on
 Hugging Face models: angular distance between layers (D1), layer removal (D2), gradient norms (D3), hidden-state
 variance growth (D4), massive activations (D5), attention entropy (D6) and the batch-statistic fluctuation of
-batch-dependent norms (PowerNorm, https://arxiv.org/abs/2003.07845). D1-D6 is normlab's numbering; each module names
-the papers (and figures) whose definition it follows.
+batch-dependent norms (PowerNorm, https://arxiv.org/abs/2003.07845) and the saturation of norms with a bounded
+nonlinearity (DyT, https://arxiv.org/abs/2503.10622). D1-D6 is normlab's numbering; each module names the papers
+(and figures) whose definition it follows.
 
 >>> rows = collect(model, batch, metrics=["angular_distance", "attention_entropy"])  # doctest: +SKIP
 >>> plot_per_layer(rows, "angular_distance", "d1.png")  # doctest: +SKIP
@@ -17,6 +18,7 @@ from normlab.diagnostics.collect import DEFAULT_METRICS, METRICS, collect
 from normlab.diagnostics.gradients import activation_grad_rows, gradient_rows, layer_skip_rows, param_grad_rows
 from normlab.diagnostics.plot import per_layer_series, plot_per_layer
 from normlab.diagnostics.representation import REPRESENTATION_METRICS, RepresentationStats, angular_distance
+from normlab.diagnostics.saturation import SaturationMonitor, saturating_norms, saturation_rows
 
 __all__ = [
     "DEFAULT_METRICS",
@@ -25,6 +27,7 @@ __all__ = [
     "AttentionEntropy",
     "BatchStatMonitor",
     "RepresentationStats",
+    "SaturationMonitor",
     "activation_grad_rows",
     "angular_distance",
     "attention_probs",
@@ -36,4 +39,6 @@ __all__ = [
     "param_grad_rows",
     "per_layer_series",
     "plot_per_layer",
+    "saturating_norms",
+    "saturation_rows",
 ]

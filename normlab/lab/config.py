@@ -1,7 +1,9 @@
 """Suite configuration: the :class:`SuiteConfig` / :class:`ArmConfig` dataclasses, TOML loading and validation.
 
 A suite is a TOML file: top-level training settings, a ``[model]`` table (the base model configuration of every
-arm) and ``[[arms]]`` tables. An arm has a ``name`` and overrides: keys in :data:`ARM_TRAIN_KEYS` override the
+arm), ``[[arms]]`` tables, ``[[claims]]`` tables (what the papers claim about the arms,
+:mod:`normlab.lab.claims`) and ``[scales.smoke]`` / ``[scales.paper]`` presets (``--scale``: smaller or larger
+runs of the same comparison). An arm has a ``name`` and overrides: keys in :data:`ARM_TRAIN_KEYS` override the
 training settings, every other key overrides a field of the task's model config (``TransformerConfig`` for
 ``task = "lm_stdlib"``, ``CNNConfig`` for ``task = "digits"``). Each arm runs once per seed.
 
@@ -30,17 +32,20 @@ from pathlib import Path
 from typing import Any
 
 from normlab.lab import schedule as _schedule
+from normlab.lab.claims import ClaimConfig
 from normlab.lab.schedule import SCHEDULE_KEYS
 from normlab.lab.tasks import TASK_CLASSES, task_class
 
 __all__ = [
     "ARM_TRAIN_KEYS",
+    "SCALES",
     "SCHEDULE_KEYS",
     "TASKS",
     "ArmConfig",
     "SuiteConfig",
     "SuiteError",
     "apply_overrides",
+    "apply_scale",
     "collect_overrides",
     "list_suites",
     "model_config_class",
@@ -54,6 +59,11 @@ __all__ = [
 
 TASKS = tuple(TASK_CLASSES)
 ARM_TRAIN_KEYS = ("lr", "batch_size", "warmup_steps", "weight_decay", "grad_clip")
+# --scale presets: "default" is the suite file as written; the others are its [scales.<name>] tables.
+SCALES = ("smoke", "default", "paper")
+# Top-level settings a scale preset may set (the model table is merged key by key, not replaced).
+SCALE_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "eval_every", "eval_batches", "eval_batch_size",
+              "seeds", "diagnostics_at", "model")
 
 
 class SuiteError(ValueError):
@@ -110,6 +120,12 @@ class SuiteConfig:
         val_fraction: share of the data held out for validation.
         model: base model configuration shared by every arm.
         arms: the arms.
+        claims: what the suite's papers claim about its arms (:mod:`normlab.lab.claims`), each checked against the
+            rows in the report's Claims section.
+        scales: ``--scale`` presets: ``{"smoke": {...}, "paper": {...}}``, each a table of settings
+            (:data:`SCALE_KEYS`; ``model`` is merged into the model table) applied over the file by
+            :func:`apply_scale`; ``default`` is the file as written.
+        scale: which preset the settings are (recorded by :func:`apply_scale`; a suite file leaves it ``default``).
     """
 
     name: str = "suite"
@@ -134,11 +150,16 @@ class SuiteConfig:
     val_fraction: float = 0.1
     model: dict[str, Any] = field(default_factory=dict)
     arms: list[ArmConfig] = field(default_factory=list)
+    claims: list[ClaimConfig] = field(default_factory=list)
+    scales: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scale: str = "default"
 
     def to_dict(self) -> dict[str, Any]:
         """The suite as a TOML-shaped dict (``arms`` flat); :func:`parse_suite` of it gives back an equal config."""
-        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "arms"}
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)
+               if f.name not in ("arms", "claims")}
         out["arms"] = [a.to_dict() for a in self.arms]
+        out["claims"] = [c.to_dict() for c in self.claims]
         return out
 
     def warmup_of(self, value: int | str | None = None) -> int:
@@ -292,6 +313,30 @@ def read_suite_dict(source: str | Path) -> tuple[dict[str, Any], str]:
         raise SuiteError([f"invalid TOML: {exc}"], origin) from exc
 
 
+def apply_scale(data: dict[str, Any], scale: str = "default") -> tuple[dict[str, Any], list[str]]:
+    """A copy of ``data`` with the ``--scale`` preset ``scale`` applied: the settings of ``data["scales"][scale]``
+    replace the file's (``model`` is merged key by key) and ``scale`` records the preset. ``"default"`` is the file
+    as written. Precedence: file < scale < command line (apply overrides after this). Returns ``(data, problems)``:
+    an unknown scale, or one the suite does not define."""
+    out = copy.deepcopy(data)
+    if scale not in SCALES:
+        return out, [f"--scale: expected one of {SCALES}, got {scale!r}"]
+    out["scale"] = scale
+    if scale == "default":
+        return out, []
+    presets = out.get("scales", {})
+    preset = presets.get(scale) if isinstance(presets, dict) else None
+    if not isinstance(preset, dict):
+        defined = ["default", *sorted(presets)] if isinstance(presets, dict) else ["default"]
+        return out, [f"--scale {scale}: the suite defines no [scales.{scale}] table; its scales: {defined}"]
+    for key, value in preset.items():
+        if key == "model" and isinstance(value, dict) and isinstance(out.get("model", {}), dict):
+            out.setdefault("model", {}).update(copy.deepcopy(value))
+        else:
+            out[key] = copy.deepcopy(value)
+    return out, []
+
+
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], arms: list[str] | None = None) -> dict[str, Any]:
     """CLI > file: a copy of ``data`` with ``overrides`` (dotted keys: ``"model.d_model"``) set and, with ``arms``,
     only the named arms kept (in the given order).
@@ -308,7 +353,8 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], arms: list[
 def collect_overrides(
     data: dict[str, Any], overrides: dict[str, Any], arms: list[str] | None = None
 ) -> tuple[dict[str, Any], list[str]]:
-    """:func:`apply_overrides` without raising: the edited copy (what could be applied) and the problems."""
+    """:func:`apply_overrides` without raising: the edited copy (what could be applied) and the problems. Claims
+    that compare an arm left out by ``arms`` are dropped with it."""
     out = copy.deepcopy(data)
     problems: list[str] = []
     for dotted, value in overrides.items():
@@ -328,12 +374,24 @@ def collect_overrides(
         if missing:
             problems.append(f"--arms: unknown arm(s) {missing}; the suite has {list(by_name)}")
         out["arms"] = [by_name[a] for a in arms if a in by_name]
+        if isinstance(out.get("claims"), list):
+            out["claims"] = [c for c in out["claims"] if not isinstance(c, dict) or _claim_arms(c) <= set(arms)]
     return out, problems
 
 
+def _claim_arms(claim: dict[str, Any]) -> set[Any]:
+    a = claim.get("a")
+    return {*(a if isinstance(a, list) else [a]), claim.get("b")}
+
+
 def load_suite(
-    source: str | Path, overrides: dict[str, Any] | None = None, arms: list[str] | None = None
+    source: str | Path, overrides: dict[str, Any] | None = None, arms: list[str] | None = None,
+    scale: str = "default",
 ) -> SuiteConfig:
-    """Read, override and validate a suite: packaged name or TOML path, then CLI overrides, then :func:`parse_suite`."""
+    """Read, scale, override and validate a suite: packaged name or TOML path, then the ``scale`` preset
+    (:func:`apply_scale`), then CLI overrides, then :func:`parse_suite`."""
     data, origin = read_suite_dict(source)
+    data, problems = apply_scale(data, scale)
+    if problems:
+        raise SuiteError(problems, origin)
     return parse_suite(apply_overrides(data, overrides or {}, arms), origin)

@@ -1,9 +1,10 @@
 """Render a lab run to ``report.md`` and a self-contained ``report.html`` (plots embedded as base64 PNG).
 
 The report is a pure function of the files in the run directory (``env.json``, ``rows.jsonl``), so an old run
-re-renders identically. It holds: the set-up (suite, config, versions, command), the summary table (final
-validation loss mean ± std over seeds, the ranking, throughput), notes for diverged / failed arms, loss curves with
-a band over seeds, throughput, and per-layer diagnostic curves.
+re-renders identically. It holds: the set-up (suite, scale, config, versions, command), the summary table (final
+validation loss mean ± std over seeds, the ranking, throughput), the suite's claims with a verdict each and, where
+one did not hold, the diagnosis of its arms (:mod:`normlab.lab.findings`), the failure diagnosis of every arm,
+notes for diverged / failed arms, loss curves with a band over seeds, throughput, and per-layer diagnostic curves.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import base64
 import html
 import json
 import math
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from normlab.lab.claims import Z, evaluate_claims
 from normlab.lab.config import ArmConfig, SuiteConfig, parse_suite
+from normlab.lab.findings import claims_blocks, diagnose, diagnosis_blocks
 from normlab.lab.schema import ROWS_FILE, read_rows, row_key
 
 __all__ = ["ArmSummary", "RunData", "format_summary_table", "load_run", "render_report", "summarize"]
@@ -236,7 +240,8 @@ def _document(data: RunData, plot_files: list[tuple[str, str]]) -> list[Block]:
     if cfg.description:
         blocks.append(("p", cfg.description))
     setup = [
-        f"task: `{cfg.task}`; {len(cfg.arms)} arms × {len(cfg.seeds)} seeds {cfg.seeds}; {cfg.steps} steps, "
+        f"scale: `{cfg.scale}`; task: `{cfg.task}`; {len(cfg.arms)} arms × {len(cfg.seeds)} seeds {cfg.seeds}; "
+        f"{cfg.steps} steps, "
         f"batch {cfg.batch_size}" + (f" × {cfg.seq_len} bytes" if cfg.task == "lm_stdlib" else " images")
         + f" per process, world size {env.get('world_size', 1)}",
         f"AdamW lr {cfg.lr:g} (betas {cfg.betas}, weight decay {cfg.weight_decay:g}), {cfg.warmup_of()} warmup "
@@ -253,6 +258,10 @@ def _document(data: RunData, plot_files: list[tuple[str, str]]) -> list[Block]:
     blocks += [("h2", "Set-up"), ("ul", setup)]
     blocks += [("h2", "Summary"), ("p", "Ranked by mean final validation loss over seeds (± sample std); arms with "
                "a diverged or failed seed are not ranked."), ("table", _summary_rows(data, summaries))]
+    diagnoses = diagnose(data.rows, [a.name for a in cfg.arms], cfg.seeds)
+    n_layers = {a.name: int(_resolved_model(cfg, a).get("n_layers", 0) or 0) for a in cfg.arms}
+    blocks += claims_blocks(evaluate_claims(cfg, data.rows, n_layers), diagnoses, Z)
+    blocks += diagnosis_blocks(diagnoses)
     arm_rows = [["arm", *[k for k in ("lr", "batch_size") if any(k in a.train for a in cfg.arms)], "overrides"]]
     for a in cfg.arms:
         arm_rows.append([a.name, *[str(a.train.get(k, "-")) for k in arm_rows[0][1:-1]],
@@ -303,9 +312,21 @@ def _to_markdown(blocks: list[Block]) -> str:
     return "\n\n".join(out) + "\n"
 
 
+_LINK = re.compile(r"\[([^\]]+)\]\((https?://[^)\s]+)\)")
+_BOLD = re.compile(r"\*\*(.+?)\*\*")
+
+
 def _inline_html(text: str) -> str:
-    parts = html.escape(text).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+    """Markdown's inline ``code``, **bold** and [links](https://...) as HTML; everything else escaped."""
+    parts = html.escape(text, quote=False).split("`")
+    out = []
+    for i, p in enumerate(parts):
+        if i % 2:
+            out.append(f"<code>{p}</code>")
+        else:
+            p = _LINK.sub(lambda m: f'<a href="{html.escape(m.group(2))}">{m.group(1)}</a>', p)
+            out.append(_BOLD.sub(r"<strong>\1</strong>", p))
+    return "".join(out)
 
 
 def _to_html(blocks: list[Block], plot_dir: Path, title: str) -> str:

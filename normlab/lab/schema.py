@@ -10,6 +10,8 @@ train     ``train_loss`` (mean over the interval since the last eval), ``lr``, `
           clipping), ``throughput`` (``unit`` = ``tokens/s`` or ``samples/s``, training time only)
 eval      ``val_loss`` (and ``val_acc`` for classification), in eval mode (running statistics)
 diag      per-layer diagnostics (``layer`` set), e.g. ``hidden_var``
+health    failure diagnosis at every eval (:mod:`normlab.lab.health`): ``saturation:<norm>``, ``saturation_max``,
+          ``frozen_fraction``, ``hidden_rms_max``, with extra fields naming the norm, block or parameters
 status    ``metric = "status"``, ``status`` in ``ok | diverged | error`` and ``message``: the arm's last row
 ========  =====================================================================================================
 
@@ -42,7 +44,7 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 ROWS_FILE = "rows.jsonl"
-KINDS = ("train", "eval", "diag", "status")
+KINDS = ("train", "eval", "diag", "health", "status")
 STATUSES = ("ok", "diverged", "error")
 _REQUIRED = {"schema": int, "arm": str, "seed": int, "step": int, "kind": str, "metric": str}
 

@@ -7,7 +7,8 @@ function of ``(seed, rank, step)``, so a resumed arm draws the same batches as a
 
 An arm whose training or validation loss is not finite or exceeds ``divergence_factor`` times its step-0 validation
 loss stops with status ``diverged``; an arm that raises stops with status ``error`` (and the traceback on the
-stream); either way the sweep goes on.
+stream); either way the sweep goes on. Every evaluation also writes the arm's ``health`` rows (saturated norms,
+frozen parameters, the residual stream's scale: :mod:`normlab.lab.health`), so a failure comes with its evidence.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from normlab.lab.config import ArmConfig, SuiteConfig
 from normlab.lab.dist import DistInfo, all_reduce_sum
+from normlab.lab.health import HealthMonitor
 from normlab.lab.progress import ProgressBar
 from normlab.lab.rundir import load_checkpoint, save_checkpoint
 from normlab.lab.schedule import lr_at
@@ -89,6 +91,11 @@ class ArmRun:
     def row(self, step: int, kind: str, metric: str, value: float | None, **extra: Any) -> dict[str, Any]:
         return make_row(self.arm.name, self.seed, step, kind, metric, value, **extra)
 
+    def health_rows(self, step: int, measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The ``health`` rows of ``step`` from :meth:`HealthMonitor.watch`'s measurements."""
+        return [self.row(step, "health", str(r["metric"]), r.get("value"),
+                         **{k: v for k, v in r.items() if k not in ("metric", "value")}) for r in measured]
+
     def diagnostics(self, model: nn.Module, step: int) -> list[dict[str, Any]]:
         """The diagnostics rows of ``step`` (none unless it is one of the suite's diagnostics steps)."""
         out = []
@@ -143,16 +150,18 @@ def _save(run: ArmRun, model: nn.Module, opt: torch.optim.Optimizer, state: dict
         save_checkpoint(run.ckpt, {"model": model.state_dict(), "optim": opt.state_dict(), "state": state})
 
 
-def _start(run: ArmRun, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+def _start(run: ArmRun, model: nn.Module, opt: torch.optim.Optimizer, health: HealthMonitor) -> dict[str, Any]:
     """Restore the checkpoint, or evaluate step 0, write its rows and checkpoint it; returns the training state."""
     if run.ckpt.exists():
         saved = load_checkpoint(run.ckpt, run.task.device)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optim"])
         return dict(saved["state"])
-    metrics = run.task.evaluate(model)
+    with health.watch() as measured:
+        metrics = run.task.evaluate(model)
     state = {"step": 0, "initial_loss": metrics["val_loss"], "train_time": 0.0}
-    run.log.write([run.row(0, "eval", k, v) for k, v in metrics.items()] + run.diagnostics(model, 0))
+    run.log.write([run.row(0, "eval", k, v) for k, v in metrics.items()] + run.health_rows(0, measured)
+                  + run.diagnostics(model, 0))
     _save(run, model, opt, state)
     return state
 
@@ -165,7 +174,9 @@ class _Step(NamedTuple):
     units: int  # tokens or samples, all ranks
 
 
-def _train_step(run: ArmRun, model: nn.Module, ddp: nn.Module, opt: torch.optim.Optimizer, step: int) -> _Step:
+def _train_step(
+    run: ArmRun, model: nn.Module, ddp: nn.Module, opt: torch.optim.Optimizer, step: int, health: HealthMonitor
+) -> _Step:
     """One optimizer step at ``step``. The batch and any randomness of the step are drawn from ``(seed, rank,
     step)`` alone."""
     train = run.cfg.arm_train(run.arm)
@@ -179,6 +190,7 @@ def _train_step(run: ArmRun, model: nn.Module, ddp: nn.Module, opt: torch.optim.
     loss = run.task.loss(ddp, batch)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    health.after_backward()
     clip = train["grad_clip"] if train["grad_clip"] > 0 else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
     opt.step()
@@ -189,13 +201,14 @@ def _train_step(run: ArmRun, model: nn.Module, ddp: nn.Module, opt: torch.optim.
 
 def _eval_step(
     run: ArmRun, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any], rows: list[dict[str, Any]],
-    limit: float,
+    limit: float, health: HealthMonitor,
 ) -> None:
     """At an eval step: evaluate, write the interval's ``rows`` with the eval and diagnostics rows, then stop a
     diverged arm or checkpoint (rows first, then the checkpoint: see the module docstring)."""
     step = state["step"]
-    metrics = run.task.evaluate(model)
-    rows = rows + [run.row(step, "eval", k, v) for k, v in metrics.items()]
+    with health.watch() as measured:
+        metrics = run.task.evaluate(model)
+    rows = rows + [run.row(step, "eval", k, v) for k, v in metrics.items()] + run.health_rows(step, measured)
     run.log.write(rows + run.diagnostics(model, step))
     if not math.isfinite(metrics["val_loss"]) or metrics["val_loss"] > limit:
         run.bar.update(run.cfg.steps - step)
@@ -207,7 +220,9 @@ def _eval_step(
         _save(run, model, opt, state)
 
 
-def _train(run: ArmRun, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def _train(
+    run: ArmRun, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any], health: HealthMonitor
+) -> None:
     """Train from ``state["step"]`` to the suite's last step, updating ``state``."""
     cfg = run.cfg
     eval_steps = set(cfg.eval_steps())
@@ -218,7 +233,7 @@ def _train(run: ArmRun, model: nn.Module, opt: torch.optim.Optimizer, state: dic
     interval = _Interval()
     model.train()
     while state["step"] < cfg.steps:
-        done = _train_step(run, model, ddp, opt, state["step"])
+        done = _train_step(run, model, ddp, opt, state["step"], health)
         state["step"] = step = state["step"] + 1
         state["train_time"] += done.seconds
         interval.add(done.loss, done.grad_norm, done.units, done.seconds)
@@ -234,7 +249,7 @@ def _train(run: ArmRun, model: nn.Module, opt: torch.optim.Optimizer, state: dic
             run.bar.update(cfg.steps - step)
             raise _Diverged(f"train loss {done.loss:.4g} at step {step} exceeds the limit {limit:.4g} "
                             f"({cfg.divergence_factor} x the step-0 validation loss) or is not finite")
-        _eval_step(run, model, opt, state, rows, limit)
+        _eval_step(run, model, opt, state, rows, limit, health)
 
 
 def train_arm(run: ArmRun) -> str:
@@ -244,8 +259,9 @@ def train_arm(run: ArmRun) -> str:
     status, message = "ok", ""
     try:
         model, opt = _build(run)
-        state = _start(run, model, opt)
-        _train(run, model, opt, state)
+        health = HealthMonitor(model, run.dist)
+        state = _start(run, model, opt, health)
+        _train(run, model, opt, state, health)
     except _Diverged as exc:
         status, message = "diverged", str(exc)
     except Exception as exc:  # an arm that raises becomes an error row; the sweep goes on

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from normlab._env import missing_requirements
-from normlab.lab.config import ArmConfig, SuiteConfig, collect_overrides, validate_suite_dict
+from normlab.lab.config import ArmConfig, SuiteConfig, apply_scale, collect_overrides, validate_suite_dict
 from normlab.lab.tasks import TASK_CLASSES, task_class
 
 __all__ = ["check_requirements", "check_suite", "dry_run_problems"]
@@ -48,17 +48,20 @@ def check_suite(cfg: SuiteConfig, arms: Sequence[tuple[int, ArmConfig]] | None =
 
 
 def dry_run_problems(
-    data: dict[str, Any], origin: str, overrides: dict[str, Any] | None = None, arms: list[str] | None = None
+    data: dict[str, Any], origin: str, overrides: dict[str, Any] | None = None, arms: list[str] | None = None,
+    scale: str = "default",
 ) -> tuple[SuiteConfig, list[str]]:
-    """Everything ``--dry-run`` checks, all at once: command-line overrides, the schema and the registry
+    """Everything ``--dry-run`` checks, all at once: the ``--scale`` preset, command-line overrides, the schema,
+    the claims (arms and metrics they name) and the registry
     (:func:`~normlab.lab.config.validate_suite_dict`), a build and forward/backward of every arm whose model config
     was valid (:func:`check_suite`), and the task's optional packages (:func:`check_requirements`).
 
     Returns:
         ``(cfg, problems)``: the config as far as it could be built, and every problem (empty: valid).
     """
-    data, problems = collect_overrides(data, overrides or {}, arms)
-    problems = [f"command line: {p}" for p in problems]
+    data, problems = apply_scale(data, scale)
+    data, override_problems = collect_overrides(data, overrides or {}, arms)
+    problems = [f"command line: {p}" for p in problems + override_problems]
     cfg, schema_problems, buildable = validate_suite_dict(data, origin)
     problems += schema_problems
     problems += check_suite(cfg, buildable)

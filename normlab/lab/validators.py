@@ -12,7 +12,17 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from normlab.lab.config import ARM_TRAIN_KEYS, SUITE_KEYS, TASKS, ArmConfig, SuiteConfig, resolve_schedule_refs
+from normlab.lab.claims import parse_claims
+from normlab.lab.config import (
+    ARM_TRAIN_KEYS,
+    SCALE_KEYS,
+    SCALES,
+    SUITE_KEYS,
+    TASKS,
+    ArmConfig,
+    SuiteConfig,
+    resolve_schedule_refs,
+)
 from normlab.lab.schedule import SCHEDULE_KEYS, is_step_spec
 from normlab.lab.tasks import Task, task_class
 
@@ -105,8 +115,33 @@ def _table(key: str, value: Any) -> str | None:
     return None if isinstance(value, dict) else f"{key}: expected a table, got {type(value).__name__}"
 
 
-# One validator per top-level setting of SuiteConfig except ``arms`` (checked by _check_arm); arms' training
-# overrides (ARM_TRAIN_KEYS) use the same entries.
+def _scale(key: str, value: Any) -> str | None:
+    return None if value in SCALES else f"scale: expected one of {SCALES}, got {value!r}"
+
+
+def _scales(key: str, value: Any) -> str | None:
+    """The ``[scales.*]`` presets: names, keys and each setting's own validator (model keys are checked when a
+    preset is applied, against the task's model config)."""
+    if not isinstance(value, dict):
+        return f"scales: expected a table of presets, got {type(value).__name__}"
+    problems = []
+    for name, preset in value.items():
+        if name not in SCALES or name == "default":
+            problems.append(f"scales.{name}: expected a preset named one of {[s for s in SCALES if s != 'default']} "
+                            "('default' is the file as written)")
+        elif not isinstance(preset, dict):
+            problems.append(f"scales.{name}: expected a table, got {type(preset).__name__}")
+        else:
+            for k, v in preset.items():
+                problem = VALIDATORS[k](k, v) if k in SCALE_KEYS else f"unknown key {k!r}; a preset sets {SCALE_KEYS}"
+                if problem:
+                    problems.append(f"scales.{name}: {problem}")
+    return "; ".join(problems) or None
+
+
+# One validator per top-level setting of SuiteConfig except ``arms`` (checked by _check_arm) and ``claims`` (checked
+# against the arms by normlab.lab.claims.parse_claims); arms' training overrides (ARM_TRAIN_KEYS) use the same
+# entries.
 VALIDATORS: dict[str, Validator] = {
     "name": _string(non_empty=True),
     "description": _string(non_empty=False),
@@ -129,6 +164,8 @@ VALIDATORS: dict[str, Validator] = {
     "divergence_factor": _number_in(1.0, math.inf, False),
     "val_fraction": _number_in(0.0, 1.0, False),
     "model": _table,
+    "scales": _scales,
+    "scale": _scale,
 }
 
 
@@ -268,4 +305,5 @@ def validate_suite_dict(
         if ok:
             buildable.append((i, arm))
         cfg.arms.append(arm)
-    return cfg, problems, buildable
+    cfg.claims, claim_problems = parse_claims(data.get("claims"), cfg, task_class(cfg.task).eval_metrics)
+    return cfg, problems + claim_problems, buildable

@@ -5,7 +5,7 @@ https://arxiv.org/abs/2503.10622): an element-wise replacement for LayerNorm/RMS
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from normlab.functional.dyt import dyt
 from normlab.nn._base import NormBase
@@ -71,3 +71,8 @@ class DyT(NormBase):
     def _param_init(self) -> dict[str, float]:
         return {"alpha": self.alpha_init, "weight": 1.0, "bias": 0.0}
 
+    def saturation(self, x: Tensor) -> Tensor:
+        """Where this norm's tanh saturates on input ``x``: a bool mask of the elements with ``|αx| > 2`` (there
+        ``tanh`` is within 3.6% of ±1 and its slope ``1 - tanh²`` below 0.071). Read by
+        :mod:`normlab.diagnostics.saturation`, which measures any norm that has this method."""
+        return (self.alpha.detach().to(x.dtype) * x).abs() > 2.0

@@ -31,8 +31,19 @@ def test_default_suite_has_the_required_arms() -> None:
     cfg = load_suite("default")
     norms = [cfg.arm_model(a)["norm"] for a in cfg.arms]
     assert sorted(norms) == sorted(
-        ["layer_norm", "rms_norm", "dyt", "batch_norm", "power_norm", "unified_norm", "prep_batch_norm"]
+        ["layer_norm", "rms_norm", "dyt", "dyt", "batch_norm", "power_norm", "unified_norm", "prep_batch_norm"]
     )
+    # DyT as written (every norm a DyT) and as LMs use it (a LayerNorm before the head)
+    models = {a.name: cfg.arm_model(a) for a in cfg.arms}
+    assert "norm_overrides" not in models["dyt"]
+    assert models["dyt_ln_final"]["norm_overrides"] == {"final": "layer_norm"}
+
+
+def test_placement_suite_runs_peri_ln_with_and_without_its_embedding_norm() -> None:
+    cfg = load_suite("placement")
+    models = {a.name: cfg.arm_model(a) for a in cfg.arms}
+    assert models["peri"]["placement"] == models["peri_bare"]["placement"] == "peri"
+    assert models["peri"]["embed_norm"] == "layer_norm" and "embed_norm" not in models["peri_bare"]
 
 
 def test_schedule_references_resolve_per_arm_and_follow_overrides(tiny: dict[str, Any]) -> None:
