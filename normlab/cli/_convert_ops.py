@@ -105,7 +105,8 @@ def load_source(path: Path, args: argparse.Namespace) -> Source:
 
     if (path / MANIFEST).is_file():
         manifest = read_manifest(path)
-        model, tokenizer, kind = load(path), None, "normlab"
+        model, tokenizer = load(path), None
+        kind = "hf" if manifest["format"] == "hf" else "normlab"
         model_type = manifest.get("model_type")
         if (path / "config.json").is_file() and any((path / f).is_file() for f in _TOKENIZER_FILES):
             import transformers
@@ -227,7 +228,7 @@ def _swap(model: nn.Module, op: str, src: Source) -> OpResult:
     swap = getattr(surgery, "swap_norms", None)
     if swap is None:
         raise ConvertError(f"--to {spec.name} needs normlab.surgery.swap_norms, which this normlab does not have")
-    report = swap(model, spec.name, batches=[dict(b) for b in src.verify_batches])
+    report = swap(model, spec.name, batches=[dict(b) for b in src.verify_batches], forward=forward)
     return OpResult(spec.name, getattr(report, "model", model), "normlab", list(getattr(report, "swaps", [])),
                     exact=False)
 
