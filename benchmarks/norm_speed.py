@@ -57,13 +57,17 @@ def _variants(c: int) -> list[Variant]:
     tokens = lambda x: x  # noqa: E731 - (1, T, C) token layout
     from_cf = lambda y: y.transpose(1, 2)  # noqa: E731
     out: list[Variant] = []
+    # Channel-first-only norms (the conv-net norms) time the same values as a (1, C, T, 1) feature map.
+    as_map = lambda x: x.transpose(1, 2).unsqueeze(-1).contiguous()  # noqa: E731
+    from_map = lambda y: y.squeeze(-1).transpose(1, 2)  # noqa: E731
     for spec in normlab.list_norms():
+        channel_first = spec.layout == "channel_first"
         try:
-            m = spec.cls(c, channel_dim=-1)
+            m = spec.cls(c) if channel_first else spec.cls(c, channel_dim=-1)
         except Exception as exc:  # a norm that cannot take token tensors is reported as an error row, not hidden
             out.append(Variant(spec.name, None, tokens, error=f"{type(exc).__name__}: {exc}"))
             continue
-        out.append(Variant(spec.name, m, tokens))
+        out.append(Variant(spec.name, m, as_map, from_map) if channel_first else Variant(spec.name, m, tokens))
     groups = normlab.nn.group_norm.default_num_groups(c)
     # Every torch op computes the same statistics as its normlab counterpart on the same (1, T, C) batch: one
     # sample of T tokens. GroupNorm and InstanceNorm1d therefore get the channel-first (1, C, T) copy (groups of

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from normlab import diagnostics, functional, models, nn, surgery, weight
+from normlab import diagnostics, functional, models, nn, surgery, tta, weight
 from normlab.registry import NormSpec, Paper, create_norm, get_norm, list_norms, register_norm
 from normlab.registry import norms_defined_in as _norms_defined_in
 from normlab.walk import iter_norms
@@ -38,6 +38,7 @@ __all__ = [
     "nn",
     "register_norm",
     "surgery",
+    "tta",
     "weight",
 ]
 __all__ += sorted(_NORMS)

@@ -82,8 +82,6 @@ class NormSpec:
         custom_backward: uses a hand-written backward (an ``autograd.Function``) instead of autograd's.
         paper: the paper the definition comes from.
         aliases: extra names that resolve to this entry.
-        torch_equivalent: ``factory(num_features, kwargs) -> nn.Module | None`` building the
-            ``torch.nn`` module whose state dict loads into ours (``None`` where torch has none).
         samples: constructor-keyword variants the contract tests exercise (``{}`` is always included).
         description: one line for ``normlab ls``.
 
@@ -100,7 +98,6 @@ class NormSpec:
     custom_backward: bool = False
     paper: Paper | None = None
     aliases: tuple[str, ...] = ()
-    torch_equivalent: Callable[[int, dict[str, Any]], nn.Module | None] | None = None
     samples: tuple[dict[str, Any], ...] = field(default_factory=lambda: ({},))
     description: str = ""
 
@@ -159,7 +156,6 @@ def register_norm(
     custom_backward: bool = False,
     paper: Paper | None = None,
     aliases: Iterable[str] = (),
-    torch_equivalent: Callable[[int, dict[str, Any]], nn.Module | None] | None = None,
     samples: Iterable[dict[str, Any]] = (),
     description: str = "",
 ) -> Callable[[M], M]:
@@ -190,7 +186,6 @@ def register_norm(
             custom_backward=custom_backward,
             paper=paper,
             aliases=tuple(aliases),
-            torch_equivalent=torch_equivalent,
             samples=tuple(sample_list),
             description=description or (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else description,
         )
@@ -349,7 +344,7 @@ def get_norm(name: str | type[nn.Module]) -> NormSpec:
     if key is None:
         choices = sorted(set(_NAME_INDEX) | set(_REGISTRY))
         close = difflib.get_close_matches(normalize_name(name), choices, n=3, cutoff=0.5)
-        close_keys = sorted({_NAME_INDEX.get(c, c) for c in close})
+        close_keys = list(dict.fromkeys(_NAME_INDEX.get(c, c) for c in close))  # closest first, as difflib ranks
         hint = f"did you mean {', '.join(repr(c) for c in close_keys)}? " if close_keys else ""
         raise KeyError(f"unknown norm {name!r}; {hint}available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[key]

@@ -1,7 +1,8 @@
 """Diagnostics that measure what the normalization papers plot, as hooks that work on normlab's models and on
 Hugging Face models: angular distance between layers (D1), layer removal (D2), gradient norms (D3), hidden-state
 variance growth (D4), massive activations (D5), attention entropy (D6) and the batch-statistic fluctuation of
-batch-dependent norms (PowerNorm, https://arxiv.org/abs/2003.07845). Definitions: ``shared/specs/placement.md`` §11.
+batch-dependent norms (PowerNorm, https://arxiv.org/abs/2003.07845). D1-D6 is normlab's numbering; each module names
+the papers (and figures) whose definition it follows.
 
 >>> rows = collect(model, batch, metrics=["angular_distance", "attention_entropy"])  # doctest: +SKIP
 >>> plot_per_layer(rows, "angular_distance", "d1.png")  # doctest: +SKIP

@@ -1,7 +1,7 @@
 """Shared plumbing of the diagnostics: layer discovery, running a model on a batch, block input/output capture,
 padding masks and float64 accumulators that pool statistics over several batches.
 
-The layer conventions follow ``shared/specs/placement.md`` §11 (Gromov et al. 2024, https://arxiv.org/abs/2403.17887;
+The layer conventions follow the papers whose diagnostics this package measures (Gromov et al. 2024, https://arxiv.org/abs/2403.17887;
 Mix-LN, https://arxiv.org/abs/2412.13795; LayerNorm Scaling, https://arxiv.org/abs/2502.05795): block ``ℓ`` is
 1-based, ``x_ℓ`` enters block ``ℓ`` and ``x_{ℓ+1}`` leaves it; layer 0 is the embedding output (the input of block 1).
 """

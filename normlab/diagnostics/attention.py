@@ -1,4 +1,4 @@
-"""Attention entropy per layer and head (D6 of ``shared/specs/placement.md`` §11), the entropy-collapse diagnostic of
+"""Attention entropy per layer and head (D6), the entropy-collapse diagnostic of
 σReparam (Zhai et al. 2023, https://arxiv.org/abs/2303.06296).
 
 Fused attention (``F.scaled_dot_product_attention``) never materialises the probabilities, so

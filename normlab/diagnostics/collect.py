@@ -1,4 +1,4 @@
-"""One entry point, :func:`collect`, that runs the diagnostics of ``shared/specs/placement.md`` §11 on a model and
+"""One entry point, :func:`collect`, that runs the diagnostics of :mod:`normlab.diagnostics` on a model and
 returns tidy rows: D1 angular distance, D2 layer removal, D3 gradient norms, D4 variance growth, D5 massive
 activations, D6 attention entropy, and the batch-statistic fluctuation of PowerNorm
 (https://arxiv.org/abs/2003.07845). See the per-family modules for the papers and exact definitions.
@@ -94,49 +94,75 @@ def collect(
         >>> sorted({(r["metric"], r["layer"]) for r in rows})[:3]
         [('hidden_rms', 0), ('hidden_rms', 1), ('hidden_rms', 2)]
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"collect: expected model to be a torch.nn.Module, got {type(model).__name__}")
-    chosen = tuple(DEFAULT_METRICS if metrics is None else metrics)
-    if isinstance(metrics, str):
-        raise TypeError(f"collect: expected metrics to be a sequence of names, got the string {metrics!r}")
-    unknown = [m for m in chosen if m not in METRICS]
-    if unknown:
-        raise ValueError(f"collect: unknown metrics {unknown}; expected names from {', '.join(METRICS)}")
+    chosen = _chosen_metrics(model, metrics)
     batch_list = as_batches(batches)
     modes = {m: m.training for m in model.modules()}
-    blocks: list[nn.Module] | None
-    try:
-        blocks = find_layers(model, layers)
-    except ValueError:
-        if layers is not None:
-            raise
-        blocks = None
+    blocks = _discover_blocks(model, layers)
     rows: list[Row] = []
     try:
         model.eval()
         rep = [m for m in chosen if m in REPRESENTATION_METRICS]
         if rep or "attention_entropy" in chosen:
             rows += _forward_metrics(model, batch_list, blocks, rep, "attention_entropy" in chosen, max_gap, top_k)
-        needs_blocks = [m for m in chosen if m in (*GRADIENT_METRICS, "layer_skip_delta_loss")]
-        if needs_blocks and blocks is None:
-            find_layers(model, layers)  # raises the informative error
-        if blocks is not None and any(m in chosen for m in GRADIENT_METRICS):
-            grad_rows = gradient_rows(
-                model,
-                batch_list,
-                layers=blocks,
-                loss_fn=loss_fn,
-                per_parameter=per_parameter,
-                activations="activation_grad_norm" in chosen,
-            )
-            rows += [r for r in grad_rows if r["metric"] in chosen]
-        if blocks is not None and "layer_skip_delta_loss" in chosen:
-            rows += layer_skip_rows(model, batch_list, layers=blocks, loss_fn=loss_fn)
+        if any(m in chosen for m in (*GRADIENT_METRICS, "layer_skip_delta_loss")):
+            if blocks is None:
+                find_layers(model, layers)  # raises the informative error
+            else:
+                rows += _loss_metrics(model, batch_list, blocks, chosen, loss_fn, per_parameter)
         if "batch_stat_deviation" in chosen:
             rows += _batch_stat_rows(model, batch_list, blocks)
     finally:
         for m, training in modes.items():
             m.train(training)
+    return rows
+
+
+def _chosen_metrics(model: Any, metrics: Sequence[str] | None) -> tuple[str, ...]:
+    """The metrics to compute, after checking ``model`` and the names."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"collect: expected model to be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(metrics, str):
+        raise TypeError(f"collect: expected metrics to be a sequence of names, got the string {metrics!r}")
+    chosen = tuple(DEFAULT_METRICS if metrics is None else metrics)
+    unknown = [m for m in chosen if m not in METRICS]
+    if unknown:
+        raise ValueError(f"collect: unknown metrics {unknown}; expected names from {', '.join(METRICS)}")
+    return chosen
+
+
+def _discover_blocks(model: nn.Module, layers: Sequence[nn.Module] | str | None) -> list[nn.Module] | None:
+    """The blocks named by ``layers``, or discovered; ``None`` when discovery finds none (the forward metrics then
+    fall back to ``output_hidden_states``). A ``layers`` that names no block raises."""
+    try:
+        return find_layers(model, layers)
+    except ValueError:
+        if layers is not None:
+            raise
+        return None
+
+
+def _loss_metrics(
+    model: nn.Module,
+    batch_list: list[dict[str, Any]],
+    blocks: list[nn.Module],
+    chosen: Sequence[str],
+    loss_fn: LossFn | None,
+    per_parameter: bool,
+) -> list[Row]:
+    """The metrics that need a loss: the gradient norms (D3) and the layer-removal loss change (D2)."""
+    rows: list[Row] = []
+    if any(m in chosen for m in GRADIENT_METRICS):
+        grad_rows = gradient_rows(
+            model,
+            batch_list,
+            layers=blocks,
+            loss_fn=loss_fn,
+            per_parameter=per_parameter,
+            activations="activation_grad_norm" in chosen,
+        )
+        rows += [r for r in grad_rows if r["metric"] in chosen]
+    if "layer_skip_delta_loss" in chosen:
+        rows += layer_skip_rows(model, batch_list, layers=blocks, loss_fn=loss_fn)
     return rows
 
 

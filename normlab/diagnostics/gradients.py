@@ -1,4 +1,4 @@
-"""Gradient diagnostics per block (D3 of ``shared/specs/placement.md`` §11) and the loss change when one block is
+"""Gradient diagnostics per block (D3) and the loss change when one block is
 removed (D2).
 
 Papers: Mix-LN (Li et al. 2024, https://arxiv.org/abs/2412.13795; Figs 2-3, 6), LayerNorm Scaling (Sun et al. 2025,
@@ -85,7 +85,7 @@ def gradient_rows(
     """Per-block parameter gradient norms (D3) and activation gradient norms, averaged over ``batches``.
 
     Gradients are taken with :func:`torch.autograd.grad`, so the model's ``.grad`` fields are left untouched. The
-    model runs in its current mode (the collectors put it in eval mode, as the spec asks).
+    model runs in its current mode (the collectors put it in eval mode, with no dropout).
 
     Rows:
         - ``param_grad_norm`` per block, see :func:`param_grad_rows`; each batch's norm, averaged over batches.

@@ -1,6 +1,6 @@
 """Residual-stream diagnostics from block inputs and outputs: angular distance between layers (D1), hidden-state
 variance and RMS growth with depth (D4) with the branch-to-stream update ratio, and massive activations / max
-magnitude (D5). Definitions: ``shared/specs/placement.md`` §11.
+magnitude (D5).
 
 Papers: Gromov et al., "The Unreasonable Ineffectiveness of the Deeper Layers" (https://arxiv.org/abs/2403.17887) and
 ShortGPT (https://arxiv.org/abs/2403.03853) for D1; Mix-LN (https://arxiv.org/abs/2412.13795) and LayerNorm Scaling
@@ -30,7 +30,7 @@ REPRESENTATION_METRICS = ("angular_distance", "hidden_variance", "hidden_rms", "
 def angular_distance(a: Tensor, b: Tensor) -> Tensor:
     """Per-token angular distance ``arccos(cos(a, b)) / π`` in ``[0, 1]`` over the last axis, in float64.
 
-    A cosine that is undefined (a zero vector) counts as 0.5, as in the reference scripts (spec §11 D1).
+    A cosine that is undefined (a zero vector) counts as 0.5, as in the ShortGPT / Mix-LN analysis scripts.
 
     >>> float(angular_distance(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])))
     0.5

@@ -9,7 +9,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_float_input", "check_channels", "channel_axis", "compute_dtype", "shape_pattern"]
+__all__ = [
+    "affine_in",
+    "apply_affine",
+    "channel_axis",
+    "check_channels",
+    "check_float_input",
+    "compute_dtype",
+    "from_compute",
+    "shape_pattern",
+    "to_compute",
+]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -17,6 +27,34 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 def compute_dtype(x: Tensor) -> torch.dtype:
     """Statistics of float16/bfloat16 inputs are computed in float32; other dtypes as they are."""
     return torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+
+
+def to_compute(x: Tensor, cd: int, axis: int = -1) -> Tensor:
+    """The opening of a functional op: ``x`` in its compute dtype with the channel axis ``cd`` moved to ``axis``."""
+    xs = x.to(compute_dtype(x))
+    return xs if cd == axis % x.dim() else xs.movedim(cd, axis)
+
+
+def from_compute(y: Tensor, x: Tensor, cd: int, axis: int = -1) -> Tensor:
+    """The closing of a functional op: undo :func:`to_compute` (channel axis back at ``cd``), one rounding to
+    ``x.dtype``."""
+    return (y if cd == axis % x.dim() else y.movedim(axis, cd)).to(x.dtype)
+
+
+def affine_in(dtype: torch.dtype, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """``weight`` and ``bias`` cast to the compute dtype (``None`` stays ``None``), for a kernel that applies them."""
+    return (None if weight is None else weight.to(dtype)), (None if bias is None else bias.to(dtype))
+
+
+def apply_affine(y: Tensor, weight: Tensor | None, bias: Tensor | None, cd: int = -1) -> Tensor:
+    """``y * weight + bias`` in ``y``'s dtype, each skipped when ``None``; per-channel along axis ``cd`` of ``y``."""
+    shape = [1] * y.dim()
+    shape[cd] = -1
+    if weight is not None:
+        y = y * weight.to(y.dtype).reshape(shape)
+    if bias is not None:
+        y = y + bias.to(y.dtype).reshape(shape)
+    return y
 
 
 def check_float_input(x: object, op: str, param: str = "input") -> Tensor:

@@ -98,22 +98,31 @@ def second_moment(flat: Tensor, mask: Tensor | None, group: Any | None) -> tuple
     return count, packed[:-2] / count.clamp_min(1.0), positions
 
 
-def check_count(count: Tensor, op: str, x: Tensor, mask: Tensor | None, group: Any | None) -> None:
-    """Refuse batch statistics of fewer than 2 values per channel (all ranks see the same global count)."""
-    if mask is None and group is None:
-        n = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
-        if n <= 1:
-            raise ValueError(
-                f"{op}: expected more than 1 value per channel when training, got input of size {list(x.shape)}"
-            )
-        return
+def check_rows(rows: int, op: str, x_shape: list[int]) -> None:
+    """Refuse batch statistics of fewer than 2 values per channel (no mask, one process): checked before they are
+    computed, since the variance of one value has no degrees of freedom."""
+    if rows <= 1:
+        raise ValueError(f"{op}: expected more than 1 value per channel when training, got input of size {x_shape}")
+
+
+def check_valid(count: Tensor, op: str, x_shape: list[int], mask: Tensor | None, group: Any | None) -> None:
+    """Refuse masked or cross-rank batch statistics of fewer than 2 valid values per channel (``count`` is the global
+    count, the same on every rank)."""
     if torch.compiler.is_compiling():
         return
     n_valid = int(count.item())
     if n_valid <= 1:
-        where = f"a mask of size {list(mask.shape)}" if mask is not None else f"an input of size {list(x.shape)}"
+        where = f"a mask of size {list(mask.shape)}" if mask is not None else f"an input of size {x_shape}"
         ranks = f" summed over {world_size(group)} ranks" if group is not None else ""
         raise ValueError(
             f"{op}: expected more than 1 valid (unmasked) value per channel when training, got {n_valid} "
             f"valid positions in {where}{ranks}"
         )
+
+
+def check_count(count: Tensor, op: str, x: Tensor, mask: Tensor | None, group: Any | None) -> None:
+    """Refuse batch statistics of fewer than 2 values per channel of a token tensor ``x`` ``(*, C)``."""
+    if mask is None and group is None:
+        check_rows(x.numel() // max(x.shape[-1], 1) if x.dim() else 0, op, list(x.shape))
+    else:
+        check_valid(count, op, list(x.shape), mask, group)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from normlab.functional._checks import check_channels, compute_dtype
+from normlab.functional._checks import apply_affine, check_channels, compute_dtype
 
 __all__ = ["dyt"]
 
@@ -23,12 +23,5 @@ def dyt(
 ) -> Tensor:
     """``weight * tanh(alpha * x) + bias`` with a scalar ``alpha`` and per-channel ``weight``/``bias``."""
     cd = check_channels(x, num_features, channel_dim, "dyt")
-    ct = compute_dtype(x)
-    y = torch.tanh(alpha.to(ct) * x.to(ct))
-    shape = [1] * x.dim()
-    shape[cd] = num_features
-    if weight is not None:
-        y = y * weight.to(ct).reshape(shape)
-    if bias is not None:
-        y = y + bias.to(ct).reshape(shape)
-    return y.to(x.dtype)
+    xs = x.to(compute_dtype(x))
+    return apply_affine(torch.tanh(alpha.to(xs.dtype) * xs), weight, bias, cd).to(x.dtype)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from normlab.functional._checks import check_channels, compute_dtype
+from normlab.functional._checks import affine_in, check_channels, from_compute, to_compute
 
 __all__ = ["group_norm", "instance_norm"]
 
@@ -28,16 +28,8 @@ def group_norm(
     cd = check_channels(x, num_channels, channel_dim, "group_norm", min_dim=2)
     if cd == 0:
         raise ValueError(f"group_norm: channel_dim must not be the batch axis 0, got channel_dim={channel_dim}")
-    ct = compute_dtype(x)
-    xs = x.to(ct)
-    if cd != 1:
-        xs = xs.movedim(cd, 1)
-    w = weight.to(ct) if weight is not None else None
-    b = bias.to(ct) if bias is not None else None
-    y = F.group_norm(xs, num_groups, w, b, eps)
-    if cd != 1:
-        y = y.movedim(1, cd)
-    return y.to(x.dtype)
+    xs = to_compute(x, cd, 1)
+    return from_compute(F.group_norm(xs, num_groups, *affine_in(xs.dtype, weight, bias), eps), x, cd, 1)
 
 
 def instance_norm(
@@ -63,13 +55,7 @@ def instance_norm(
             raise ValueError(
                 f"instance_norm: expected more than 1 spatial element per channel, got input of size {list(x.shape)}"
             )
-    ct = compute_dtype(x)
-    xs = x.to(ct)
-    if cd != 1:
-        xs = xs.movedim(cd, 1)
-    w = weight.to(ct) if weight is not None else None
-    b = bias.to(ct) if bias is not None else None
+    xs = to_compute(x, cd, 1)
+    w, b = affine_in(xs.dtype, weight, bias)
     y = F.instance_norm(xs, running_mean, running_var, w, b, use_input_stats, momentum, eps)
-    if cd != 1:
-        y = y.movedim(1, cd)
-    return y.to(x.dtype)
+    return from_compute(y, x, cd, 1)

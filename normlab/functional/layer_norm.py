@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from normlab.functional._checks import check_channels, compute_dtype
+from normlab.functional._checks import affine_in, check_channels, from_compute, to_compute
 
 __all__ = ["layer_norm"]
 
@@ -23,15 +23,9 @@ def layer_norm(
 ) -> Tensor:
     """LayerNorm over ``normalized_shape`` (trailing dims) or over the channel axis ``channel_dim``."""
     cd = check_channels(x, normalized_shape, channel_dim, "layer_norm")
-    shape = normalized_shape if isinstance(normalized_shape, tuple) else (normalized_shape,)
-    ct = compute_dtype(x)
-    moved = not isinstance(normalized_shape, tuple) and cd != x.dim() - 1
-    xs = x.to(ct)
-    if moved:
-        xs = xs.movedim(cd, -1)
-    w = weight.to(ct) if weight is not None else None
-    b = bias.to(ct) if bias is not None else None
-    y = F.layer_norm(xs, shape, w, b, eps)
-    if moved:
-        y = y.movedim(-1, cd)
-    return y.to(x.dtype)
+    if isinstance(normalized_shape, tuple):  # trailing dims: nothing to move
+        shape, cd = normalized_shape, x.dim() - 1
+    else:
+        shape = (normalized_shape,)
+    xs = to_compute(x, cd)
+    return from_compute(F.layer_norm(xs, shape, *affine_in(xs.dtype, weight, bias), eps), x, cd)

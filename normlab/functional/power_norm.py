@@ -12,6 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from normlab.functional._checks import affine_in, apply_affine
 from normlab.functional._dist import all_reduce_sum_, check_count, second_moment, stats_group
 from normlab.functional.batch_norm import divide_by_running, token_stats_input
 
@@ -49,11 +50,7 @@ class _PowerFunction(torch.autograd.Function):
         group: Any,
     ) -> Tensor:
         z = x * inv_fwd
-        y = z
-        if weight is not None:
-            y = y * weight
-        if bias is not None:
-            y = y + bias
+        y = apply_affine(z, weight, bias)
         ctx.save_for_backward(z, inv_bwd, weight)
         ctx.ema_gz, ctx.alpha_bkw, ctx.positions, ctx.group = ema_gz, alpha_bkw, positions, group
         ctx.has_bias = bias is not None
@@ -108,8 +105,7 @@ def power_norm(
         xs = group_scaling(xs, group_num, group_scaling_eps)
     if not training:
         return divide_by_running(xs, running_phi, eps, weight, bias, x.dtype)
-    w = weight.to(ct) if weight is not None else None
-    b = bias.to(ct) if bias is not None else None
+    w, b = affine_in(ct, weight, bias)
 
     group = stats_group(process_group, sync_stats)
     flat = xs.detach().reshape(-1, num_features)

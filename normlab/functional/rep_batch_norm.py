@@ -14,43 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from normlab.functional._checks import check_channels, compute_dtype
-from normlab.functional.batch_norm import batch_statistics, check_mask
+from normlab.functional._checks import apply_affine, check_channels, compute_dtype
+from normlab.functional.batch_norm import batch_statistics, check_mask, token_stats_input
 
 __all__ = ["prep_batch_norm", "prep_lambda", "rep_batch_norm"]
-
-
-def _rep_channel_last(
-    xs: Tensor,
-    mask: Tensor | None,
-    x_shape: list[int],
-    num_features: int,
-    alpha: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    training: bool,
-    momentum: float | None,
-    eps: float,
-    num_batches_tracked: Tensor | None,
-    process_group: Any,
-    sync_stats: bool,
-    op: str,
-) -> Tensor:
-    """RepBN of a channel-last tensor in its (compute) dtype: ``BN(xs) + alpha * xs``."""
-    ct = xs.dtype
-    mean, var = batch_statistics(
-        xs.reshape(-1, num_features), mask, x_shape=x_shape, training=training, running_mean=running_mean,
-        running_var=running_var, momentum=momentum, num_batches_tracked=num_batches_tracked,
-        process_group=process_group, sync_stats=sync_stats, op=op,
-    )
-    y = (xs - mean) * torch.rsqrt(var + eps)
-    if weight is not None:
-        y = y * weight.to(ct)
-    if bias is not None:
-        y = y + bias.to(ct)
-    return y + alpha.to(ct) * xs
 
 
 def rep_batch_norm(
@@ -77,10 +44,12 @@ def rep_batch_norm(
     if not training and running_mean is not None and x.numel() == 0:
         return x.clone()
     xs = x.to(compute_dtype(x)).movedim(cd, -1)
-    y = _rep_channel_last(
-        xs, mask, list(x.shape), num_features, alpha, running_mean, running_var, weight, bias, training, momentum,
-        eps, num_batches_tracked, process_group, sync_stats, op,
+    mean, var = batch_statistics(
+        xs.reshape(-1, num_features), mask, x_shape=list(x.shape), training=training, running_mean=running_mean,
+        running_var=running_var, momentum=momentum, num_batches_tracked=num_batches_tracked,
+        process_group=process_group, sync_stats=sync_stats, op=op,
     )
+    y = apply_affine((xs - mean) * torch.rsqrt(var + eps), weight, bias) + alpha.to(xs.dtype) * xs
     return y.movedim(-1, cd).to(x.dtype)
 
 
@@ -95,55 +64,38 @@ def prep_batch_norm(
     x: Tensor,
     num_features: int,
     norm1: Callable[[Tensor], Tensor],
-    alpha: Tensor,
+    norm2: Callable[..., Tensor],
     warm: Tensor,
     iter: Tensor,
     total_step: Tensor,
     num_step: Tensor,
     r0: float = 1.0,
     decrement_every: int = 1,
-    running_mean: Tensor | None = None,
-    running_var: Tensor | None = None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
     training: bool = False,
-    momentum: float | None = 0.1,
-    eps: float = 1e-5,
     channel_dim: int = -1,
     mask: Tensor | None = None,
-    num_batches_tracked: Tensor | None = None,
-    process_group: Any = None,
-    sync_stats: bool = True,
 ) -> Tensor:
     """PRepBN (SLAB's LinearNorm) on token tensors ``(*, C)``: eval = RepBN; training = LN during the warm phase,
-    then ``λ·norm1(x) + (1−λ)·RepBN(x)`` with λ = ``r0·iter/total_step`` read before ``iter`` is decremented.
+    then ``λ·norm1(x) + (1−λ)·norm2(x)`` with λ = ``r0·iter/total_step`` read before ``iter`` is decremented.
+
+    ``norm1`` is the per-token norm of the LN branch, called as ``norm1(x)``; ``norm2`` the RepBN branch, called as
+    ``norm2(x, mask=mask)`` (a :class:`normlab.nn.RepBatchNorm` in the same train/eval mode as ``training``, or any
+    callable). Both get ``x`` in its compute dtype, so the output is rounded to the input dtype once.
 
     Training updates the schedule buffers in place: every forward increments ``num_step``; every
     ``decrement_every``-th forward (``num_step % decrement_every == 0`` after the increment) also decrements ``warm``
     (warm phase) or ``iter`` (ramp, if > 0), so each λ value holds for ``decrement_every`` forwards.
-    ``norm1`` is the per-token norm of the LN branch (a module or any callable).
     See :class:`normlab.nn.PRepBatchNorm`.
     """
-    op = "prep_batch_norm"
-    cd = check_channels(x, num_features, channel_dim, op, min_dim=2)
-    if cd != x.dim() - 1:
-        raise ValueError(f"{op}: works on token tensors (*, C); expected channel_dim=-1, got {channel_dim}")
-    mask = check_mask(mask, x, cd, op)
-    xs = x.to(compute_dtype(x))
-    rep_args = (
-        mask, list(x.shape), num_features, alpha, running_mean, running_var, weight, bias, training, momentum, eps,
-        num_batches_tracked, process_group, sync_stats, op,
-    )
+    mask, xs = token_stats_input(x, num_features, channel_dim, mask, "prep_batch_norm")
     if not training:
-        if running_mean is not None and x.numel() == 0:
-            return x.clone()
-        return _rep_channel_last(xs, *rep_args).to(x.dtype)
+        return norm2(xs, mask=mask).to(x.dtype)
     in_warm = int(warm) > 0
-    lam = 1.0 if in_warm else r0 * int(iter) / max(int(total_step), 1)
+    lam = prep_lambda(warm, iter, total_step, r0)
     if in_warm:
         y = norm1(xs)  # the warm phase computes no batch statistics and leaves the BN buffers alone
     else:
-        y = lam * norm1(xs) + (1.0 - lam) * _rep_channel_last(xs, *rep_args)
+        y = lam * norm1(xs) + (1.0 - lam) * norm2(xs, mask=mask)
     # Advance the schedule only once the step succeeded (a refused batch leaves it where it was).
     with torch.no_grad():
         step_now = (int(num_step) + 1) % decrement_every == 0  # the n-th forward of each group of n

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normlab.functional._checks import check_channels, compute_dtype
+from normlab.functional._checks import affine_in, apply_affine, check_channels, compute_dtype, from_compute, to_compute
 
 __all__ = ["crms_norm", "partial_size", "rms_norm", "scale_norm"]
 
@@ -39,7 +39,7 @@ def partial_size(num_features: int, p: float, rounding: str = "ceil") -> int:
 
 def resolve_eps(eps: float | None, eps_inside: bool) -> float:
     """``eps``, or its default for the placement: ``1e-6`` inside the root (LLaMA, ``torch.nn.RMSNorm``),
-    ``1e-8`` outside (the official RMSNorm PyTorch code, spec ln-replacements §5.2)."""
+    ``1e-8`` outside (the official RMSNorm PyTorch code)."""
     if eps is not None:
         return eps
     return 1e-6 if eps_inside else 1e-8
@@ -54,8 +54,12 @@ def rms_norm(
     eps_inside: bool = True,
     channel_dim: int = -1,
     partial: int | None = None,
+    unit_offset: bool = False,
 ) -> Tensor:
     """RMSNorm over the channel axis; ``partial=k`` estimates the RMS from the first ``k`` channels (pRMSNorm).
+
+    ``unit_offset=True`` multiplies by ``1 + weight`` instead of ``weight`` (Gemma's parametrisation, whose gain
+    is stored as an offset from 1), the sum taken in the compute dtype.
 
     ``eps_inside=True`` computes ``x / sqrt(mean(x^2) + eps)`` (LLaMA, T5, ``torch.nn.RMSNorm``);
     ``eps_inside=False`` computes ``x / (sqrt(mean(x^2)) + eps)`` (the official RMSNorm PyTorch code).
@@ -63,25 +67,17 @@ def rms_norm(
     """
     eps = resolve_eps(eps, eps_inside)
     cd = check_channels(x, num_features, channel_dim, "rms_norm")
-    ct = compute_dtype(x)
-    xs = x.to(ct)
-    moved = cd != x.dim() - 1
-    if moved:
-        xs = xs.movedim(cd, -1)
-    w = weight.to(ct) if weight is not None else None
+    xs = to_compute(x, cd)
+    w = affine_in(xs.dtype, weight, None)[0]
+    if w is not None and unit_offset:  # Gemma: the gain is stored as an offset from 1, summed in the compute dtype
+        w = 1.0 + w
     if eps_inside and partial is None:
         y = F.rms_norm(xs, (num_features,), w, eps)
     else:
         part = xs if partial is None else xs[..., :partial]
         ms = part.square().mean(-1, keepdim=True)
-        y = xs * torch.rsqrt(ms + eps) if eps_inside else xs / (ms.sqrt() + eps)
-        if w is not None:
-            y = y * w
-    if bias is not None:
-        y = y + bias.to(ct)
-    if moved:
-        y = y.movedim(-1, cd)
-    return y.to(x.dtype)
+        y = apply_affine(xs * torch.rsqrt(ms + eps) if eps_inside else xs / (ms.sqrt() + eps), w, None)
+    return from_compute(apply_affine(y, None, bias), x, cd)
 
 
 def crms_norm(
@@ -94,18 +90,9 @@ def crms_norm(
 ) -> Tensor:
     """CRMSNorm of a compressed zero-mean code ``z`` of width ``d-1``: ``z / sqrt((sum z^2 + (sum z)^2)/d + eps)``."""
     cd = check_channels(z, num_features, channel_dim, "crms_norm")
-    ct = compute_dtype(z)
-    zs = z.to(ct)
-    d = num_features + 1
-    ms = (zs.square().sum(cd, keepdim=True) + zs.sum(cd, keepdim=True).square()) / d
-    y = zs * torch.rsqrt(ms + eps)
-    shape = [1] * z.dim()
-    shape[cd] = num_features
-    if weight is not None:
-        y = y * weight.to(ct).reshape(shape)
-    if bias is not None:
-        y = y + bias.to(ct).reshape(shape)
-    return y.to(z.dtype)
+    zs = z.to(compute_dtype(z))
+    ms = (zs.square().sum(cd, keepdim=True) + zs.sum(cd, keepdim=True).square()) / (num_features + 1)
+    return apply_affine(zs * torch.rsqrt(ms + eps), weight, bias, cd).to(z.dtype)
 
 
 def scale_norm(x: Tensor, num_features: int, weight: Tensor, eps: float = 1e-5, channel_dim: int = -1) -> Tensor:

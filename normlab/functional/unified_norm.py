@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from normlab.functional._checks import affine_in, apply_affine
 from normlab.functional._dist import all_reduce_sum_, check_count, second_moment, stats_group
 from normlab.functional.batch_norm import divide_by_running, token_stats_input
 
@@ -23,7 +24,8 @@ _R_FREE_ITERS = 1000  # r == 1 while t <= max(1000, warmup_iters)
 
 
 class _UnifiedFunction(torch.autograd.Function):
-    """``y = weight * x / sqrt(v + eps) + bias`` with UN's smoothed, calibrated backward (spec §1.4)."""
+    """``y = weight * x / sqrt(v + eps) + bias`` with UN's smoothed, calibrated backward (Yang et al. 2022,
+    gradient smoothing and calibration, as the official ``UN1d`` code computes it)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -36,9 +38,7 @@ class _UnifiedFunction(torch.autograd.Function):
         state: dict[str, Any],
     ) -> Tensor:
         z = x * inv_std
-        y = z * weight if weight is not None else z
-        if bias is not None:
-            y = y + bias
+        y = apply_affine(z, weight, bias)
         ctx.save_for_backward(z, inv_std, r, weight)
         ctx.state, ctx.has_bias = state, bias is not None
         return y
@@ -109,8 +109,7 @@ def unified_norm(
     ct = xs.dtype
     if not training:
         return divide_by_running(xs, running_var, eps, weight, bias, x.dtype)
-    w = weight.to(ct) if weight is not None else None
-    b = bias.to(ct) if bias is not None else None
+    w, b = affine_in(ct, weight, bias)
 
     group = stats_group(process_group, sync_stats)
     count, x2, positions = second_moment(xs.detach().reshape(-1, num_features), mask, group)

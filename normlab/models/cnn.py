@@ -7,7 +7,6 @@ micro batch size — the setting where GroupNorm's batch independence matters.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,14 +14,15 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normlab.models._common import DictConfig, check_conv_norm, check_images
 from normlab.models.transformer import ModelOutput
-from normlab.registry import create_norm, get_norm
+from normlab.registry import create_norm
 
 __all__ = ["CNNConfig", "DigitsCNN"]
 
 
 @dataclass
-class CNNConfig:
+class CNNConfig(DictConfig):
     """Configuration of :class:`DigitsCNN`.
 
     Args:
@@ -53,31 +53,10 @@ class CNNConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"CNNConfig: expected {name} to be an int >= 1, got {v!r}")
-        if not isinstance(self.norm, str):
-            raise TypeError(f"CNNConfig: expected norm to be a registry key (str), got {type(self.norm).__name__}")
-        spec = get_norm(self.norm)
-        if spec.layout == "token":
-            raise ValueError(
-                f"CNNConfig: norm {self.norm!r} works on token tensors (*, C) only; a CNN needs a norm with layout "
-                f"'channel_first' or 'any'"
-            )
+        check_conv_norm("CNNConfig", self.norm)
         if not isinstance(self.norm_kwargs, Mapping):
             raise TypeError(f"CNNConfig: expected norm_kwargs to be a dict, got {type(self.norm_kwargs).__name__}")
 
-    def to_dict(self) -> dict[str, Any]:
-        """``dataclasses.asdict(self)`` (JSON-serialisable)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> CNNConfig:
-        """Build a config from a dict; unknown keys raise ``ValueError``."""
-        if not isinstance(data, Mapping):
-            raise TypeError(f"CNNConfig.from_dict: expected a dict, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"CNNConfig.from_dict: unknown keys {unknown}; known keys: {sorted(known)}")
-        return cls(**dict(data))
 
 
 class DigitsCNN(nn.Module):
@@ -117,10 +96,7 @@ class DigitsCNN(nn.Module):
 
     def forward(self, x: Tensor, labels: Tensor | None = None, output_hidden_states: bool = False) -> ModelOutput:
         """Class logits; with ``labels`` the mean cross-entropy."""
-        if x.dim() != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"DigitsCNN: expected input of shape [B, {self.config.in_channels}, H, W], got {list(x.shape)}"
-            )
+        check_images("DigitsCNN", x, self.config.in_channels)
         hidden = []
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             x = F.relu(norm(conv(x)))

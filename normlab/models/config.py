@@ -7,12 +7,12 @@ Which placements exist, and the slots each builds, come from the placement table
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from normlab.models._common import DictConfig
 from normlab.models.placement import NORM_SLOTS, PLACEMENT_SPECS, block_placements, deepnorm_coefficients
 from normlab.registry import get_norm
 
@@ -87,7 +87,7 @@ def _check_norm_choice(name: str, value: Any) -> None:
 
 
 @dataclass
-class TransformerConfig:
+class TransformerConfig(DictConfig):
     """Configuration of :class:`~normlab.models.DecoderLM` and :class:`~normlab.models.ViTEncoder`.
 
     Every field is validated in ``__post_init__``; invalid values raise ``ValueError``/``TypeError`` and an unknown
@@ -325,17 +325,3 @@ class TransformerConfig:
             slots.append("final")
         return tuple(s for s in NORM_SLOTS if s in slots)
 
-    def to_dict(self) -> dict[str, Any]:
-        """``dataclasses.asdict(self)`` (JSON-serialisable when every norm choice is a string)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TransformerConfig:
-        """Build a config from a dict (e.g. loaded from JSON); unknown keys raise ``ValueError``."""
-        if not isinstance(data, Mapping):
-            raise TypeError(f"TransformerConfig.from_dict: expected a dict, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"TransformerConfig.from_dict: unknown keys {unknown}; known keys: {sorted(known)}")
-        return cls(**dict(data))

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from normlab.models.config import TransformerConfig
 from normlab.nn.sigma_reparam import SigmaReparamLinear
 from normlab.registry import NormSpec, create_norm, get_norm
+from normlab.walk import spec_of
 
 __all__ = ["MLP", "Attention", "apply_norm", "build_slot_norm", "is_batch_dependent", "make_linear", "norm_key"]
 
@@ -34,9 +35,10 @@ def norm_key(choice: Any) -> str | None:
 
 
 def is_batch_dependent(module: nn.Module) -> bool:
-    """Whether a norm module's registry spec says its train-mode output mixes samples (so it needs the mask)."""
-    spec = getattr(type(module), "norm_spec", None)
-    return isinstance(spec, NormSpec) and spec.batch_dependent
+    """Whether a norm module's train-mode output mixes samples (so it needs the mask): its ``batch_dependent`` trait
+    as :func:`normlab.walk.spec_of` reads it (subclasses of a registered norm included)."""
+    spec = spec_of(module)
+    return spec is not None and spec.batch_dependent
 
 
 def apply_norm(norm: nn.Module | None, x: Tensor, mask: Tensor | None) -> Tensor:

@@ -14,7 +14,6 @@ Three variants share it:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normlab.models._common import DictConfig, check_conv_norm, check_images
 from normlab.models.transformer import ModelOutput
-from normlab.registry import create_norm, get_norm
+from normlab.registry import create_norm
 from normlab.weight.fixup import FixupBasicBlock, PadShortcut, fixup_init
 from normlab.weight.nf import NONLINEARITY_GAINS, NFBasicBlock, ScaledActivation, nf_expected_stds
 from normlab.weight.standardize import ScaledStdConv2d, WSConv2d
@@ -39,7 +39,7 @@ _DEFAULT_SHORTCUT = {"standard": "conv", "fixup": "pad", "nf": "conv"}
 
 
 @dataclass
-class ResNetConfig:
+class ResNetConfig(DictConfig):
     """Configuration of :class:`ResNet`.
 
     Args:
@@ -114,12 +114,7 @@ class ResNetConfig:
         if self.variant != "standard":
             raise ValueError(f"ResNetConfig: variant={self.variant!r} is norm-free; expected norm=None, got "
                              f"{self.norm!r}")
-        if not isinstance(self.norm, str):
-            raise TypeError(f"ResNetConfig: expected norm to be a registry key (str) or None, got "
-                            f"{type(self.norm).__name__}")
-        if get_norm(self.norm).layout == "token":
-            raise ValueError(f"ResNetConfig: norm {self.norm!r} works on token tensors (*, C) only; a ResNet needs a "
-                             f"norm with layout 'channel_first' or 'any'")
+        check_conv_norm("ResNetConfig", self.norm, optional=True)
 
     @property
     def blocks_per_stage(self) -> int:
@@ -133,20 +128,6 @@ class ResNetConfig:
     def resolved_shortcut(self) -> str:
         return _DEFAULT_SHORTCUT[self.variant] if self.shortcut is None else self.shortcut
 
-    def to_dict(self) -> dict[str, Any]:
-        """``dataclasses.asdict(self)`` (JSON-serialisable)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ResNetConfig:
-        """Build a config from a dict; unknown keys raise ``ValueError``."""
-        if not isinstance(data, Mapping):
-            raise TypeError(f"ResNetConfig.from_dict: expected a dict, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"ResNetConfig.from_dict: unknown keys {unknown}; known keys: {sorted(known)}")
-        return cls(**dict(data))
 
 
 ConvFactory = Callable[..., nn.Module]
@@ -274,9 +255,7 @@ class ResNet(nn.Module):
     def forward(self, x: Tensor, labels: Tensor | None = None, output_hidden_states: bool = False) -> ModelOutput:
         """Class logits; with ``labels`` the mean cross-entropy."""
         c = self.config
-        # The check is skipped under torch.fx tracing (shapes are proxies there), so fold_norms can trace the net.
-        if not torch.fx._symbolic_trace.is_fx_symbolic_tracing() and (x.dim() != 4 or x.shape[1] != c.in_channels):
-            raise ValueError(f"ResNet: expected input of shape [B, {c.in_channels}, H, W], got {list(x.shape)}")
+        check_images("ResNet", x, c.in_channels)
         h = self.stem_conv(x)
         if c.variant == "standard":
             h = F.relu(self.stem_norm(h))

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from normlab.registry import Layout
 
 __all__ = [
+    "BatchNormProtocol",
     "BatchStatView",
     "FoldedAffine",
     "NormBase",
@@ -134,6 +135,24 @@ def bn_folded_affine(m: Any) -> FoldedAffine:
     return FoldedAffine(*batch_stat_affine(m.running_mean, m.running_var, m.weight, m.bias, float(m.eps)))
 
 
+class BatchNormProtocol:
+    """Mixin (before :class:`NormBase` in the bases) giving a norm with BatchNorm's buffers and attribute names the
+    BatchNorm family's protocol: fold, recalibration, the monitored statistics and cross-rank sync."""
+
+    channel_dim: int
+    syncs_batch_stats: ClassVar[bool] = True
+
+    def folded_affine(self) -> FoldedAffine:
+        """``scale = γ / sqrt(running_var + eps)``, ``shift = β - scale * running_mean`` (float64)."""
+        return bn_folded_affine(self)
+
+    def recalibration_plan(self) -> RecalibrationPlan | None:
+        return bn_recalibration_plan(self)
+
+    def batch_stat_view(self) -> BatchStatView | None:
+        return bn_batch_stat_view(self, self.channel_dim)
+
+
 def quadratic_mean_affine(m: nn.Module, running: Tensor, keep: nn.Module | None = None) -> FoldedAffine:
     """Eval affine of a norm dividing by a running quadratic mean: ``scale = γ/sqrt(running + eps)``, ``shift = β``."""
     if m.training:
@@ -202,6 +221,7 @@ def check_unit(op: str, name: str, value: Any, *, optional: bool = False) -> Any
     return value
 
 
+_UNSET: Any = object()  # NormBase.__init__ without a feature count
 _PLAIN = (bool, int, float, str, tuple, type(None))
 _UNSHOWN = ("device", "dtype")
 
@@ -222,7 +242,8 @@ def _ctor_defaults(cls: type) -> dict[str, Any]:
 class NormBase(nn.Module):
     """Common base of normlab norms: shared state handling and the norm protocol (see the module docstring).
 
-    Subclasses call :meth:`_setup`, :meth:`_init_affine` and :meth:`_init_stats` in ``__init__``, implement
+    Subclasses call ``super().__init__(num_features, channel_dim, layout)`` (which validates both and looks up the
+    functional op), :meth:`_init_affine` and :meth:`_init_stats` in ``__init__``, implement
     :meth:`functional_kwargs` (the keyword arguments that make the functional op compute exactly this module's
     forward) and :meth:`forward`, and override the protocol methods whose default does not fit.
     """
@@ -247,6 +268,13 @@ class NormBase(nn.Module):
         if args or kwargs:
             object.__setattr__(self, "_ctor_args", (args, dict(kwargs)))
         return self
+
+    def __init__(self, num_features: Any = _UNSET, channel_dim: Any = -1, layout: Layout = "any") -> None:
+        """``nn.Module`` set-up; given ``num_features``, also :meth:`_setup` (a norm that validates its feature count
+        itself, like a test-local one, passes nothing)."""
+        super().__init__()
+        if num_features is not _UNSET:
+            self._setup(num_features, channel_dim, layout)
 
     # ----- construction helpers -----
     def _setup(self, num_features: Any, channel_dim: Any, layout: Layout = "any") -> None:
@@ -404,6 +432,12 @@ class NormBase(nn.Module):
                 setattr(m, "process_group", process_group)  # noqa: B010 - declared by the norms that sync
                 setattr(m, "sync_stats", True)  # noqa: B010
         return self
+
+    @classmethod
+    def resolved_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """The keyword arguments ``cls(num_features, **kwargs)`` runs with: its constructor's defaults (those of the
+        parents a ``**kwargs`` reaches included) overridden by ``kwargs``; for :meth:`torch_twin`."""
+        return {**_ctor_defaults(cls), **kwargs}
 
     @classmethod
     def torch_twin(cls, num_features: int, **kwargs: Any) -> nn.Module | None:

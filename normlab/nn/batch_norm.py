@@ -14,25 +14,34 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab.functional.batch_norm import batch_norm
-from normlab.nn._base import (
-    BatchStatView,
-    FoldedAffine,
-    NormBase,
-    RecalibrationPlan,
-    bn_batch_stat_view,
-    bn_folded_affine,
-    bn_recalibration_plan,
-    check_unit,
-)
+from normlab.nn._base import BatchNormProtocol, NormBase, check_unit
 from normlab.registry import Paper, register_norm
 
-__all__ = ["BatchNorm", "bn_stats"]
+__all__ = ["BatchNorm", "bn_torch_twin", "init_bn_state"]
+
+
+def bn_torch_twin(torch_cls: type[nn.Module], num_features: int, args: dict[str, Any]) -> nn.Module | None:
+    """``torch_cls`` (``nn.BatchNorm2d``, ``nn.InstanceNorm2d``) built from a norm's resolved constructor arguments
+    ``args`` (:meth:`NormBase.resolved_kwargs`), or ``None`` unless the channel axis is torch's (``channel_dim=1``)."""
+    if args["channel_dim"] != 1:
+        return None
+    keys = ("eps", "momentum", "affine", "track_running_stats")
+    return torch_cls(num_features, **{k: args[k] for k in keys})
 
 
 def bn_stats(num_features: int) -> list[tuple[str, tuple[int, ...], float]]:
     """BatchNorm's running buffers with their reset values (torch's names, so state dicts load both ways)."""
     return [("running_mean", (num_features,), 0.0), ("running_var", (num_features,), 1.0),
             ("num_batches_tracked", (), 0)]
+
+
+def init_bn_state(m: NormBase, affine: bool, track_running_stats: bool, device: Any, dtype: Any) -> None:
+    """BatchNorm's state under torch's names, so state dicts load both ways: per-channel ``weight`` / ``bias`` when
+    ``affine`` and ``running_mean`` / ``running_var`` / ``num_batches_tracked`` (``None`` without tracking)."""
+    setattr(m, "affine", affine)  # noqa: B010 - plain attributes NormBase does not declare
+    setattr(m, "track_running_stats", track_running_stats)  # noqa: B010
+    m._init_affine(m.num_features, weight=affine, bias=affine, device=device, dtype=dtype)
+    m._init_stats(bn_stats(m.num_features), track=track_running_stats, device=device, dtype=dtype)
 
 
 @register_norm(
@@ -50,7 +59,7 @@ def bn_stats(num_features: int) -> list[tuple[str, tuple[int, ...], float]]:
     samples=({"channel_dim": -1}, {"affine": False}, {"momentum": None}, {"track_running_stats": False}),
     description="per-channel batch statistics; token tensors with padding masks; running stats at eval",
 )
-class BatchNorm(NormBase):
+class BatchNorm(BatchNormProtocol, NormBase):
     r"""Batch normalization for channel-first and token tensors, with padding masks.
 
     Paper: Ioffe & Szegedy, https://arxiv.org/abs/1502.03167.
@@ -99,44 +108,20 @@ class BatchNorm(NormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._setup(num_features, channel_dim)
+        super().__init__(num_features, channel_dim)
         self.eps = eps
         self.momentum = check_unit("batch_norm", "momentum", momentum, optional=True)
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        self.process_group = process_group
-        self.sync_stats = sync_stats
-        self._init_affine(num_features, weight=affine, bias=affine, device=device, dtype=dtype)
-        self._init_stats(bn_stats(num_features), track=track_running_stats, device=device, dtype=dtype)
+        self.process_group, self.sync_stats = process_group, sync_stats
+        init_bn_state(self, affine, track_running_stats, device, dtype)
         self.reset_parameters()
 
     running_mean: Tensor | None
     running_var: Tensor | None
     num_batches_tracked: Tensor | None
-    syncs_batch_stats = True
-
-    def folded_affine(self) -> FoldedAffine:
-        """``scale = γ / sqrt(running_var + eps)``, ``shift = β - scale * running_mean`` (float64)."""
-        return bn_folded_affine(self)
-
-    def recalibration_plan(self) -> RecalibrationPlan | None:
-        return bn_recalibration_plan(self)
-
-    def batch_stat_view(self) -> BatchStatView | None:
-        return bn_batch_stat_view(self, self.channel_dim)
 
     @classmethod
     def torch_twin(cls, num_features: int, **kwargs: Any) -> nn.Module | None:
-        if kwargs.get("channel_dim", 1) != 1:
-            return None
-        return nn.BatchNorm2d(
-            num_features,
-            eps=kwargs.get("eps", 1e-5),
-            momentum=kwargs.get("momentum", 0.1),
-            affine=kwargs.get("affine", True),
-            track_running_stats=kwargs.get("track_running_stats", True),
-        )
+        return bn_torch_twin(nn.BatchNorm2d, num_features, cls.resolved_kwargs(**kwargs))
 
     @classmethod
     def from_torch(cls, bn: _BatchNorm, process_group: Any = None) -> BatchNorm:

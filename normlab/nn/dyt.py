@@ -31,7 +31,7 @@ class DyT(NormBase):
     ``α`` is **one learnable scalar per layer** (not per channel); γ (init 1) and β (init 0) are per channel.
     No statistics: train and eval are identical. The official α0 is 0.5 for non-LLM models; the LLaMA recipe
     uses a larger α0 for the attention-input DyT than for the FFN-input and final DyT
-    (7B: 0.8 / 0.2 / 0.2; see ``../shared/specs/ln-replacements.md`` §4.4).
+    (7B: 0.8 / 0.2 / 0.2; the paper's α0 study and the official LLaMA training commands).
 
     Args:
         num_features: channel count ``C``.
@@ -59,8 +59,7 @@ class DyT(NormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._setup(num_features, channel_dim)
+        super().__init__(num_features, channel_dim)
         self.alpha_init = float(alpha_init)
         self.affine = affine
         self.alpha = nn.Parameter(torch.empty(1, device=device, dtype=dtype))

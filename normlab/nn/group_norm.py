@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from normlab.functional.group_norm import group_norm, instance_norm
 from normlab.nn._base import NormBase
-from normlab.nn.batch_norm import bn_stats
+from normlab.nn.batch_norm import bn_torch_twin, init_bn_state
 from normlab.registry import Paper, register_norm
 
 __all__ = ["GroupNorm", "InstanceNorm", "default_num_groups"]
@@ -78,8 +78,7 @@ class GroupNorm(NormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._setup(num_channels, channel_dim)
+        super().__init__(num_channels, channel_dim)
         self.num_channels = self.num_features
         groups = default_num_groups(num_channels) if num_groups is None else num_groups
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or num_channels % groups:
@@ -97,10 +96,11 @@ class GroupNorm(NormBase):
 
     @classmethod
     def torch_twin(cls, num_features: int, **kwargs: Any) -> nn.Module | None:
-        if kwargs.get("channel_dim", 1) != 1:
+        k = cls.resolved_kwargs(**kwargs)
+        if k["channel_dim"] != 1:
             return None
-        g = kwargs.get("num_groups") or default_num_groups(num_features)
-        return nn.GroupNorm(g, num_features, eps=kwargs.get("eps", 1e-5), affine=kwargs.get("affine", True))
+        g = k["num_groups"] or default_num_groups(num_features)
+        return nn.GroupNorm(g, num_features, eps=k["eps"], affine=k["affine"])
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         _no_mask("group_norm", mask)
@@ -151,14 +151,10 @@ class InstanceNorm(NormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._setup(num_features, channel_dim)
+        super().__init__(num_features, channel_dim)
         self.eps = eps
         self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        self._init_affine(num_features, weight=affine, bias=affine, device=device, dtype=dtype)
-        self._init_stats(bn_stats(num_features), track=track_running_stats, device=device, dtype=dtype)
+        init_bn_state(self, affine, track_running_stats, device, dtype)
         self.reset_parameters()
 
     running_mean: Tensor | None
@@ -167,12 +163,7 @@ class InstanceNorm(NormBase):
 
     @classmethod
     def torch_twin(cls, num_features: int, **kwargs: Any) -> nn.Module | None:
-        if kwargs.get("channel_dim", 1) != 1:
-            return None
-        return nn.InstanceNorm2d(
-            num_features, eps=kwargs.get("eps", 1e-5), momentum=kwargs.get("momentum", 0.1),
-            affine=kwargs.get("affine", False), track_running_stats=kwargs.get("track_running_stats", False),
-        )
+        return bn_torch_twin(nn.InstanceNorm2d, num_features, cls.resolved_kwargs(**kwargs))
 
     def _functional_arg(self, name: str) -> Any:
         if name == "use_input_stats":

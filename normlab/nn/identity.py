@@ -42,8 +42,7 @@ class IdentityNorm(NormBase):
         dtype: torch.dtype | None = None,
         **ignored: Any,
     ) -> None:
-        super().__init__()
-        self._setup(num_features, channel_dim)
+        super().__init__(num_features, channel_dim)
 
     def folded_affine(self) -> FoldedAffine:
         return FoldedAffine(

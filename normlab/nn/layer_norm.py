@@ -64,7 +64,6 @@ class LayerNorm(NormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
         if elementwise_affine is not None:
             affine = elementwise_affine
         if isinstance(normalized_shape, (list, tuple)):
@@ -83,8 +82,8 @@ class LayerNorm(NormBase):
         dims = shape_or_int if isinstance(shape_or_int, tuple) else (shape_or_int,)
         if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
             raise ValueError(f"layer_norm: expected normalized_shape of positive ints, got {normalized_shape!r}")
+        super().__init__(int(torch.Size(dims).numel()), channel_dim)
         self.normalized_shape = shape_or_int
-        self._setup(int(torch.Size(dims).numel()), channel_dim)
         self.eps = eps
         self.affine = affine
         self._init_affine(dims, weight=affine, bias=affine and bias, device=device, dtype=dtype)
@@ -92,10 +91,9 @@ class LayerNorm(NormBase):
 
     @classmethod
     def torch_twin(cls, num_features: int, **kwargs: Any) -> nn.Module | None:
-        if kwargs.get("channel_dim", -1) != -1:
+        k = cls.resolved_kwargs(**kwargs)
+        if k["channel_dim"] != -1:
             return None
-        return nn.LayerNorm(
-            num_features, eps=kwargs.get("eps", 1e-5), elementwise_affine=kwargs.get("affine", True),
-            bias=kwargs.get("bias", True),
-        )
+        affine = k["affine"] if k["elementwise_affine"] is None else k["elementwise_affine"]
+        return nn.LayerNorm(num_features, eps=k["eps"], elementwise_affine=affine, bias=k["bias"])
 

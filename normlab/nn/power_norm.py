@@ -145,9 +145,8 @@ class PowerNorm(NormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(num_features, channel_dim, "token")
         op = "power_norm"
-        self._setup(num_features, channel_dim, "token")
         if group_num is not None and (
             isinstance(group_num, bool) or not isinstance(group_num, int) or group_num < 1 or num_features % group_num
         ):

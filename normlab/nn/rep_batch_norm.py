@@ -14,17 +14,17 @@ from torch import Tensor, nn
 
 from normlab.functional.rep_batch_norm import prep_batch_norm, prep_lambda, rep_batch_norm
 from normlab.nn._base import (
+    BatchNormProtocol,
     BatchStatView,
     FoldedAffine,
     NormBase,
     RecalibrationPlan,
-    bn_batch_stat_view,
     bn_folded_affine,
     bn_recalibration_plan,
     check_int,
     check_unit,
 )
-from normlab.nn.batch_norm import bn_stats
+from normlab.nn.batch_norm import init_bn_state
 from normlab.registry import Paper, create_norm, get_norm, register_norm
 
 __all__ = ["PRepBatchNorm", "RepBatchNorm"]
@@ -65,7 +65,7 @@ def _build_norm1(
     samples=({"alpha_init": 0.0, "weight_init": 0.0}, {"channel_dim": 1}, {"momentum": None}, {"affine": False}),
     description="BatchNorm + learnable scalar skip alpha*x (SLAB); a per-channel affine at eval",
 )
-class RepBatchNorm(NormBase):
+class RepBatchNorm(BatchNormProtocol, NormBase):
     r"""RepBN: batch normalization plus a learnable scalar skip, for token tensors with padding masks.
 
     Paper: Guo et al., SLAB, ICML 2024, https://arxiv.org/abs/2405.11582.
@@ -115,21 +115,18 @@ class RepBatchNorm(NormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._setup(num_features, channel_dim)
-        self.eps, self.affine = eps, affine
+        super().__init__(num_features, channel_dim)
+        self.eps = eps
         self.momentum = check_unit("rep_batch_norm", "momentum", momentum, optional=True)
         self.alpha_init, self.weight_init = float(alpha_init), float(weight_init)
         self.process_group, self.sync_stats = process_group, sync_stats
         self.alpha = nn.Parameter(torch.empty(1, device=device, dtype=dtype))
-        self._init_affine(num_features, weight=affine, bias=affine, device=device, dtype=dtype)
-        self._init_stats(bn_stats(num_features), device=device, dtype=dtype)
+        init_bn_state(self, affine, True, device, dtype)
         self.reset_parameters()
 
     running_mean: Tensor
     running_var: Tensor
     num_batches_tracked: Tensor
-    syncs_batch_stats = True
 
     def _param_init(self) -> dict[str, float]:
         return {"alpha": self.alpha_init, "weight": self.weight_init, "bias": 0.0}
@@ -138,12 +135,6 @@ class RepBatchNorm(NormBase):
         """``scale = γ/sqrt(running_var + eps) + α``, ``shift = β − γ·running_mean/sqrt(running_var + eps)``."""
         bn = bn_folded_affine(self)
         return FoldedAffine(bn.scale + self.alpha.detach().double(), bn.shift)
-
-    def recalibration_plan(self) -> RecalibrationPlan | None:
-        return bn_recalibration_plan(self)
-
-    def batch_stat_view(self) -> BatchStatView | None:
-        return bn_batch_stat_view(self, self.channel_dim)
 
 
 @register_norm(
@@ -193,9 +184,9 @@ class PRepBatchNorm(NormBase):
             (LLaMA variant: ``"rms_norm"``).
         norm1_eps: eps of ``norm1``. Default ``None``: ``1e-6`` (DeiT; SLAB-Swin uses ``1e-5``) for a norm that takes
             an eps; a norm without one (``"dyt"``) needs ``None``.
-        eps, momentum, alpha_init, weight_init, affine, process_group, sync_stats: of the RepBN branch
-            (:class:`RepBatchNorm`), available as ``self.norm2``.
         channel_dim: must be ``-1``.
+        **norm2_kwargs: ``eps``, ``momentum``, ``alpha_init``, ``weight_init``, ``affine``, ``process_group``,
+            ``sync_stats`` of the RepBN branch (:class:`RepBatchNorm`, same defaults), available as ``self.norm2``.
 
     Shape:
         input ``(B, N, C)`` / ``(N, C)``; ``mask`` ``(B, N)`` / ``(N,)`` (RepBN's statistics only). Output: input's
@@ -217,29 +208,19 @@ class PRepBatchNorm(NormBase):
         decrement_every: int = 1,
         norm1: str | Callable[..., nn.Module] = "layer_norm",
         norm1_eps: float | None = None,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        alpha_init: float = 1.0,
-        weight_init: float = 1.0,
-        affine: bool = True,
         channel_dim: int = -1,
-        process_group: Any = None,
-        sync_stats: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        **norm2_kwargs: Any,
     ) -> None:
-        super().__init__()
-        self._setup(num_features, channel_dim, "token")
+        super().__init__(num_features, channel_dim, "token")
         for name, value, low in (("total_steps", total_steps, 0), ("warmup_steps", warmup_steps, 0),
                                  ("decrement_every", decrement_every, 1)):
             check_int("prep_batch_norm", name, value, low)
         self.total_steps, self.warmup_steps, self.r0 = total_steps, warmup_steps, float(r0)
         self.decrement_every = decrement_every
         self.norm1 = _build_norm1(norm1, num_features, norm1_eps, device=device, dtype=dtype)
-        self.norm2 = RepBatchNorm(
-            num_features, eps=eps, momentum=momentum, alpha_init=alpha_init, weight_init=weight_init, affine=affine,
-            process_group=process_group, sync_stats=sync_stats, device=device, dtype=dtype,
-        )
+        self.norm2 = RepBatchNorm(num_features, device=device, dtype=dtype, **norm2_kwargs)
         schedule = (("warm", warmup_steps), ("iter", total_steps), ("total_step", total_steps), ("num_step", 0))
         for name, value in schedule:
             self.register_buffer(name, torch.tensor(value, dtype=torch.long, device=device))
@@ -267,14 +248,6 @@ class PRepBatchNorm(NormBase):
 
     def ramp_finished(self) -> bool:
         return int(self.warm) == 0 and int(self.iter) == 0
-
-    def functional_kwargs(self) -> dict[str, Any]:
-        kw = self.norm2.functional_kwargs()
-        kw.update(
-            norm1=self.norm1, warm=self.warm, iter=self.iter, total_step=self.total_step, num_step=self.num_step,
-            r0=self.r0, decrement_every=self.decrement_every, training=self.training, channel_dim=self.channel_dim,
-        )
-        return kw
 
     def folded_affine(self) -> FoldedAffine:
         """RepBN's eval affine: exactly what eval computes, mid-ramp included (see :meth:`fold_note`).

@@ -12,7 +12,7 @@ import math
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from normlab.functional.rms_norm import crms_norm, partial_size, resolve_eps, rms_norm, scale_norm
 from normlab.nn._base import NormBase
@@ -35,7 +35,9 @@ def _eps_inside(op: str, eps_placement: str) -> bool:
     layout="any",
     aliases=("rms",),
     paper=_RMS_PAPER,
-    samples=({"eps_placement": "outside"}, {"bias": True}, {"affine": False}, {"channel_dim": 1}),
+    samples=(
+        {"eps_placement": "outside"}, {"bias": True}, {"affine": False}, {"channel_dim": 1}, {"unit_offset": True},
+    ),
     description="per-token root mean square; eps inside (default) or outside the root",
 )
 class RMSNorm(NormBase):
@@ -50,7 +52,7 @@ class RMSNorm(NormBase):
 
     ``eps_placement="inside"`` (default) is the LLaMA / T5 / ``torch.nn.RMSNorm`` convention and the official
     TensorFlow code; ``"outside"`` computes ``x / (rms + eps)`` as the official PyTorch code does, with that
-    code's ``eps=1e-8`` as default. The two differ for tiny inputs (spec §5.5).
+    code's ``eps=1e-8`` as default. The two differ for tiny inputs (``tests/nn/test_vectors.py`` shows one).
 
     Args:
         num_features: channel count ``C``.
@@ -60,6 +62,7 @@ class RMSNorm(NormBase):
         affine: learn the gain ``weight`` (init 1). Default ``True``.
         bias: learn an offset ``bias`` (init 0), as the official code's ``bias=True``. Default ``False``.
         channel_dim: channel axis. Default ``-1``.
+        unit_offset: the gain is ``1 + weight`` (``weight`` init 0), Gemma's RMSNorm. Default ``False``.
 
     Shape:
         input ``(*, C)``; output the same shape and dtype (float16/bfloat16 statistics in float32).
@@ -78,11 +81,12 @@ class RMSNorm(NormBase):
         affine: bool = True,
         bias: bool = False,
         channel_dim: int = -1,
+        unit_offset: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._setup(num_features, channel_dim)
+        super().__init__(num_features, channel_dim)
+        self.unit_offset = unit_offset
         self._eps_inside = _eps_inside(self._name(), eps_placement)
         self.eps = resolve_eps(eps, self._eps_inside)
         self.eps_placement = eps_placement
@@ -92,15 +96,18 @@ class RMSNorm(NormBase):
 
     repr_always = ("eps",)
 
+    def _param_init(self) -> dict[str, float]:
+        return {"weight": 0.0 if self.unit_offset else 1.0, "bias": 0.0}
+
     @classmethod
     def torch_twin(cls, num_features: int, **kwargs: Any) -> nn.Module | None:
-        if cls is not RMSNorm or kwargs.get("eps_placement", "inside") != "inside" or kwargs.get("bias", False):
+        k = cls.resolved_kwargs(**kwargs)
+        if cls is not RMSNorm or k["eps_placement"] != "inside" or k["bias"] or k["channel_dim"] != -1:
             return None
-        if kwargs.get("channel_dim", -1) != -1:
+        if k["unit_offset"]:  # torch.nn.RMSNorm has no (1 + weight) gain
             return None
         # eps=None must mean ours (1e-6), not torch's own None (finfo.eps of the input dtype).
-        eps = resolve_eps(kwargs.get("eps"), True)
-        return nn.RMSNorm(num_features, eps=eps, elementwise_affine=kwargs.get("affine", True))
+        return nn.RMSNorm(num_features, eps=resolve_eps(k["eps"], True), elementwise_affine=k["affine"])
 
     def _partial(self) -> int | None:
         return None
@@ -238,8 +245,7 @@ class CRMSNorm(NormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._setup(num_features, channel_dim)
+        super().__init__(num_features, channel_dim)
         self.eps = eps
         self.affine = affine
         self._init_affine(num_features, weight=affine, bias=bias, device=device, dtype=dtype)
@@ -283,8 +289,7 @@ class ScaleNorm(NormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._setup(num_features, channel_dim)
+        super().__init__(num_features, channel_dim)
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(1, device=device, dtype=dtype))
         self.reset_parameters()
@@ -298,9 +303,3 @@ class ScaleNorm(NormBase):
     def _upgrade_state_dict(self, state_dict: dict[str, Any], prefix: str, version: int | None) -> None:
         if (version is None or version < 2) and prefix + "scale" in state_dict and prefix + "weight" not in state_dict:
             state_dict[prefix + "weight"] = state_dict.pop(prefix + "scale")
-
-    @property
-    def scale(self) -> Tensor:
-        """``g`` under its name before ``_version`` 2 (read-only; the parameter is :attr:`weight`)."""
-        return self.weight
-

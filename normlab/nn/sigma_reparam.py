@@ -2,7 +2,8 @@
 Transformer Training by Preventing Attention Entropy Collapse" (ICML 2023, https://arxiv.org/abs/2303.06296).
 
 This is a linear layer, not a norm: it is not registered in :mod:`normlab.registry`. The spectral norm σ(W) is
-estimated with one step of power iteration per training forward (``shared/specs/placement.md`` §9.1).
+estimated with one step of power iteration per training forward, as in the paper's official PyTorch code
+(apple/ml-sigma-reparam, ``vision/layers.py``).
 """
 
 from __future__ import annotations

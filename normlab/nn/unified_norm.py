@@ -112,9 +112,8 @@ class UnifiedNorm(NormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(num_features, channel_dim, "token")
         op = "unified_norm"
-        self._setup(num_features, channel_dim, "token")
         kf, kb = _window_sizes(window_size)
         self.window_size = (kf, kb)
         self.warmup_iters = check_int(op, "warmup_iters", warmup_iters)

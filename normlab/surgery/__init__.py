@@ -35,6 +35,7 @@ from normlab.surgery.stream_math import (
     fold_ln_into_reader,
     fold_value_bias,
 )
+from normlab.surgery.swap import SwapRecord, SwapReport, swap_norms
 from normlab.surgery.sync import convert_sync_norms
 
 __all__ = [
@@ -55,6 +56,8 @@ __all__ = [
     "StreamChange",
     "StreamMap",
     "StreamSurgeryReport",
+    "SwapRecord",
+    "SwapReport",
     "ZeroMean",
     "center_unembed",
     "center_unembed_weights",
@@ -78,4 +81,5 @@ __all__ = [
     "norm_affine",
     "recalibrate_stats",
     "save",
+    "swap_norms",
 ]

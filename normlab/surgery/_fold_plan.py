@@ -10,11 +10,12 @@ Three ways to find the layers a norm folds into, all producing :class:`Plan` (a 
   taking the norm's output as its only input;
 * an explicit ``{norm_path: [consumer paths]}`` map from the user.
 
-Nothing here mutates the model. Folding math: ``shared/specs/ln-replacements.md`` §9.
+Nothing here mutates the model. Folding math: :mod:`normlab.surgery.fold_math`.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -108,7 +109,7 @@ def plan_structure(model: nn.Module, norms: Mapping[str, nn.Module]) -> list[Pla
                         path,
                         f"its output is the residual stream (placement={block.placement!r}, norm after the residual "
                         "add): no adjacent linear layer sees it alone, so a local fold cannot be exact (the stream "
-                        "re-parameterisation of spec §9.4 is not implemented)",
+                        "re-parameterisation SLAB uses for its final norm is not implemented)",
                     ),
                 )
         inner = _join(m_path, "inner_norm")
@@ -149,12 +150,20 @@ def _describe(node: torch.fx.Node) -> str:
     return f"{node.op} {node.target}" if node.op != "call_function" else f"call_function {node.target}"
 
 
+def _optional_defaults(model: nn.Module) -> dict[str, object]:
+    """``forward``'s optional arguments at their defaults (``labels=None``, ``output_hidden_states=False``): traced
+    as placeholders they would be proxies, and a forward that branches on them could not be traced."""
+    params = inspect.signature(model.forward).parameters.values()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in params if p.kind in kinds and p.default is not inspect.Parameter.empty}
+
+
 def plan_fx(model: nn.Module, norms: Mapping[str, nn.Module]) -> list[Plan | Refusal]:
     """Plans for a plain module graph from ``torch.fx`` symbolic tracing."""
     if not norms:
         return []
     try:
-        graph = _NormLeafTracer().trace(model)
+        graph = _NormLeafTracer().trace(model, concrete_args=_optional_defaults(model))
     except Exception as exc:  # fx raises many types (TraceError, TypeError, ...) for untraceable Python
         raise TypeError(
             f"fold_norms: could not trace {type(model).__name__} with torch.fx to find the layers each norm feeds "

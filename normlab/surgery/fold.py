@@ -7,7 +7,7 @@ stage (https://arxiv.org/abs/2003.07845) and the identity are a fixed per-channe
 output (pre-norm: q, k, v, fc1, gate, up, the LM head) or into the linear/conv that writes its input (conv→BN,
 Peri-LN branch-output norms), then replaces the norm by ``nn.Identity()`` (or by the per-token module that must stay,
 PowerNorm's GroupScaling). The tensor math lives in :mod:`normlab.surgery.fold_math`; where a norm's layers are comes
-from :mod:`normlab.surgery._fold_plan`. Spec: ``shared/specs/ln-replacements.md`` §9.
+from :mod:`normlab.surgery._fold_plan`. The eval affine is BatchNorm's inference form (Ioffe & Szegedy 2015, §3.1).
 
 The fold is exact up to float rounding, or it is refused: train mode, a norm that is not foldable, a weight tied to
 another module, a norm whose output is also the residual stream (Post-LN, DeepNorm), a conv with zero padding after a
@@ -173,7 +173,7 @@ def _check_target(
         if layer.padding_mode == "zeros" and not _padding_is_zero(layer.padding, layer.kernel_size):
             return (
                 f"{target} is a conv with zero padding ({layer.padding}) after the norm: the padded border taps "
-                "would miss the norm's shift, so the fold is not exact (spec §9.2)"
+                "would miss the norm's shift, so the fold is not exact"
             )
     have = layer.in_channels if plan.direction == "into_consumers" else layer.out_channels
     return None if have == need else f"{target} has {have} channels on the folded side, the norm has {need}"
@@ -301,6 +301,22 @@ def fold_norms(
         >>> report.folded[0].targets, report.folded[0].direction, type(report.model[1]).__name__
         (('0',), 'into_producer', 'Identity')
     """
+    norms = _eval_norms(model)
+    items = _plan(model, norms, consumers)
+    accepted, refused = _accept(model, norms, items)
+    if strict and refused:
+        listing = "\n".join(f"  - {r}" for r in refused)
+        raise refused[0].error(
+            f"fold_norms: refused to fold {len(refused)} norm(s); the model was not changed "
+            f"(pass strict=False to fold the others and list these in FoldReport.refused):\n{listing}"
+        )
+    target = model if inplace else copy.deepcopy(model)
+    folded = _execute(target, norms, accepted, inplace=inplace)
+    return FoldReport(model=target, folded=folded, refused=refused, inplace=inplace)
+
+
+def _eval_norms(model: nn.Module) -> dict[str, nn.Module]:
+    """The norms of ``model`` by path, after checking it is a model (not a norm) in eval mode."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_norms: expected an nn.Module, got {type(model).__name__}")
     if is_norm(model):
@@ -313,13 +329,25 @@ def fold_norms(
             f"fold_norms: needs eval mode (train-mode norms use batch statistics, not a fixed affine); got {where}; "
             "call model.eval() first"
         )
-    if consumers is not None:
-        items = plan_map(model, norms, consumers)
-    elif _is_normlab_model(model):
-        items = plan_structure(model, norms)
-    else:
-        items = plan_fx(model, norms)
+    return norms
 
+
+def _plan(
+    model: nn.Module, norms: Mapping[str, nn.Module], consumers: Mapping[str, Sequence[str] | str] | None
+) -> list[Plan | Refusal]:
+    """Where each norm would go: the explicit ``consumers`` map, a normlab model's structure, or an fx trace."""
+    if consumers is not None:
+        return plan_map(model, norms, consumers)
+    if _is_normlab_model(model):
+        return plan_structure(model, norms)
+    return plan_fx(model, norms)
+
+
+def _accept(
+    model: nn.Module, norms: Mapping[str, nn.Module], items: Sequence[Plan | Refusal]
+) -> tuple[list[tuple[Plan, FoldedAffine]], list[Refusal]]:
+    """Validate every plan against the unchanged model: the plans that fold exactly, each with its norm's affine, and
+    the refusals (the planner's, the validator's, and a second fold into a layer already claimed in one direction)."""
     modules = dict(model.named_modules(remove_duplicate=False))
     owners: dict[int, list[str]] = {}  # every path of every parameter: a layer at two paths or a tied weight
     for pname, p in model.named_parameters(remove_duplicate=False):
@@ -348,15 +376,17 @@ def fold_norms(
             continue
         claimed.update({(t, item.direction): item.norm for t in item.targets})
         accepted.append((item, result))
+    return accepted, refused
 
-    if strict and refused:
-        listing = "\n".join(f"  - {r}" for r in refused)
-        raise refused[0].error(
-            f"fold_norms: refused to fold {len(refused)} norm(s); the model was not changed "
-            f"(pass strict=False to fold the others and list these in FoldReport.refused):\n{listing}"
-        )
 
-    target = model if inplace else copy.deepcopy(model)
+def _execute(
+    target: nn.Module,
+    norms: Mapping[str, nn.Module],
+    accepted: Sequence[tuple[Plan, FoldedAffine]],
+    *,
+    inplace: bool,
+) -> list[FoldRecord]:
+    """Apply the accepted folds to ``target`` (the model, or its copy when not ``inplace``); one record per fold."""
     folded: list[FoldRecord] = []
     for plan, affine in accepted:
         if not inplace:  # the copy's own norm: its keep module must be the copy's, not the original's
@@ -366,4 +396,4 @@ def fold_norms(
         note = norm_protocol(norm).fold_note() or ""
         record = FoldRecord(plan.norm, type(norm).__name__, plan.direction, plan.targets, kept, plan.found_by, note)
         folded.append(record)
-    return FoldReport(model=target, folded=folded, refused=refused, inplace=inplace)
+    return folded

@@ -4,7 +4,7 @@ These are the pure functions behind :func:`normlab.surgery.fold_norms` (PyTorch 
 ``torch.nn.utils.fuse_conv_bn_weights`` with ``fuse_conv_bn_eval`` the same way). Every function computes in float64
 and casts the results back to the dtypes of the weight (and bias) it was given; none mutates its inputs.
 
-Two directions (``shared/specs/ln-replacements.md`` §9):
+Two directions (BatchNorm's inference form, Ioffe & Szegedy 2015 §3.1 and Algorithm 2, moved into a neighbour):
 
 * norm **before** the layer (pre-norm Transformers: BN / RepBN / UN / PN feeding q, k, v, fc1, gate, up, an LM head):
   ``y = W (a ⊙ x + c) + b = W' x + b'`` with ``W' = W·diag(a)`` and ``b' = b + W c``;
@@ -87,7 +87,7 @@ def fold_affine_into_linear_input(
     Returns:
         ``(W', b')`` with ``W' = W·diag(a)`` (columns scaled) and ``b' = b + W c``, cast to the input dtypes.
 
-    Example (the [derived] BN→Linear vector of spec §9.2):
+    Example (a norm before a Linear):
         >>> w, b = fold_affine_into_linear_input(torch.tensor([[1.0, 2], [3, -1]]), None,
         ...                                      torch.tensor([0.5, 2.0]), torch.tensor([1.0, 0.0]))
         >>> w.tolist(), b.tolist()

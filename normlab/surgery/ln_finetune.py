@@ -103,13 +103,10 @@ def remove_ln_by_finetuning(
     try:
         for step in range(steps):
             flipped = schedule(step)
-            for name in flipped:
-                run.switched_at[name] = step
+            run.switched_at |= dict.fromkeys(flipped, step)
             for group in opt.param_groups:
                 group["lr"] = _cosine_lr(step, steps, warm, lr, lr * min_lr_ratio)
-            loss = loss_fn(net, next(batches))
-            if aux is not None:
-                loss = loss + aux()
+            loss = loss_fn(net, next(batches)) + (aux() if aux is not None else 0.0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, clip)
@@ -120,7 +117,6 @@ def remove_ln_by_finetuning(
     finally:
         if aux is not None:
             aux.remove()
-    for name in schedule(steps):  # a schedule ending at the last step: nothing left in real mode
-        run.switched_at[name] = steps
+    run.switched_at |= dict.fromkeys(schedule(steps), steps)  # nothing is left in real mode
     net.eval()
     return run

@@ -75,7 +75,12 @@ _NOT_CALLED = "not called by the forward during the pass: running statistics lef
 
 
 def _find_targets(model: nn.Module) -> tuple[list[_Target], list[tuple[str, str]]]:
-    """The batch-statistic norms with running statistics, each with its plan, and those with nothing to do."""
+    """The batch-statistic norms with running statistics, each with its plan, and those with nothing to do.
+
+    Raises:
+        TypeError: a norm with running statistics whose class has no recalibration rule. ValueError: no norm to
+            recalibrate.
+    """
     targets: list[_Target] = []
     skipped: list[tuple[str, str]] = []
     for path, m, spec in iter_norms(model, has_running_stats=True, batch_dependent=True):
@@ -91,6 +96,12 @@ def _find_targets(model: nn.Module) -> tuple[list[_Target], list[tuple[str, str]
             skipped.append((where, _NO_STATS))
         else:
             targets.append(_Target(where, m, plan))
+    if not targets:
+        why = f" (skipped: {'; '.join(f'{p}: {r}' for p, r in skipped)})" if skipped else ""
+        raise ValueError(
+            f"recalibrate_stats: {type(model).__name__} has no batch-statistic norm with running statistics to "
+            f"recalibrate{why}"
+        )
     return targets, skipped
 
 
@@ -178,6 +189,16 @@ def recalibrate_stats(
         >>> report.recalibrated, report.num_batches, net.training
         (['1'], 4, False)
     """
+    _check_arguments(model, batches, forward, reset, momentum, max_batches)
+    targets, skipped = _find_targets(model)
+    mom = None if momentum is None else float(momentum)
+    run = forward if forward is not None else _default_forward
+    count = _run_pass(model, targets, batches, run, reset=reset, momentum=mom, max_batches=max_batches)
+    return _report(model, targets, skipped, num_batches=count, momentum=mom, reset=reset)
+
+
+def _check_arguments(model: Any, batches: Any, forward: Any, reset: Any, momentum: Any, max_batches: Any) -> None:
+    """Raise the TypeError / ValueError naming the first bad argument of :func:`recalibrate_stats`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"recalibrate_stats: expected model to be an nn.Module, got {type(model).__name__}")
     if not isinstance(reset, bool):
@@ -207,65 +228,114 @@ def recalibrate_stats(
             f"{type(batches).__name__}"
         )
 
-    targets, skipped = _find_targets(model)
-    if not targets:
-        why = f" (skipped: {'; '.join(f'{p}: {r}' for p, r in skipped)})" if skipped else ""
-        raise ValueError(
-            f"recalibrate_stats: {type(model).__name__} has no batch-statistic norm with running statistics to "
-            f"recalibrate{why}"
-        )
-    run = forward if forward is not None else _default_forward
-    mom = None if momentum is None else float(momentum)
 
-    modes = {m: m.training for m in model.modules()}
+@dataclass
+class _Snapshot:
+    """The state the pass changes and must give back: every module's train flag, the attributes the plans override,
+    the buffers they keep (counters, windows), and the fitted statistics themselves (returned when the pass fails, or
+    per norm when the forward never called it: a reset would otherwise leave it at mean 0 / variance 1, fitted to
+    nothing)."""
+
+    modes: dict[nn.Module, bool]
+    attrs: list[tuple[Any, str, Any]]
+    bufs: list[tuple[Tensor, Tensor]]
+    stats: list[tuple[_Target, Tensor, Tensor]]
+
+    @classmethod
+    def take(cls, model: nn.Module, targets: list[_Target]) -> _Snapshot:
+        plans = [t.plan for t in targets]
+        return cls(
+            modes={m: m.training for m in model.modules()},
+            attrs=[(obj, name, getattr(obj, name)) for p in plans for obj, name, _ in p.overrides],
+            bufs=[(b, b.clone()) for p in plans for b in [*(c for c, _ in p.counters), *p.keep]],
+            stats=[
+                (t, b, b.clone())
+                for t in targets
+                for b in [*(s for s, _ in t.plan.stats), t.plan.tracked]
+                if b is not None
+            ],
+        )
+
+    def restore(self, *, failed: bool) -> None:
+        """Give everything back; the statistics of a norm only if the pass ``failed`` or never called it."""
+        with torch.no_grad():
+            for buf, value in self.bufs:
+                buf.copy_(value)
+            for t, buf, value in self.stats:
+                if failed or t.calls == 0:
+                    buf.copy_(value)
+        for obj, name, value in self.attrs:
+            setattr(obj, name, value)
+        for m, training in self.modes.items():
+            m.training = training
+
+
+def _enter_pass(
+    model: nn.Module, targets: list[_Target], handles: list[RemovableHandle], *, reset: bool, momentum: float | None
+) -> None:
+    """Put the model in recalibration mode (under ``no_grad``): statistics reset if asked, the plans' overrides
+    set, everything in eval mode except the targets, each target hooked; the hooks are appended to ``handles``."""
     plans = [t.plan for t in targets]
-    saved_attrs = [(obj, name, getattr(obj, name)) for p in plans for obj, name, _ in p.overrides]
-    saved_bufs = [(b, b.clone()) for p in plans for b in [*(c for c, _ in p.counters), *p.keep]]
-    # The statistics themselves come back when the pass fails (an error leaves the model as it was) and, per norm,
-    # when the forward never called it: a reset would otherwise leave it at mean 0 / variance 1, fitted to nothing.
-    saved_stats = [
-        (t, b, b.clone()) for t in targets for b in [*(s for s, _ in t.plan.stats), t.plan.tracked] if b is not None
-    ]
-    ok = False
+    if reset:
+        for p in plans:
+            for buf, init in p.stats:
+                buf.fill_(init)
+            if p.tracked is not None:
+                p.tracked.zero_()
+    for obj, name, value in (o for p in plans for o in p.overrides):
+        setattr(obj, name, value)
+    model.eval()
+    for t in targets:
+        t.module.train()
+        handles += _hooks(t, momentum)
+
+
+def _run_pass(
+    model: nn.Module,
+    targets: list[_Target],
+    batches: Iterable[Any],
+    run: Callable[[nn.Module, Any], Any],
+    *,
+    reset: bool,
+    momentum: float | None,
+    max_batches: int | None,
+) -> int:
+    """Run the batches through the model in recalibration mode and put back everything but the fitted statistics
+    (all of it on an error); return how many batches ran. Raises ValueError when there was no batch."""
+    snapshot = _Snapshot.take(model, targets)
     handles: list[RemovableHandle] = []
     count = 0
+    failed = True
     try:
         with torch.no_grad():
-            if reset:
-                for p in plans:
-                    for buf, init in p.stats:
-                        buf.fill_(init)
-                    if p.tracked is not None:
-                        p.tracked.zero_()
-            for obj, name, value in (o for p in plans for o in p.overrides):
-                setattr(obj, name, value)
-            model.eval()
-            for t in targets:
-                t.module.train()
-                handles += _hooks(t, mom)
+            _enter_pass(model, targets, handles, reset=reset, momentum=momentum)
             for batch in batches:
                 if max_batches is not None and count >= max_batches:
                     break
                 run(model, batch)
                 count += 1
-            ok = count > 0
+        failed = False
     finally:
         for h in handles:
             h.remove()
-        with torch.no_grad():
-            for buf, value in saved_bufs:
-                buf.copy_(value)
-            for t, buf, value in saved_stats:
-                if not ok or t.calls == 0:
-                    buf.copy_(value)
-        for obj, name, value in saved_attrs:
-            setattr(obj, name, value)
-        for m, training in modes.items():
-            m.training = training
+        snapshot.restore(failed=failed)
     if count == 0:
         raise ValueError("recalibrate_stats: expected at least one batch, got an empty batches iterable")
+    return count
+
+
+def _report(
+    model: nn.Module,
+    targets: list[_Target],
+    skipped: list[tuple[str, str]],
+    *,
+    num_batches: int,
+    momentum: float | None,
+    reset: bool,
+) -> RecalibrationReport:
+    """The report: the norms the pass called, and the skipped ones (in module order) with the reason."""
     called = [t for t in targets if t.calls > 0]
-    skipped += [(t.path, _NOT_CALLED) for t in targets if t.calls == 0]
+    skipped = skipped + [(t.path, _NOT_CALLED) for t in targets if t.calls == 0]
     order = {path or "<model>": i for i, (path, _) in enumerate(model.named_modules())}
     skipped.sort(key=lambda s: order.get(s[0], len(order)))
     return RecalibrationReport(
@@ -273,8 +343,8 @@ def recalibrate_stats(
         recalibrated=[t.path for t in called],
         calls={t.path: t.calls for t in called},
         skipped=skipped,
-        num_batches=count,
-        momentum=mom,
+        num_batches=num_batches,
+        momentum=momentum,
         reset=reset,
     )
 

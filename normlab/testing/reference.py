@@ -16,6 +16,7 @@ from torch import Tensor
 from normlab.registry import register_reference
 
 __all__ = [
+    "affine64",
     "batch_norm",
     "crms_norm",
     "dyt",
@@ -43,7 +44,8 @@ def _last(x: Tensor, channel_dim: int) -> Tensor:
     return x.movedim(channel_dim, -1)
 
 
-def _affine(y: Tensor, m: Any) -> Tensor:
+def affine64(y: Tensor, m: Any) -> Tensor:
+    """``y * weight + bias`` in float64 with the module's ``weight`` / ``bias`` (each skipped when absent)."""
     w, b = to64(getattr(m, "weight", None)), to64(getattr(m, "bias", None))
     if w is not None:
         y = y * w
@@ -59,11 +61,11 @@ def layer_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
         dims = tuple(range(-len(m.normalized_shape), 0))
         mu = x.mean(dims, keepdim=True)
         var = ((x - mu) ** 2).mean(dims, keepdim=True)
-        return _affine((x - mu) / torch.sqrt(var + m.eps), m)
+        return affine64((x - mu) / torch.sqrt(var + m.eps), m)
     xl = _last(x, m.channel_dim)
     mu = xl.mean(-1, keepdim=True)
     var = ((xl - mu) ** 2).mean(-1, keepdim=True)
-    return _affine((xl - mu) / torch.sqrt(var + m.eps), m).movedim(-1, m.channel_dim)
+    return affine64((xl - mu) / torch.sqrt(var + m.eps), m).movedim(-1, m.channel_dim)
 
 
 @register_reference("rms_norm", "prms_norm", "srms_norm")
@@ -76,7 +78,11 @@ def rms_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
         y = xl / torch.sqrt(ms + m.eps)
     else:
         y = xl / (torch.sqrt(ms) + m.eps)
-    return _affine(y, m).movedim(-1, m.channel_dim)
+    if getattr(m, "unit_offset", False) and m.weight is not None:  # Gemma: the gain is 1 + weight
+        y = y * (1.0 + to64(m.weight))
+        b = to64(getattr(m, "bias", None))
+        return (y if b is None else y + b).movedim(-1, m.channel_dim)
+    return affine64(y, m).movedim(-1, m.channel_dim)
 
 
 @register_reference("crms_norm")
@@ -86,20 +92,20 @@ def crms_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
     full = torch.cat([z, -z.sum(-1, keepdim=True)], dim=-1)
     var = (full**2).mean(-1, keepdim=True)  # zero mean by construction
     y = (full / torch.sqrt(var + m.eps))[..., :-1]
-    return _affine(y, m).movedim(-1, m.channel_dim)
+    return affine64(y, m).movedim(-1, m.channel_dim)
 
 
 @register_reference("scale_norm")
 def scale_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
     xl = _last(x.to(torch.float64), m.channel_dim)
     norm = torch.sqrt((xl**2).sum(-1, keepdim=True)).clamp_min(m.eps)
-    return (xl * to64(m.scale) / norm).movedim(-1, m.channel_dim)
+    return (xl * to64(m.weight) / norm).movedim(-1, m.channel_dim)
 
 
 @register_reference("dyt")
 def dyt(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
     xl = _last(x.to(torch.float64), m.channel_dim)
-    return _affine(torch.tanh(to64(m.alpha) * xl), m).movedim(-1, m.channel_dim)
+    return affine64(torch.tanh(to64(m.alpha) * xl), m).movedim(-1, m.channel_dim)
 
 
 @register_reference("identity")
@@ -154,7 +160,7 @@ def batch_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
         var = ((rows - mu) ** 2).mean(0)
     else:
         mu, var = to64(m.running_mean), to64(m.running_var)
-    return _affine((xl - mu) / torch.sqrt(var + m.eps), m).movedim(-1, m.channel_dim)
+    return affine64((xl - mu) / torch.sqrt(var + m.eps), m).movedim(-1, m.channel_dim)
 
 
 @register_reference("fixed_scale_layer_norm")
@@ -163,6 +169,6 @@ def fixed_scale_layer_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Ten
     x = x.to(torch.float64)
     mu = x.mean(-1, keepdim=True)
     if m.fixed:
-        return _affine((x - mu) / to64(m.sigma), m)
+        return affine64((x - mu) / to64(m.sigma), m)
     var = ((x - mu) ** 2).mean(-1, keepdim=True)
-    return _affine((x - mu) / torch.sqrt(var + m.eps), m)
+    return affine64((x - mu) / torch.sqrt(var + m.eps), m)

@@ -1,7 +1,8 @@
 """Float64 references of the Transformer batch-statistic norms: PowerNorm (https://arxiv.org/abs/2003.07845),
 Unified Normalization (https://arxiv.org/abs/2208.01313), RepBN and PRepBN (SLAB, https://arxiv.org/abs/2405.11582).
 
-Written from the definitions in the spec, independently of :mod:`normlab.functional`. Each has the signature
+Written from the papers and the official code (the commits named in each norm's module), independently of
+:mod:`normlab.functional`. Each has the signature
 ``reference(module, x, mask=None) -> Tensor``: it reads the module's parameters, buffers and ``training`` flag and
 returns the output of the module's NEXT forward (in training: the step ``t = iters + 1``) without updating state.
 """
@@ -15,25 +16,9 @@ import torch
 from torch import Tensor
 
 from normlab.registry import get_norm, register_reference
+from normlab.testing.reference import affine64, to64
 
 __all__ = ["power_norm", "prep_batch_norm", "rep_batch_norm", "unified_norm"]
-
-
-def _f64(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.detach().to(torch.float64)
-
-
-def _t64(t: Tensor) -> Tensor:
-    return t.detach().to(torch.float64)
-
-
-def _affine(y: Tensor, m: Any) -> Tensor:
-    w, b = _f64(getattr(m, "weight", None)), _f64(getattr(m, "bias", None))
-    if w is not None:
-        y = y * w
-    if b is not None:
-        y = y + b
-    return y
 
 
 def _valid_rows(xl: Tensor, mask: Tensor | None) -> Tensor:
@@ -59,8 +44,8 @@ def power_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
     if m.training and int(m.iters) + 1 <= m.warmup_iters:
         stat = (_valid_rows(xg, mask) ** 2).mean(0)
     else:
-        stat = _t64(m.running_phi)
-    return _affine(xg / torch.sqrt(stat + m.eps), m)
+        stat = to64(m.running_phi)
+    return affine64(xg / torch.sqrt(stat + m.eps), m)
 
 
 @register_reference("unified_norm")
@@ -68,7 +53,7 @@ def unified_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
     """The statistic step ``t = iters + 1`` would use (batch moment / window geometric mean / outlier fallback)."""
     xd = x.to(torch.float64)
     if not m.training:
-        return _affine(xd / torch.sqrt(_t64(m.running_var) + m.eps), m)
+        return affine64(xd / torch.sqrt(to64(m.running_var) + m.eps), m)
     t = int(m.iters) + 1
     k = m.buffer_x2.shape[0]
     x2 = (_valid_rows(xd, mask) ** 2).mean(0)
@@ -86,7 +71,7 @@ def unified_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
         v = x2
     else:
         v = torch.exp(torch.log(window).mean(0))
-    return _affine(xd / torch.sqrt(v + m.eps), m)
+    return affine64(xd / torch.sqrt(v + m.eps), m)
 
 
 def _rep_bn(m: Any, xl: Tensor, mask: Tensor | None, training: bool) -> Tensor:
@@ -96,9 +81,9 @@ def _rep_bn(m: Any, xl: Tensor, mask: Tensor | None, training: bool) -> Tensor:
         mu = rows.mean(0)
         var = ((rows - mu) ** 2).mean(0)
     else:
-        mu, var = _t64(m.running_mean), _t64(m.running_var)
-    bn = _affine((xl - mu) / torch.sqrt(var + m.eps), m)
-    return bn + _t64(m.alpha) * xl
+        mu, var = to64(m.running_mean), to64(m.running_var)
+    bn = affine64((xl - mu) / torch.sqrt(var + m.eps), m)
+    return bn + to64(m.alpha) * xl
 
 
 @register_reference("rep_batch_norm")

@@ -16,9 +16,12 @@ from normlab.lab.validate import check_suite
 from tests.lab.conftest import toml_of
 
 
-@pytest.mark.parametrize("name", ["default", "placement", "digits"])
+def test_the_packaged_suites_are_listed() -> None:
+    assert {"default", "placement", "digits"} <= set(list_suites())
+
+
+@pytest.mark.parametrize("name", sorted(list_suites()))
 def test_packaged_suites_validate_and_build(name: str) -> None:
-    assert name in list_suites()
     cfg = load_suite(name)
     assert cfg.name == name and len(cfg.seeds) >= 2 and cfg.arms
     assert check_suite(cfg) == []

@@ -141,9 +141,9 @@ def test_mix_slots_in_use_are_the_slots_the_model_builds() -> None:
 
 
 @pytest.mark.parametrize(("m", "alpha", "beta"), [(6, 1.861, 0.380), (12, 2.213, 0.320), (24, 2.632, 0.269)])
-def test_deepnorm_coefficients_match_the_spec_table(m: int, alpha: float, beta: float) -> None:
+def test_deepnorm_coefficients_match_the_deepnet_formulas(m: int, alpha: float, beta: float) -> None:
     a, b = deepnorm_coefficients(m, "decoder")
-    # The spec's table is rounded to 3 digits (its 0.320 for M=12 is 0.3195 rounded up), so compare to 1e-3.
+    # DeepNet's decoder-only α = (2M)^(1/4), β = (8M)^(-1/4), rounded to 3 digits (0.320 for M=12 is 0.3195 rounded up).
     assert a == pytest.approx(alpha, abs=1e-3) and b == pytest.approx(beta, abs=1e-3)
     assert deepnorm_coefficients(m, "encoder") == (a, b)  # encoder-only uses the same formulas with N blocks
     assert math.isclose(a, (2 * m) ** 0.25) and math.isclose(b, (8 * m) ** -0.25)

@@ -83,7 +83,7 @@ def test_qk_override_picks_another_norm() -> None:
 def test_l2_qk_scale_init_is_log2_of_offdiagonal_count() -> None:
     attn = _attention("l2")
     assert float(attn.qk_scale.detach()) == pytest.approx(math.log2(N * N - N))
-    assert Attention.l2_scale_init(72) == pytest.approx(12.32, abs=5e-3)  # spec §7.1 table (en-vi)
+    assert Attention.l2_scale_init(72) == pytest.approx(12.32, abs=5e-3)  # QKNorm paper's g0 for en-vi (L = 72)
     assert Attention.l2_scale_init(1024) == pytest.approx(20.0, abs=5e-3)
     assert isinstance(attn.qk_scale, nn.Parameter) and attn.qk_scale.requires_grad
     assert attn.q_norm is None

@@ -1,4 +1,4 @@
-"""PowerNorm: the spec's behaviour vectors (§2.9), the approximate backward against a float64 re-statement of the
+"""PowerNorm: hand-derived behaviour vectors, the approximate backward against a float64 re-statement of the
 official recursion, warm-up, masks, GroupScaling, the paper switch, folding and errors.
 """
 
@@ -58,7 +58,8 @@ def test_spec_behaviour_vectors() -> None:
 
 
 class PNRecursion:
-    """Float64 re-statement of the official MaskPowerNorm step (spec §2.3-2.4) on group-scaled tokens."""
+    """Float64 re-statement of the official MaskPowerNorm step (forward, approximate backward) on group-scaled
+    tokens."""
 
     def __init__(self, c: int, warmup: int, af: float = 0.9, ab: float = 0.9, eps: float = 1e-5, paper: bool = False):
         self.phi, self.u = torch.ones(c, dtype=F64), torch.zeros(c, dtype=F64)

@@ -1,5 +1,5 @@
-"""RepBN and PRepBN: the spec's vectors (§3.7), masks, the LayerNorm -> RepBN schedule (§3.3), its resumption from a
-state dict, the fold gate and errors.
+"""RepBN and PRepBN: hand-derived vectors, masks, the LayerNorm -> RepBN schedule of SLAB's LinearNorm, its
+resumption from a state dict, the fold gate and errors.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def test_spec_vectors_train_eval_and_fold_into_linear() -> None:
     close(m(X)[0, 0], [1.4793597, 3.1983994])
     w = torch.tensor([[1.0, -1.0], [0.5, 2.0], [0.0, 1.0]], dtype=F64)
     c = torch.tensor([0.1, 0.2, 0.3], dtype=F64)
-    w2, c2 = w * fa.scale[None, :], c + w @ fa.shift  # spec §9.2: norm before a torch Linear
+    w2, c2 = w * fa.scale[None, :], c + w @ fa.shift  # norm before a torch Linear: W' = W diag(a), b' = b + W c
     close(w2, [[1.7989329, -1.7989329], [0.8994665, 3.5978658], [0.0, 1.7989329]])
     close(c2, [0.1798933, -0.7587195, -0.0994665])
     close(X[0, 0] @ w2.T + c2, [-1.6190396, 7.3364786, 3.4983994], atol=5e-7)

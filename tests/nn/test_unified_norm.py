@@ -1,4 +1,5 @@
-"""UnifiedNorm: the spec's forward/backward test-vector tables and outlier demo (spec §1.9), the custom backward
+"""UnifiedNorm: hand-derived forward/backward test vectors (one window k = 2, warm-up 3) and an outlier demo,
+the custom backward
 against a float64 re-statement of the official recursion (including the clamped-ratio phase), masks, warm-up,
 ``iters`` semantics, folding and errors. The generic contract lives in tests/test_contract.py.
 """
@@ -27,7 +28,8 @@ X_STEPS = [
     [[1, 1], [1, -1], [2, 0]],
 ]
 DY = [[1, 0], [0, 1], [1, 1]]
-# t, var used, y[0], running_var after, dX[0], ema_gz after, dweight (spec §1.9, k = 2, warmup = 3)
+# Hand-derived from the official UN1d step (k = 2, warmup = 3):
+# t, var used, y[0], running_var after, dX[0], ema_gz after, dweight
 TABLE = [
     ([3.4166667, 1.75], [0.541001, 1.5118536], [1.2416667, 1.075],
      [0.5330839, 0.0143985], [0.02705, -0.0125988], [0.8115015, -0.3779634]),
@@ -72,7 +74,7 @@ def test_spec_outlier_demo() -> None:
         y = un(x)
         v = (x[0, 0] / y[0, 0]) ** 2 - un.eps
         seen.append((v.item(), un.buffer_x2.flatten().tolist(), un.running_var.item(), int(un.skip_counter)))
-    expected = [  # t = 3, 4, 5 rows of the spec table
+    expected = [  # t = 3, 4, 5 rows of TABLE
         (1.0747093, [1.1, 1.05], 1.0164709, 0),
         (100.0, [1.0164709, 1.05], 10.9148238, 1),
         (1.0082018, [1.0164709, 1.0], 9.9241616, 1),
@@ -85,7 +87,7 @@ def test_spec_outlier_demo() -> None:
 
 
 class UNRecursion:
-    """Float64 re-statement of the official UN1d step (spec §1.3-1.4), written out for one batch at a time."""
+    """Float64 re-statement of the official UN1d step (forward, custom backward), one batch at a time."""
 
     def __init__(self, c: int, kf: int, kb: int, warmup: int, filt: bool, eps: float = 1e-5, mom: float = 0.9):
         self.kf, self.kb, self.warmup, self.filt, self.eps, self.mom = kf, kb, warmup, filt, eps, mom

@@ -1,4 +1,5 @@
-"""Tensor-level folds: the [derived] vectors of spec §9.1/§9.2/§3.7, torch's own fusion, convs, dtypes and errors."""
+"""Tensor-level folds: hand-derived vectors (conv/linear then BN, BN then linear, RepBN), torch's own
+fusion, convs, dtypes and errors."""
 
 from __future__ import annotations
 

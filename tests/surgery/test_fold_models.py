@@ -12,10 +12,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from normlab.models import DecoderLM, TransformerConfig, ViTEncoder
+from normlab.models import CNNConfig, DecoderLM, DigitsCNN, TransformerConfig, ViTEncoder
+from normlab.models.resnet import ResNet, ResNetConfig
 from normlab.nn._base import NormBase
 from normlab.registry import get_norm, list_norms
 from normlab.surgery import fold_norms, norm_affine
+from tests._extras import require
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SEQ = 48
@@ -134,10 +136,7 @@ def test_qk_norm_per_head_folds_the_tiled_affine_into_q_and_k() -> None:
 
 
 def test_vit_on_real_digits_folds_exactly() -> None:
-    datasets = pytest.importorskip("sklearn.datasets")
-    digits = datasets.load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
-    y = torch.tensor(digits.target)
+    x, y = _digits()
     cfg = TransformerConfig(
         d_model=32, n_layers=2, n_heads=4, norm="batch_norm", image_size=8, patch_size=4, in_channels=1, num_classes=10
     )
@@ -158,6 +157,42 @@ def test_vit_on_real_digits_folds_exactly() -> None:
         out = report.model(held).logits
     assert [r.targets for r in report.folded if r.norm == "final_norm"] == [("head",)]
     assert len(report.folded) == 5 and _rel(out, ref) <= 1e-5
+
+
+def _digits() -> tuple[Tensor, Tensor]:
+    digits = require("sklearn.datasets", "data").load_digits()
+    return torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0, torch.tensor(digits.target)
+
+
+@pytest.mark.parametrize(
+    ("model", "n_norms"),
+    # ResNet-8: the stem, 2 per block, and the norm of the 1x1-conv shortcut of stages 2 and 3
+    [(DigitsCNN(CNNConfig(channels=[8, 16, 16])), 3), (ResNet(ResNetConfig(depth=8, width=8, in_channels=1)), 9)],
+    ids=["DigitsCNN", "ResNet"],
+)
+def test_cnns_fold_directly_by_tracing(model: nn.Module, n_norms: int) -> None:
+    """The CNNs' ``forward(x, labels=None, output_hidden_states=False)`` traces with its optional arguments at their
+    defaults, so fold_norms finds every conv -> BatchNorm pair with no consumers map; outputs on real digits agree."""
+    x, y = _digits()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(4):  # real running statistics and weights
+        sl = slice(64 * step, 64 * step + 64)
+        loss = model(x[sl], labels=y[sl]).loss
+        assert loss is not None
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    held = x[-200:]
+    with torch.no_grad():
+        ref = model(held).logits
+        report = fold_norms(model)
+        out = report.model(held, labels=y[-200:], output_hidden_states=True)
+    assert len(report.folded) == n_norms and not report.refused
+    assert all(r.direction == "into_producer" for r in report.folded)
+    assert not any(isinstance(m, get_norm("batch_norm").cls) for m in report.model.modules())
+    assert out.loss is not None and out.hidden_states is not None  # the folded model keeps its full forward
+    assert _rel(out.logits, ref) <= 1e-5
 
 
 class _Logits(nn.Module):

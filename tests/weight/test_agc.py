@@ -1,4 +1,4 @@
-"""Adaptive Gradient Clipping: the spec's example, unit axes against a float64 loop, the eps floor, the classifier
+"""Adaptive Gradient Clipping: a hand-computed example, unit axes against a float64 loop, the eps floor, the classifier
 exclusion, the optimizer hook and the error messages."""
 
 from __future__ import annotations

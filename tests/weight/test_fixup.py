@@ -1,4 +1,4 @@
-"""Fixup: the factor L^(-1/(2m-2)), the spec's ResNet-110 / ResNet-50 numbers, zero output at init, the block's
+"""Fixup: the factor L^(-1/(2m-2)), the ResNet-110 / ResNet-50 numbers, zero output at init, the block's
 forward formula and the errors."""
 
 from __future__ import annotations

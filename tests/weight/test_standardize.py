@@ -1,4 +1,4 @@
-"""Weight Standardization and Scaled WS: the spec's hand-checked rows, the float64 reference, gradients, the layers,
+"""Weight Standardization and Scaled WS: hand-checked rows, the float64 reference, gradients, the layers,
 composition with other layers, baking before a fold, and the error messages."""
 
 from __future__ import annotations

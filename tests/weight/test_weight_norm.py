@@ -1,4 +1,4 @@
-"""Weight Normalization: torch's state-dict names, the spec's g = ‖v‖ example, and the data-dependent init against
+"""Weight Normalization: torch's state-dict names, the g = ‖v‖ example, and the data-dependent init against
 a float64 computation of the per-unit statistics, layer by layer."""
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
-"""The specs' test vectors for the foundation norms (../shared/specs/ln-replacements.md §4.10, §5.5, §6.4, §7.3)."""
+"""RMS-family norms (RMSNorm, pRMSNorm, SRMSNorm, CRMSNorm, ScaleNorm): hand-derived vectors, eps placement, partial
+sizes, the torch twin's eps and ScaleNorm's old checkpoints; the generic contract is tests/test_contract.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from normlab import CRMSNorm, DyT, LayerNorm, PartialRMSNorm, RMSNorm, SRMSNorm
+from normlab import CRMSNorm, LayerNorm, PartialRMSNorm, RMSNorm, ScaleNorm, SRMSNorm
 
 X = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
 SMALL = torch.tensor([1e-4, -2e-4, 3e-4, 0.0], dtype=torch.float64)
@@ -27,13 +28,13 @@ def test_rms_norm_eps_placements() -> None:
 @pytest.mark.parametrize("cls", [RMSNorm, PartialRMSNorm, SRMSNorm])
 def test_default_eps_follows_its_placement(cls: type[RMSNorm]) -> None:
     """Default eps: 1e-6 inside the root (LLaMA / torch.nn.RMSNorm), 1e-8 outside (official RMSNorm / fairseq-evo
-    code, spec §5.2 and §7.1); an explicit eps wins either way and is what extra_repr and the state report."""
+    code of RMSNorm and TransNormer); an explicit eps wins either way and is what extra_repr and the state report."""
     assert cls(4).eps == 1e-6
     out = cls(4, eps_placement="outside")
     assert out.eps == 1e-8 and "eps=1e-08" in repr(out)
     assert cls(4, eps=1e-5, eps_placement="outside").eps == 1e-5
     assert cls(4, eps=1e-8).eps == 1e-8
-    if cls is RMSNorm:  # spec §5.5: the small vector tells the two eps values apart outside the root
+    if cls is RMSNorm:  # the small vector tells the two eps values apart outside the root
         _close(RMSNorm(4, eps_placement="outside", dtype=torch.float64)(SMALL), [0.5344939, -1.0689878, 1.6034817, 0.0])
 
 
@@ -78,16 +79,36 @@ def test_crms_norm_equals_layer_norm_of_recovered_vector() -> None:
     torch.testing.assert_close(CRMSNorm(8, affine=False, dtype=torch.float64)(full[..., :-1]), ln)
 
 
-def test_dyt_vectors_and_gradients() -> None:
-    x = torch.tensor([-2.0, -0.5, 0.0, 1.0, 3.0], dtype=torch.float64, requires_grad=True)
-    m = DyT(5, dtype=torch.float64)
-    y = m(x)
-    _close(y, [-0.7615942, -0.2449187, 0.0, 0.4621172, 0.9051483])
-    y.sum().backward()
-    _close(x.grad, [0.2099872, 0.4700074, 0.5, 0.3932239, 0.0903533])
-    assert m.alpha.grad is not None and m.alpha.grad.item() == pytest.approx(0.0186115, abs=1e-7)
-    assert m.alpha.shape == (1,)  # one scalar per layer, not per channel (spec §4.8)
-    with torch.no_grad():
-        m.weight.copy_(torch.tensor([2.0, 1, 1, 1, 0.5]))
-        m.bias.copy_(torch.tensor([0.0, 0, 1, 0, -1]))
-    _close(m(x), [-1.5231883, -0.2449187, 1.0, 0.4621172, -0.5474259])
+def test_eps_placement_validated() -> None:
+    with pytest.raises(ValueError, match=r"expected eps_placement in \('inside', 'outside'\), got 'middle'"):
+        RMSNorm(4, eps_placement="middle")  # type: ignore[arg-type]
+
+
+def test_scale_norm_init() -> None:
+    assert ScaleNorm(16).weight.item() == pytest.approx(4.0)  # g = sqrt(C)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"eps": None}, {"eps": 1e-3}])
+def test_rms_norm_torch_twin_uses_our_eps(kwargs: dict) -> None:
+    """The torch twin of RMSNorm gets our resolved eps, not torch's ``eps=None`` (finfo.eps)."""
+    ours = RMSNorm(16, **kwargs)
+    twin = RMSNorm.torch_twin(16, **kwargs)
+    assert twin is not None and twin.eps == ours.eps
+    x = torch.randn(3, 16, dtype=torch.float64) * 1e-4  # small enough that eps matters
+    torch.testing.assert_close(twin.double()(x), ours.double()(x))
+
+
+def test_scale_norm_loads_a_state_dict_saved_before_the_rename_to_weight() -> None:
+    """``_version`` 1 called g ``scale``; the load hook maps it to ``weight`` (old checkpoints keep loading)."""
+    from collections import OrderedDict
+
+    old: OrderedDict[str, torch.Tensor] = OrderedDict([("norm.scale", torch.tensor([2.5]))])
+    old._metadata = OrderedDict([("", {"version": 1}), ("norm", {"version": 1})])  # type: ignore[attr-defined]
+    net = torch.nn.Sequential()
+    net.add_module("norm", ScaleNorm(4))
+    net.load_state_dict(old, strict=True)
+    assert net.norm.weight.item() == 2.5 and not hasattr(net.norm, "scale")
+    bare = ScaleNorm(4)
+    bare.load_state_dict({"scale": torch.tensor([0.5])})  # no metadata at all: a hand-built old dict
+    assert bare.weight.item() == 0.5
+    assert list(ScaleNorm(4).state_dict()) == ["weight"] and ScaleNorm(4).state_dict()._metadata[""]["version"] == 2

@@ -1,0 +1,344 @@
+"""The ``normlab::`` custom ops: schemas, fake (meta) implementations and autograd.
+
+Each forward op and each backward op is a :func:`torch.library.custom_op`, so ``torch.compile(fullgraph=True)`` and
+``torch.export`` see one opaque node per norm (the fake implementations give shapes and dtypes) and autograd calls
+the backward op. All ops normalise the **last** axis; :mod:`normlab.kernels.ops` moves a channel axis there.
+
+On CPU the bodies run the fused C++ kernels when they are available (see :mod:`normlab.kernels._build`); anywhere
+else, and on a machine without a compiler, they run the composite bodies of :mod:`normlab.kernels._composite`.
+The backward ops recompute the per-row statistics from ``x`` (cheap: the row is in cache) instead of saving them,
+so every forward op has one output per result. Double backward is not supported through these ops.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from normlab.functional._checks import compute_dtype
+from normlab.kernels import _composite as comp
+from normlab.kernels._build import cpu_extension
+
+__all__: list[str] = []
+
+_LN = -1  # add_norm_forward's mode for LayerNorm
+
+
+def _ext(x: Tensor) -> ModuleType | None:
+    return cpu_extension() if x.device.type == "cpu" else None
+
+
+def _empty(x: Tensor) -> Tensor:
+    return x.new_empty(0)
+
+
+def _grad_or_empty(g: Tensor | None, x: Tensor) -> Tensor:
+    return g if g is not None else _empty(x)
+
+
+def _like(t: Tensor) -> Tensor:
+    """A new contiguous tensor shaped like ``t`` (the kernels' outputs are contiguous whatever the input strides)."""
+    return t.new_empty(t.shape)
+
+
+# ----------------------------------------------------------------------------------------------- rms family ----
+
+
+def _rms_family(x: Tensor, weight: Tensor | None, bias: Tensor | None, scale: Tensor | None, eps: float, mode: int,
+                k: int) -> Tensor:
+    ext = _ext(x)
+    if ext is not None:
+        return ext.rms_fwd(x, weight, bias, scale, eps, mode, k)
+    return comp.rms_family_forward(x.contiguous(), weight, bias, scale, eps, mode, k).contiguous()
+
+
+@torch.library.custom_op("normlab::rms_norm", mutates_args=())
+def rms_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, eps_inside: bool,
+                k: int) -> Tensor:
+    """RMSNorm of the last axis; the statistic uses the first ``k`` channels (``k = C``: all; pRMSNorm: fewer)."""
+    return _rms_family(x, weight, bias, None, eps, comp.INSIDE if eps_inside else comp.OUTSIDE, k)
+
+
+@torch.library.custom_op("normlab::crms_norm", mutates_args=())
+def crms_norm_op(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+    """CRMSNorm of a zero-mean code stored in ``d - 1`` coordinates (the last axis)."""
+    return _rms_family(z, weight, bias, None, eps, comp.CRMS, z.shape[-1])
+
+
+@torch.library.custom_op("normlab::scale_norm", mutates_args=())
+def scale_norm_op(x: Tensor, scale: Tensor, eps: float) -> Tensor:
+    """ScaleNorm ``g * x / max(||x||, eps)`` over the last axis."""
+    return _rms_family(x, None, None, scale, eps, comp.SCALE, x.shape[-1])
+
+
+@torch.library.custom_op("normlab::rms_family_backward", mutates_args=())
+def rms_family_backward_op(
+    grad: Tensor, x: Tensor, weight: Optional[Tensor], scale: Optional[Tensor], grad_add: Optional[Tensor],
+    eps: float, mode: int, k: int, need_weight: bool, need_bias: bool, need_scale: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dscale) of the rms family; unrequested gradients are empty tensors."""
+    ext = _ext(x)
+    if ext is None:
+        dx, dw, db, ds = comp.rms_family_backward(
+            grad.contiguous(), x.contiguous(), weight, scale, grad_add, eps, mode, k, (need_weight, need_bias,
+                                                                                        need_scale))
+        return dx.contiguous(), _grad_or_empty(dw, x), _grad_or_empty(db, x), _grad_or_empty(ds, x)
+    dx, dw, db, ds = ext.rms_bwd(grad, x, weight, scale, grad_add, eps, mode, k, need_weight, need_bias, need_scale)
+    if need_weight and weight is not None:
+        dw = dw.to(weight.dtype)
+    if need_scale and scale is not None:
+        ds = ds.to(scale.dtype).reshape(scale.shape)
+    return dx, dw, db, ds
+
+
+@rms_family_backward_op.register_fake
+def _(grad, x, weight, scale, grad_add, eps, mode, k, need_weight, need_bias, need_scale):  # type: ignore[no-untyped-def]
+    c = x.shape[-1]
+    dw = _like(weight) if need_weight and weight is not None else _empty(x)
+    db = x.new_empty(c, dtype=compute_dtype(x)) if need_bias else _empty(x)
+    ds = _like(scale) if need_scale and scale is not None else _empty(x)
+    return _like(x), dw, db, ds
+
+
+def _fake_norm(x: Tensor, *args: Any) -> Tensor:
+    return _like(x)
+
+
+for _op in (rms_norm_op, crms_norm_op, scale_norm_op):
+    _op.register_fake(_fake_norm)
+
+
+def _backward_rms(ctx: Any, grad: Tensor, weight: Tensor | None, scale: Tensor | None, grad_add: Tensor | None,
+                  needs: tuple[bool, bool, bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    (x,) = ctx.saved_tensors[:1]
+    return torch.ops.normlab.rms_family_backward(grad, x, weight, scale, grad_add, ctx.eps, ctx.mode, ctx.k, *needs)
+
+
+def _to_dtype(g: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return g.to(dtype) if dtype is not None and g.dtype != dtype else g
+
+
+def _setup_affine(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, mode: int,
+                  k: int) -> None:
+    ctx.save_for_backward(x, weight)
+    ctx.eps, ctx.mode, ctx.k = eps, mode, k
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _rms_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, weight, bias, eps, eps_inside, k = inputs
+    _setup_affine(ctx, x, weight, bias, eps, comp.INSIDE if eps_inside else comp.OUTSIDE, k)
+
+
+def _crms_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    z, weight, bias, eps = inputs
+    _setup_affine(ctx, z, weight, bias, eps, comp.CRMS, z.shape[-1])
+
+
+def _affine_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    weight = ctx.saved_tensors[1]
+    nx, nw, nb = ctx.needs_input_grad[:3]
+    dx, dw, db, _ = _backward_rms(ctx, grad, weight, None, None, (nw and weight is not None, nb, False))
+    return (dx if nx else None), (dw if nw else None), (_to_dtype(db, ctx.bias_dtype) if nb else None)
+
+
+def _rms_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    return (*_affine_backward(ctx, grad), None, None, None)
+
+
+def _crms_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    return (*_affine_backward(ctx, grad), None)
+
+
+def _scale_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, scale, eps = inputs
+    ctx.save_for_backward(x, scale)
+    ctx.eps, ctx.mode, ctx.k = eps, comp.SCALE, x.shape[-1]
+
+
+def _scale_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    scale = ctx.saved_tensors[1]
+    nx, ns = ctx.needs_input_grad[:2]
+    dx, _, _, ds = _backward_rms(ctx, grad, None, scale, None, (False, False, ns))
+    return (dx if nx else None), (ds if ns else None), None
+
+
+rms_norm_op.register_autograd(_rms_backward, setup_context=_rms_setup)
+crms_norm_op.register_autograd(_crms_backward, setup_context=_crms_setup)
+scale_norm_op.register_autograd(_scale_backward, setup_context=_scale_setup)
+
+
+# ----------------------------------------------------------------------------------------------- layer norm ----
+
+
+@torch.library.custom_op("normlab::layer_norm", mutates_args=())
+def layer_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+    """LayerNorm of the last axis (biased variance, eps inside the root)."""
+    ext = _ext(x)
+    if ext is not None:
+        return ext.ln_fwd(x, weight, bias, eps)
+    return comp.layer_norm_forward(x.contiguous(), weight, bias, eps).contiguous()
+
+
+@torch.library.custom_op("normlab::layer_norm_backward", mutates_args=())
+def layer_norm_backward_op(grad: Tensor, x: Tensor, weight: Optional[Tensor], grad_add: Optional[Tensor],
+                           eps: float, need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias) of LayerNorm; unrequested gradients are empty tensors."""
+    ext = _ext(x)
+    if ext is None:
+        dx, dw, db = comp.layer_norm_backward(grad.contiguous(), x.contiguous(), weight, grad_add, eps,
+                                              (need_weight, need_bias))
+        return dx.contiguous(), _grad_or_empty(dw, x), _grad_or_empty(db, x)
+    dx, dw, db = ext.ln_bwd(grad, x, weight, grad_add, eps, need_weight, need_bias)
+    if need_weight and weight is not None:
+        dw = dw.to(weight.dtype)
+    return dx, dw, db
+
+
+@layer_norm_backward_op.register_fake
+def _(grad, x, weight, grad_add, eps, need_weight, need_bias):  # type: ignore[no-untyped-def]
+    dw = _like(weight) if need_weight and weight is not None else _empty(x)
+    db = x.new_empty(x.shape[-1], dtype=compute_dtype(x)) if need_bias else _empty(x)
+    return _like(x), dw, db
+
+
+layer_norm_op.register_fake(_fake_norm)
+
+
+def _ln_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, weight, bias, eps = inputs
+    _setup_affine(ctx, x, weight, bias, eps, _LN, x.shape[-1])
+
+
+def _ln_grads(ctx: Any, grad: Tensor, grad_add: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    x, weight = ctx.saved_tensors
+    nw, nb = ctx.needs_input_grad[ctx.param_at], ctx.needs_input_grad[ctx.param_at + 1]
+    if ctx.mode == _LN:
+        dx, dw, db = torch.ops.normlab.layer_norm_backward(grad, x, weight, grad_add, ctx.eps,
+                                                           nw and weight is not None, nb)
+    else:
+        dx, dw, db, _ = torch.ops.normlab.rms_family_backward(grad, x, weight, None, grad_add, ctx.eps, ctx.mode,
+                                                              ctx.k, nw and weight is not None, nb, False)
+    return dx, (dw if nw else None), (_to_dtype(db, ctx.bias_dtype) if nb else None)
+
+
+def _ln_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    ctx.param_at = 1
+    dx, dw, db = _ln_grads(ctx, grad, None)
+    return (dx if ctx.needs_input_grad[0] else None), dw, db, None
+
+
+layer_norm_op.register_autograd(_ln_backward, setup_context=_ln_setup)
+
+
+# ------------------------------------------------------------------------------------- fused residual add + norm ----
+
+
+def _add_norm(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+              mode: int) -> tuple[Tensor, Tensor]:
+    ext = _ext(x)
+    if ext is not None:
+        return ext.add_norm_fwd(x, residual, weight, bias, eps, mode)
+    y, h = comp.add_norm_forward(x.contiguous(), residual.contiguous(), weight, bias, eps, mode)
+    return y.contiguous(), h.contiguous()
+
+
+@torch.library.custom_op("normlab::add_rms_norm", mutates_args=())
+def add_rms_norm_op(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                    eps_inside: bool) -> tuple[Tensor, Tensor]:
+    """``h = x + residual``; returns ``(rms_norm(h), h)``: the Pre-LN block's norm and its new residual stream."""
+    return _add_norm(x, residual, weight, bias, eps, comp.INSIDE if eps_inside else comp.OUTSIDE)
+
+
+@torch.library.custom_op("normlab::add_layer_norm", mutates_args=())
+def add_layer_norm_op(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                      eps: float) -> tuple[Tensor, Tensor]:
+    """``h = x + residual``; returns ``(layer_norm(h), h)``."""
+    return _add_norm(x, residual, weight, bias, eps, _LN)
+
+
+def _fake_add_norm(x: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
+    return _like(x), _like(x)
+
+
+add_rms_norm_op.register_fake(_fake_add_norm)
+add_layer_norm_op.register_fake(_fake_add_norm)
+
+
+def _add_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    x, residual, weight, bias, eps = inputs[:5]
+    mode = _LN if len(inputs) == 5 else (comp.INSIDE if inputs[5] else comp.OUTSIDE)
+    _setup_affine(ctx, output[1], weight, bias, eps, mode, x.shape[-1])  # the backward needs h, not x
+    ctx.residual_dtype = residual.dtype
+
+
+def _add_backward(ctx: Any, grad: Tensor, grad_h: Tensor) -> tuple[Tensor | None, ...]:
+    ctx.param_at = 2
+    dh, dw, db = _ln_grads(ctx, grad, grad_h)
+    nx, nr = ctx.needs_input_grad[:2]
+    return ((dh if nx else None), (_to_dtype(dh, ctx.residual_dtype) if nr else None), dw, db, None,
+            *((None,) if ctx.mode != _LN else ()))
+
+
+add_rms_norm_op.register_autograd(_add_backward, setup_context=_add_setup)
+add_layer_norm_op.register_autograd(_add_backward, setup_context=_add_setup)
+
+
+# ------------------------------------------------------------------------------------------------------- dyt ----
+
+
+@torch.library.custom_op("normlab::dyt", mutates_args=())
+def dyt_op(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """Dynamic Tanh ``weight * tanh(alpha * x) + bias`` with a one-element ``alpha``; per-channel on the last axis."""
+    ext = _ext(x)
+    if ext is not None:
+        return ext.dyt_fwd(x, alpha, weight, bias)
+    return comp.dyt_forward(x.contiguous(), alpha, weight, bias).contiguous()
+
+
+@torch.library.custom_op("normlab::dyt_backward", mutates_args=())
+def dyt_backward_op(grad: Tensor, x: Tensor, alpha: Tensor, weight: Optional[Tensor], need_alpha: bool,
+                    need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dalpha, dweight, dbias) of DyT; unrequested gradients are empty tensors."""
+    ext = _ext(x)
+    if ext is None:
+        dx, da, dw, db = comp.dyt_backward(grad.contiguous(), x.contiguous(), alpha, weight,
+                                           (need_alpha, need_weight, need_bias))
+        return dx.contiguous(), _grad_or_empty(da, x), _grad_or_empty(dw, x), _grad_or_empty(db, x)
+    dx, da, dw, db = ext.dyt_bwd(grad, x, alpha, weight, need_alpha, need_weight, need_bias)
+    if need_alpha:
+        da = da.to(alpha.dtype).reshape(alpha.shape)
+    if need_weight and weight is not None:
+        dw = dw.to(weight.dtype)
+    return dx, da, dw, db
+
+
+@dyt_backward_op.register_fake
+def _(grad, x, alpha, weight, need_alpha, need_weight, need_bias):  # type: ignore[no-untyped-def]
+    da = _like(alpha) if need_alpha else _empty(x)
+    dw = _like(weight) if need_weight and weight is not None else _empty(x)
+    db = x.new_empty(x.shape[-1], dtype=compute_dtype(x)) if need_bias else _empty(x)
+    return _like(x), da, dw, db
+
+
+dyt_op.register_fake(_fake_norm)
+
+
+def _dyt_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, alpha, weight, bias = inputs
+    ctx.save_for_backward(x, alpha, weight)
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _dyt_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    x, alpha, weight = ctx.saved_tensors
+    nx, na, nw, nb = ctx.needs_input_grad
+    dx, da, dw, db = torch.ops.normlab.dyt_backward(grad, x, alpha, weight, na, nw and weight is not None, nb)
+    return ((dx if nx else None), (da if na else None), (dw if nw else None),
+            (_to_dtype(db, ctx.bias_dtype) if nb else None))
+
+
+dyt_op.register_autograd(_dyt_backward, setup_context=_dyt_setup)

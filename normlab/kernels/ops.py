@@ -1,0 +1,244 @@
+"""Fused-kernel versions of the token norms, with the signatures and results of :mod:`normlab.functional`.
+
+Each function takes the same arguments as its namesake in :mod:`normlab.functional` (so a module can call
+``ops.rms_norm(x, **self.functional_kwargs())``), plus a keyword-only ``impl``:
+
+* ``"auto"`` (default): the ``normlab::`` custom op, which runs the fused C++ kernel on CPU when it is available
+  and the composite PyTorch implementation otherwise (see :func:`normlab.kernels.backends`);
+* ``"composite"``: the :mod:`normlab.functional` op itself (no custom op);
+* ``"cpu"``: the custom op, raising unless the input is on CPU and the fused kernels are available.
+
+Under ``torch.func`` transforms ``"auto"`` runs the composite op (custom ops with registered autograd do not support
+them in torch 2.13).
+
+The kernels normalise the last axis; another ``channel_dim`` is moved there (one copy each way). pRMSNorm and
+SRMSNorm are :func:`rms_norm` with ``partial=k`` and with ``weight=None``; RMSNorm / SRMSNorm / pRMSNorm: Zhang &
+Sennrich 2019 (https://arxiv.org/abs/1910.07467), CRMSNorm: Jiang et al. 2023 (https://arxiv.org/abs/2305.14858),
+ScaleNorm: Nguyen & Salazar 2019 (https://arxiv.org/abs/1910.05895), LayerNorm: Ba et al. 2016
+(https://arxiv.org/abs/1607.06450), DyT: Zhu et al. 2025 (https://arxiv.org/abs/2503.10622).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+import normlab.kernels._custom_ops  # noqa: F401  (registers the torch.ops.normlab ops)
+from normlab.functional._checks import check_channels, check_float_input
+
+# The composite ops, imported from their modules: the package namespace is filled from the registry at import,
+# which a type checker cannot follow.
+from normlab.functional.dyt import dyt as composite_dyt
+from normlab.functional.layer_norm import layer_norm as composite_layer_norm
+from normlab.functional.rms_norm import crms_norm as composite_crms_norm
+from normlab.functional.rms_norm import resolve_eps
+from normlab.functional.rms_norm import rms_norm as composite_rms_norm
+from normlab.functional.rms_norm import scale_norm as composite_scale_norm
+from normlab.kernels._build import cpu_status
+
+__all__ = ["IMPLS", "Impl", "add_layer_norm", "add_rms_norm", "crms_norm", "dyt", "layer_norm", "rms_norm",
+           "scale_norm"]
+
+Impl = Literal["auto", "composite", "cpu"]
+IMPLS: tuple[str, ...] = ("auto", "composite", "cpu")
+
+
+def _kernel_wanted(impl: str, x: Tensor, op: str) -> bool:
+    """Validate ``impl``; whether to call the custom op (``False``: the composite functional op)."""
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: expected impl in {IMPLS}, got impl={impl!r}")
+    # 2026-12-01, torch 2.13: an op whose autograd comes from torch.library.register_autograd cannot run under
+    # torch.func transforms (grad, vmap, jacrev raise "must override the setup_context"), so they get the composite op.
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        if impl == "cpu":
+            raise RuntimeError(f"{op}: impl='cpu' cannot run under torch.func transforms; use impl='auto'")
+        return False
+    if impl == "cpu" and not torch.compiler.is_compiling():
+        if x.device.type != "cpu":
+            raise ValueError(f"{op}: impl='cpu' needs an input on the CPU, got an input on {x.device}")
+        status = cpu_status()
+        if not status.available:
+            raise RuntimeError(f"{op}: impl='cpu' was requested but the fused CPU kernels are {status.detail}")
+    return impl != "composite"
+
+
+def _check_param(t: Tensor | None, name: str, numel: int, op: str) -> None:
+    if t is None:
+        return
+    check_float_input(t, op, name)
+    if t.numel() != numel:
+        shape = "a one-element tensor" if numel == 1 else f"{numel} elements"
+        raise ValueError(f"{op}: expected {name} with {shape}, got {name} of size {list(t.shape)}")
+
+
+def _channels_last(x: Tensor, cd: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    if cd == x.dim() - 1:
+        return x, lambda y: y
+    return x.movedim(cd, -1), lambda y: y.movedim(-1, cd)
+
+
+def rms_norm(
+    x: Tensor,
+    num_features: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float | None = None,
+    eps_inside: bool = True,
+    channel_dim: int = -1,
+    partial: int | None = None,
+    *,
+    impl: Impl = "auto",
+) -> Tensor:
+    """RMSNorm / SRMSNorm (``weight=None``) / pRMSNorm (``partial=k``); see :func:`normlab.functional.rms_norm`."""
+    cd = check_channels(x, num_features, channel_dim, "rms_norm")
+    if not _kernel_wanted(impl, x, "rms_norm"):
+        return composite_rms_norm(x, num_features, weight, bias, eps, eps_inside, channel_dim, partial)
+    k = num_features if partial is None else partial
+    if not 1 <= k <= num_features:
+        raise ValueError(f"rms_norm: expected partial in [1, num_features={num_features}], got partial={partial}")
+    _check_param(weight, "weight", num_features, "rms_norm")
+    _check_param(bias, "bias", num_features, "rms_norm")
+    xs, back = _channels_last(x, cd)
+    return back(torch.ops.normlab.rms_norm(xs, weight, bias, resolve_eps(eps, eps_inside), eps_inside, k))
+
+
+def crms_norm(
+    z: Tensor,
+    num_features: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    channel_dim: int = -1,
+    *,
+    impl: Impl = "auto",
+) -> Tensor:
+    """CRMSNorm of a zero-mean code of width ``d - 1``; see :func:`normlab.functional.crms_norm`."""
+    cd = check_channels(z, num_features, channel_dim, "crms_norm")
+    if not _kernel_wanted(impl, z, "crms_norm"):
+        return composite_crms_norm(z, num_features, weight, bias, eps, channel_dim)
+    _check_param(weight, "weight", num_features, "crms_norm")
+    _check_param(bias, "bias", num_features, "crms_norm")
+    zs, back = _channels_last(z, cd)
+    return back(torch.ops.normlab.crms_norm(zs, weight, bias, eps))
+
+
+def scale_norm(
+    x: Tensor, num_features: int, scale: Tensor, eps: float = 1e-5, channel_dim: int = -1, *, impl: Impl = "auto"
+) -> Tensor:
+    """ScaleNorm ``g * x / max(||x||_2, eps)``; see :func:`normlab.functional.scale_norm`."""
+    cd = check_channels(x, num_features, channel_dim, "scale_norm")
+    if not _kernel_wanted(impl, x, "scale_norm"):
+        return composite_scale_norm(x, num_features, scale, eps, channel_dim)
+    _check_param(scale, "scale", 1, "scale_norm")
+    xs, back = _channels_last(x, cd)
+    return back(torch.ops.normlab.scale_norm(xs, scale, eps))
+
+
+def layer_norm(
+    x: Tensor,
+    normalized_shape: int | tuple[int, ...],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    channel_dim: int = -1,
+    *,
+    impl: Impl = "auto",
+) -> Tensor:
+    """LayerNorm over ``normalized_shape`` or the ``channel_dim`` axis; see :func:`normlab.functional.layer_norm`."""
+    cd = check_channels(x, normalized_shape, channel_dim, "layer_norm")
+    if not _kernel_wanted(impl, x, "layer_norm"):
+        return composite_layer_norm(x, normalized_shape, weight, bias, eps, channel_dim)
+    if isinstance(normalized_shape, tuple):  # trailing dims normalised jointly: one flat row each
+        c = math.prod(normalized_shape)
+        _check_param(weight, "weight", c, "layer_norm")
+        _check_param(bias, "bias", c, "layer_norm")
+        flat = x.reshape(*x.shape[: x.dim() - len(normalized_shape)], c)
+        w = weight.reshape(c) if weight is not None else None
+        b = bias.reshape(c) if bias is not None else None
+        return torch.ops.normlab.layer_norm(flat, w, b, eps).reshape(x.shape)
+    _check_param(weight, "weight", normalized_shape, "layer_norm")
+    _check_param(bias, "bias", normalized_shape, "layer_norm")
+    xs, back = _channels_last(x, cd)
+    return back(torch.ops.normlab.layer_norm(xs, weight, bias, eps))
+
+
+def dyt(
+    x: Tensor,
+    num_features: int,
+    alpha: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    channel_dim: int = -1,
+    *,
+    impl: Impl = "auto",
+) -> Tensor:
+    """Dynamic Tanh ``weight * tanh(alpha * x) + bias``; see :func:`normlab.functional.dyt`."""
+    cd = check_channels(x, num_features, channel_dim, "dyt")
+    if not _kernel_wanted(impl, x, "dyt"):
+        return composite_dyt(x, num_features, alpha, weight, bias, channel_dim)
+    _check_param(alpha, "alpha", 1, "dyt")
+    _check_param(weight, "weight", num_features, "dyt")
+    _check_param(bias, "bias", num_features, "dyt")
+    xs, back = _channels_last(x, cd)
+    return back(torch.ops.normlab.dyt(xs, alpha, weight, bias))
+
+
+def _check_residual(x: Tensor, residual: Tensor, op: str) -> None:
+    check_float_input(residual, op, "residual")
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(
+            f"{op}: expected residual of the input's size {list(x.shape)} and dtype {x.dtype}, "
+            f"got size {list(residual.shape)} and dtype {residual.dtype}"
+        )
+
+
+def add_rms_norm(
+    x: Tensor,
+    residual: Tensor,
+    num_features: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float | None = None,
+    eps_inside: bool = True,
+    *,
+    impl: Impl = "auto",
+) -> tuple[Tensor, Tensor]:
+    """``h = x + residual``; returns ``(rms_norm(h), h)`` in one pass (a Pre-LN block's norm and new residual).
+
+    Channels are the last axis; ``x`` and ``residual`` have one shape and dtype.
+    """
+    check_channels(x, num_features, -1, "add_rms_norm")
+    _check_residual(x, residual, "add_rms_norm")
+    if not _kernel_wanted(impl, x, "add_rms_norm"):
+        h = x + residual
+        return composite_rms_norm(h, num_features, weight, bias, eps, eps_inside), h
+    _check_param(weight, "weight", num_features, "add_rms_norm")
+    _check_param(bias, "bias", num_features, "add_rms_norm")
+    y, h = torch.ops.normlab.add_rms_norm(x, residual, weight, bias, resolve_eps(eps, eps_inside), eps_inside)
+    return y, h
+
+
+def add_layer_norm(
+    x: Tensor,
+    residual: Tensor,
+    num_features: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    impl: Impl = "auto",
+) -> tuple[Tensor, Tensor]:
+    """``h = x + residual``; returns ``(layer_norm(h), h)`` in one pass. Channels are the last axis."""
+    check_channels(x, num_features, -1, "add_layer_norm")
+    _check_residual(x, residual, "add_layer_norm")
+    if not _kernel_wanted(impl, x, "add_layer_norm"):
+        h = x + residual
+        return composite_layer_norm(h, num_features, weight, bias, eps), h
+    _check_param(weight, "weight", num_features, "add_layer_norm")
+    _check_param(bias, "bias", num_features, "add_layer_norm")
+    y, h = torch.ops.normlab.add_layer_norm(x, residual, weight, bias, eps)
+    return y, h
