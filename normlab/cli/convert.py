@@ -5,7 +5,8 @@ from which ``normlab.surgery.load(DIR)`` rebuilds the model.
 Operations: ``rms_norm`` and ``crms_norm`` (the exact Pre-LN conversions), ``fold-ln`` (LayerNorm affines folded
 into the readers; still loadable by the original class), ``remove-ln`` (LayerNorm removal by fine-tuning, distilled
 against the original on the verification text; exported in the Hugging Face-loadable form unless ``--export fold``),
-and any registry norm (``normlab ls``), which swaps the norms with ``normlab.surgery.swap_norms``.
+and any other registry norm (``normlab ls``), which swaps the norms with ``normlab.surgery.swap_norms`` (the names
+``rms_norm`` and ``crms_norm`` always mean the exact conversions, never a swap).
 
 Bad input (an unknown model type, a Post-LN model for an exact conversion, float16 weights for the removal export, an
 existing ``--out``) is reported with exit status 2 and nothing is written; a verification that fails exits with 1.

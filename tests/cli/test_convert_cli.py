@@ -178,17 +178,19 @@ def test_bad_input_exits_2_and_writes_nothing(
     assert list(existing.iterdir()) == []
 
 
-def test_registry_norm_target_needs_swap_norms(hf_dirs: dict[str, Path], tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
-    from normlab import surgery
+def test_registry_norm_target_swaps(hf_dirs: dict[str, Path], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from normlab.nn import DyT, LayerNorm
 
-    out = tmp_path / "out"
-    rc = convert(hf_dirs["gpt2"], "--to", "dyt", "--out", out)
-    if not hasattr(surgery, "swap_norms"):
-        assert rc == 2 and "--to dyt needs normlab.surgery.swap_norms" in capsys.readouterr().err
-        assert not out.exists()
-    else:  # swap_norms has landed: the swap is written and loads
-        assert rc == 0 and manifest(out)["op"] == "dyt" and load(out) is not None
+    out = tmp_path / "ln"
+    assert convert(hf_dirs["gpt2"], "--to", "layer_norm", "--out", out) == 0  # same math: no change of output
+    m = manifest(out)
+    assert m["op"] == "layer_norm" and m["format"] == "normlab" and m["verification"]["max_abs_delta"] < 1e-5
+    assert sum(isinstance(x, LayerNorm) for x in load(out).modules()) == 5
+    out = tmp_path / "dyt"
+    assert convert(hf_dirs["gpt2"], "--to", "dyt", "--out", out) == 0
+    assert "(not an exact operation: quality, not pass/fail)" in capsys.readouterr().out
+    assert sum(isinstance(x, DyT) for x in load(out).modules()) == 5
 
 
 def test_load_refuses_a_tampered_model_file(tmp_path: Path) -> None:
