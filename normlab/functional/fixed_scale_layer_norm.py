@@ -22,10 +22,14 @@ def fixed_scale_layer_norm(
     sigma: Tensor | float = 1.0,
     fixed: bool = False,
     eps: float = 1e-5,
+    channel_dim: int = -1,
 ) -> Tensor:
-    """LayerNorm over the last axis; with ``fixed`` the per-token standard deviation is replaced by the constant
-    ``sigma``: ``y = γ ⊙ (x − mean(x)) / σ̄ + β`` (linear in ``x``)."""
-    check_channels(x, normalized_shape, -1, "fixed_scale_layer_norm")
+    """LayerNorm over the channel axis ``channel_dim``; with ``fixed`` the per-token standard deviation is replaced by
+    the constant ``sigma``: ``y = γ ⊙ (x − mean(x)) / σ̄ + β`` (linear in ``x``)."""
+    cd = check_channels(x, normalized_shape, channel_dim, "fixed_scale_layer_norm")
+    if cd != x.dim() - 1:
+        y = fixed_scale_layer_norm(x.movedim(cd, -1), normalized_shape, weight, bias, sigma, fixed, eps)
+        return y.movedim(-1, cd)
     ct = compute_dtype(x)
     xs = x.to(ct)
     w = weight.to(ct) if weight is not None else None

@@ -51,6 +51,7 @@ class FakeLayerNorm(NormBase):
         momentum: while real and training, track σ̄ as the authors' code does with ``EXP_RECOMPUTE_STD_ON_REAL``:
             ``σ̄ ← momentum·σ̄ + (1 − momentum)·mean_t std_t`` (std_t: each token's biased std, eps inside), so σ̄ is
             frozen at its current value when the norm is switched. Default: ``None`` (σ̄ stays where calibration put it).
+        channel_dim: accepted for the shared norm conventions; a token norm, so only ``-1``.
 
     Shape:
         input ``(*, C)``; output the same shape. Float16/bfloat16 inputs are computed in float32 and returned in their
@@ -72,6 +73,7 @@ class FakeLayerNorm(NormBase):
         sigma: float = 1.0,
         fixed: bool = False,
         momentum: float | None = None,
+        channel_dim: int = -1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -83,7 +85,7 @@ class FakeLayerNorm(NormBase):
             raise TypeError(f"fixed_scale_layer_norm: expected fixed to be a bool, got {type(fixed).__name__}")
         if not float(sigma) > 0:
             raise ValueError(f"fixed_scale_layer_norm: expected sigma > 0, got {sigma!r}")
-        self._setup(n, -1, "token")
+        self._setup(n, channel_dim, "token")
         self.normalized_shape = n
         self.eps = eps
         self.affine = affine
