@@ -14,8 +14,8 @@ quality is the validation loss delta.
 Both report a naive removal (every norm switched at once with the calibrated σ̄, no fine-tuning), check the two exports
 (fold and Hugging Face form) against the fine-tuned fixed-scale model, and time CPU inference of original vs exported.
 
-    python examples/remove_ln_minilm.py                   # MiniLM, under 15 min on 2 cores
-    python examples/remove_ln_minilm.py --model decoder   # about 3 min
+    python examples/remove_ln_minilm.py                   # MiniLM: 15 min wall on 2 cores under a load of ~7
+    python examples/remove_ln_minilm.py --model decoder   # about 6 min under the same load
     python examples/remove_ln_minilm.py --steps 20 --train-docs 200   # a smoke run
 
 Results (JSON) go to ``--out`` (default ``examples/results/remove_ln_<model>-<time>.json``).
