@@ -13,7 +13,7 @@ from collections.abc import Sequence
 __all__ = ["build_parser", "main"]
 
 # Subcommand modules, in the order `normlab --help` lists them.
-_SUBCOMMANDS = ("ls", "env", "lab", "report")
+_SUBCOMMANDS = ("ls", "env", "lab", "report", "convert")
 
 _EPILOG = """examples:
   normlab ls                      list every registered norm with its traits and paper
@@ -22,6 +22,7 @@ _EPILOG = """examples:
   normlab lab                     run the default lab suite; writes runs/default-<time>/ with report.md/.html
   normlab lab --list              the packaged lab suites
   normlab report RUN_DIR          re-render a lab run's report from its files
+  normlab convert DIR --to rms_norm --out OUT   exact Pre-LN -> Pre-RMSNorm of a Hugging Face model, verified
 """
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from normlab.data._cache import cache_dir
 from normlab.data.corruptions import CORRUPTIONS, corrupt
+from normlab.data.docstrings import stdlib_docstrings
 from normlab.data.images import DigitsSplit, load_digits_split, sample_image_patches
 from normlab.data.shifted import ShiftedDigits, load_shifted_digits
 from normlab.data.streams import AdaptationStream, StreamBatch, dirichlet_order, make_stream, rotta_order
@@ -23,6 +24,7 @@ __all__ = [
     "load_stdlib_corpus",
     "random_windows",
     "sample_image_patches",
+    "stdlib_docstrings",
     "stdlib_files",
     "strided_windows",
     "CORRUPTIONS",

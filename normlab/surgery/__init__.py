@@ -1,6 +1,7 @@
 """Model surgery: fold norms into linear/conv layers, recalibrate running statistics, sync batch statistics across
 ranks, fold LayerNorm affines into the residual stream's readers (TransformerLens semantics) and convert Pre-LN models
-to Pre-RMSNorm / Pre-CRMSNorm exactly (tensor-level functions plus module-level wrappers)."""
+to Pre-RMSNorm / Pre-CRMSNorm exactly (tensor-level functions plus module-level wrappers), and remove LayerNorms by
+fine-tuning (Baroni et al. 2025: prepare, calibrate σ̄, a staged schedule, export)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,18 @@ from normlab.surgery.fold_math import (
     fold_affine_into_linear_input,
     fold_affine_into_linear_output,
 )
+from normlab.surgery.io import load, save
+from normlab.surgery.ln_export import CenteredAffine, export_removed_ln
 from normlab.surgery.ln_fold import center_unembed, center_writing_weights, fold_ln, fold_value_biases
+from normlab.surgery.ln_removal import (
+    LNRemoval,
+    LNSwitch,
+    RemovalSchedule,
+    SplitFakeLayerNorm,
+    StdAuxLoss,
+    calibrate_sigma,
+    prepare_ln_removal,
+)
 from normlab.surgery.recalibrate import RecalibrationReport, recalibrate_stats
 from normlab.surgery.stream_math import (
     center_unembed_weights,
@@ -27,6 +39,15 @@ from normlab.surgery.swap import SwapRecord, SwapReport, swap_norms
 from normlab.surgery.sync import convert_sync_norms
 
 __all__ = [
+    "CenteredAffine",
+    "LNRemoval",
+    "LNSwitch",
+    "RemovalSchedule",
+    "SplitFakeLayerNorm",
+    "StdAuxLoss",
+    "calibrate_sigma",
+    "export_removed_ln",
+    "prepare_ln_removal",
     "FoldRecord",
     "FoldReport",
     "PadLastAxis",
@@ -56,7 +77,9 @@ __all__ = [
     "fold_norms",
     "fold_value_bias",
     "fold_value_biases",
+    "load",
     "norm_affine",
     "recalibrate_stats",
+    "save",
     "swap_norms",
 ]

@@ -20,6 +20,7 @@ __all__ = [
     "batch_norm",
     "crms_norm",
     "dyt",
+    "fixed_scale_layer_norm",
     "group_norm",
     "identity",
     "instance_norm",
@@ -160,3 +161,14 @@ def batch_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
     else:
         mu, var = to64(m.running_mean), to64(m.running_var)
     return affine64((xl - mu) / torch.sqrt(var + m.eps), m).movedim(-1, m.channel_dim)
+
+
+@register_reference("fixed_scale_layer_norm")
+def fixed_scale_layer_norm(m: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """LayerNorm (``m.fixed`` off) or ``γ (x − mean x)/σ̄ + β`` with the ``sigma`` buffer as σ̄ (Baroni et al. 2025)."""
+    x = x.to(torch.float64)
+    mu = x.mean(-1, keepdim=True)
+    if m.fixed:
+        return affine64((x - mu) / to64(m.sigma), m)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return affine64((x - mu) / torch.sqrt(var + m.eps), m)
