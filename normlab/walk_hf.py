@@ -66,127 +66,77 @@ KINDS = {
     "plain_ln": "LayerNorm without parameters, eps 1e-5 in the forward (OLMo)",
 }
 
-# "subpackage.modeling_file:ClassA,ClassB" per module of transformers.models, grouped by kind.
+# "subpackage:ClassA,ClassB" per module transformers.models.<subpackage>.modeling_<subpackage>, grouped by kind.
 _TABLE: dict[str, str] = {
     "f32_gain": """
-        afmoe.modeling_afmoe:AfmoeRMSNorm beam.modeling_beam:BeamRMSNorm
-        diffusion_gemma.modeling_diffusion_gemma:DiffusionGemmaRMSNorm
-        embedding_gemma2.modeling_embedding_gemma2:EmbeddingGemma2RMSNorm flex_olmo.modeling_flex_olmo:FlexOlmoRMSNorm
-        flint.modeling_flint:FlintRMSNorm gemma3n.modeling_gemma3n:Gemma3nRMSNorm gemma4.modeling_gemma4:Gemma4RMSNorm
-        gemma4_unified.modeling_gemma4_unified:Gemma4UnifiedRMSNorm gpt_oss.modeling_gpt_oss:GptOssRMSNorm
-        helium.modeling_helium:HeliumRMSNorm inkling2.modeling_inkling2:Inkling2RMSNorm
-        inkling2_loop.modeling_inkling2_loop:Inkling2LoopRMSNorm
-        kyutai_speech_to_text.modeling_kyutai_speech_to_text:KyutaiSpeechToTextRMSNorm
-        lara_mini.modeling_lara_mini:LaraMiniRMSNorm moshi.modeling_moshi:MoshiRMSNorm
-        muse_glimmer.modeling_muse_glimmer:MuseGlimmerRMSNorm muse_spark.modeling_muse_spark:MuseSparkRMSNorm
-        nemotron_h.modeling_nemotron_h:NemotronHRMSNorm nemotron_h_omni.modeling_nemotron_h_omni:NemotronH_Omni_RMSNorm
-        neomme.modeling_neomme:NeoMMERMSNorm olmo2.modeling_olmo2:Olmo2RMSNorm olmo3.modeling_olmo3:Olmo3RMSNorm
-        olmo_hybrid.modeling_olmo_hybrid:OlmoHybridRMSNorm
-        openai_privacy_filter.modeling_openai_privacy_filter:OpenAIPrivacyFilterRMSNorm
+        afmoe:AfmoeRMSNorm beam:BeamRMSNorm diffusion_gemma:DiffusionGemmaRMSNorm
+        embedding_gemma2:EmbeddingGemma2RMSNorm flex_olmo:FlexOlmoRMSNorm flint:FlintRMSNorm gemma3n:Gemma3nRMSNorm
+        gemma4:Gemma4RMSNorm gemma4_unified:Gemma4UnifiedRMSNorm gpt_oss:GptOssRMSNorm helium:HeliumRMSNorm
+        inkling2:Inkling2RMSNorm inkling2_loop:Inkling2LoopRMSNorm kyutai_speech_to_text:KyutaiSpeechToTextRMSNorm
+        lara_mini:LaraMiniRMSNorm moshi:MoshiRMSNorm muse_glimmer:MuseGlimmerRMSNorm muse_spark:MuseSparkRMSNorm
+        nemotron_h:NemotronHRMSNorm nemotron_h_omni:NemotronH_Omni_RMSNorm neomme:NeoMMERMSNorm olmo2:Olmo2RMSNorm
+        olmo3:Olmo3RMSNorm olmo_hybrid:OlmoHybridRMSNorm openai_privacy_filter:OpenAIPrivacyFilterRMSNorm
     """,
     "llama": """
-        aimv2.modeling_aimv2:Aimv2RMSNorm apertus.modeling_apertus:ApertusRMSNorm
-        apertus1p5.modeling_apertus1p5:Apertus1p5TextRMSNorm arcee.modeling_arcee:ArceeRMSNorm
-        aria.modeling_aria:AriaTextRMSNorm axk1.modeling_axk1:AXK1RMSNorm axk2.modeling_axk2:AXK2RMSNorm
-        bailing_hybrid.modeling_bailing_hybrid:BailingHybridRMSNorm bamba.modeling_bamba:BambaRMSNorm
-        bitnet.modeling_bitnet:BitNetRMSNorm blt.modeling_blt:BltRMSNorm chameleon.modeling_chameleon:ChameleonRMSNorm
-        clvp.modeling_clvp:ClvpRMSNorm cohere2_moe.modeling_cohere2_moe:Cohere2MoeRMSNorm
-        cosmos3_edge.modeling_cosmos3_edge:Cosmos3EdgeTextRMSNorm csm.modeling_csm:CsmRMSNorm
-        cwm.modeling_cwm:CwmRMSNorm
-        deepseek_ocr2.modeling_deepseek_ocr2:DeepseekOcr2TextRMSNorm,DeepseekOcr2VisionRMSNorm
-        deepseek_v2.modeling_deepseek_v2:DeepseekV2RMSNorm deepseek_v3.modeling_deepseek_v3:DeepseekV3RMSNorm
-        deepseek_v32.modeling_deepseek_v32:DeepseekV32RMSNorm deimv2.modeling_deimv2:Deimv2RMSNorm
-        dia.modeling_dia:DiaRMSNorm diffllama.modeling_diffllama:DiffLlamaRMSNorm doge.modeling_doge:DogeRMSNorm
-        dots1.modeling_dots1:Dots1RMSNorm dots3_note.modeling_dots3_note:Dots3NoteRMSNorm emu3.modeling_emu3:Emu3RMSNorm
-        ernie4_5.modeling_ernie4_5:Ernie4_5RMSNorm ernie4_5_moe.modeling_ernie4_5_moe:Ernie4_5_MoeRMSNorm
-        ernie4_5_vl_moe.modeling_ernie4_5_vl_moe:Ernie4_5_VLMoeRMSNorm eurobert.modeling_eurobert:EuroBertRMSNorm
-        evolla.modeling_evolla:EvollaRMSNorm exaone4.modeling_exaone4:Exaone4RMSNorm
-        exaone4_5.modeling_exaone4_5:Exaone4_5_RMSNorm exaone_moe.modeling_exaone_moe:ExaoneMoeRMSNorm
-        falcon_h1.modeling_falcon_h1:FalconH1RMSNorm falcon_mamba.modeling_falcon_mamba:FalconMambaRMSNorm
-        glm.modeling_glm:GlmRMSNorm glm4.modeling_glm4:Glm4RMSNorm glm4_moe.modeling_glm4_moe:Glm4MoeRMSNorm
-        glm4_moe_lite.modeling_glm4_moe_lite:Glm4MoeLiteRMSNorm glm4v.modeling_glm4v:Glm4vRMSNorm
-        glm4v_moe.modeling_glm4v_moe:Glm4vMoeRMSNorm,Glm4vMoeTextRMSNorm
-        glm5_next.modeling_glm5_next:Glm5NextRMSNorm,Glm5NextTextRMSNorm glm_image.modeling_glm_image:GlmImageRMSNorm
-        glm_moe_dsa.modeling_glm_moe_dsa:GlmMoeDsaRMSNorm glm_ocr.modeling_glm_ocr:GlmOcrRMSNorm
-        granite.modeling_granite:GraniteRMSNorm granite4_vision.modeling_granite4_vision:Granite4VisionTextRMSNorm
-        granite_docling.modeling_granite_docling:GraniteDoclingTextRMSNorm
-        granite_swa.modeling_granite_swa:GraniteSWARMSNorm granitemoe.modeling_granitemoe:GraniteMoeRMSNorm
-        granitemoe_swa.modeling_granitemoe_swa:GraniteMoeSWARMSNorm
-        granitemoehybrid.modeling_granitemoehybrid:GraniteMoeHybridRMSNorm
-        granitemoeshared.modeling_granitemoeshared:GraniteMoeSharedRMSNorm
-        higgs_audio_v2.modeling_higgs_audio_v2:HiggsAudioV2RMSNorm
-        hunyuan_v1_dense.modeling_hunyuan_v1_dense:HunYuanDenseV1RMSNorm
-        hunyuan_v1_moe.modeling_hunyuan_v1_moe:HunYuanMoEV1RMSNorm hunyuan_vl.modeling_hunyuan_vl:HunYuanVLRMSNorm
-        hy_v3.modeling_hy_v3:HYV3RMSNorm hy_v4.modeling_hy_v4:HYV4RMSNorm hy_v4_vl.modeling_hy_v4_vl:HYV4VLRMSNorm
-        hyperclovax.modeling_hyperclovax:HyperCLOVAXRMSNorm idefics.modeling_idefics:IdeficsRMSNorm
-        idefics2.modeling_idefics2:Idefics2RMSNorm idefics3.modeling_idefics3:Idefics3RMSNorm
-        inkling.modeling_inkling:InklingRMSNorm internvl.modeling_internvl:InternVLVisionRMSNorm
-        jamba.modeling_jamba:JambaRMSNorm jetmoe.modeling_jetmoe:JetMoeRMSNorm
-        kimi_linear.modeling_kimi_linear:KimiLinearRMSNorm kolibri1.modeling_kolibri1:Kolibri1RMSNorm
-        kosmos2_5.modeling_kosmos2_5:Kosmos2_5LayerNorm laguna.modeling_laguna:LagunaRMSNorm
-        lfm2.modeling_lfm2:Lfm2RMSNorm lfm2_moe.modeling_lfm2_moe:Lfm2MoeRMSNorm lfm3.modeling_lfm3:Lfm3RMSNorm
-        lfm3_vl.modeling_lfm3_vl:Lfm3VlVisionRMSNorm lighton_ocr.modeling_lighton_ocr:LightOnOcrRMSNorm
-        llama.modeling_llama:LlamaRMSNorm llama4.modeling_llama4:Llama4TextRMSNorm
-        longcat_flash.modeling_longcat_flash:LongcatFlashRMSNorm longt5.modeling_longt5:LongT5LayerNorm
-        mamba.modeling_mamba:MambaRMSNorm mamba2.modeling_mamba2:Mamba2RMSNorm mellum.modeling_mellum:MellumRMSNorm
-        mimo_v2_flash.modeling_mimo_v2_flash:MiMoV2FlashRMSNorm minicpm3.modeling_minicpm3:MiniCPM3RMSNorm
-        minimax.modeling_minimax:MiniMaxRMSNorm minimax_m2.modeling_minimax_m2:MiniMaxM2RMSNorm
-        ministral.modeling_ministral:MinistralRMSNorm ministral3.modeling_ministral3:Ministral3RMSNorm
-        mistral.modeling_mistral:MistralRMSNorm mistral3.modeling_mistral3:Mistral3RMSNorm
-        mistral4.modeling_mistral4:Mistral4RMSNorm mistral_large4.modeling_mistral_large4:MistralLarge4RMSNorm
-        mixtral.modeling_mixtral:MixtralRMSNorm mllama.modeling_mllama:MllamaTextRMSNorm
-        molmo2.modeling_molmo2:Molmo2RMSNorm mt5.modeling_mt5:MT5LayerNorm
-        muse_glimmer_assistant.modeling_muse_glimmer_assistant:MuseGlimmerAssistantRMSNorm
-        neucodec.modeling_neucodec:NeuCodecRMSNorm olmoe.modeling_olmoe:OlmoeRMSNorm ovis2.modeling_ovis2:Ovis2RMSNorm
-        paddleocr_vl.modeling_paddleocr_vl:PaddleOCRRMSNorm pe_audio.modeling_pe_audio:PeAudioEncoderRMSNorm
-        pe_audio_video.modeling_pe_audio_video:PeAudioVideoEncoderRMSNorm
-        pe_video.modeling_pe_video:PeVideoEncoderRMSNorm phi3.modeling_phi3:Phi3RMSNorm
-        phi4_multimodal.modeling_phi4_multimodal:Phi4MultimodalRMSNorm
-        pix2struct.modeling_pix2struct:Pix2StructLayerNorm pixtral.modeling_pixtral:PixtralRMSNorm
-        pop2piano.modeling_pop2piano:Pop2PianoLayerNorm qianfan_ocr.modeling_qianfan_ocr:QianfanOCRVisionRMSNorm
-        qwen2.modeling_qwen2:Qwen2RMSNorm qwen2_5_omni.modeling_qwen2_5_omni:Qwen2_5OmniRMSNorm
-        qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLRMSNorm qwen2_moe.modeling_qwen2_moe:Qwen2MoeRMSNorm
-        qwen2_vl.modeling_qwen2_vl:Qwen2VLRMSNorm qwen3.modeling_qwen3:Qwen3RMSNorm
-        qwen3_moe.modeling_qwen3_moe:Qwen3MoeRMSNorm
-        qwen3_omni_moe.modeling_qwen3_omni_moe:Qwen3OmniMoeCode2WavRMSNorm,Qwen3OmniMoeRMSNorm,Qwen3OmniMoeTextRMSNorm,Qwen3OmniMoeThinkerTextRMSNorm
-        qwen3_vl.modeling_qwen3_vl:Qwen3VLTextRMSNorm qwen3_vl_moe.modeling_qwen3_vl_moe:Qwen3VLMoeTextRMSNorm
-        sapiens2.modeling_sapiens2:Sapiens2RMSNorm seed_oss.modeling_seed_oss:SeedOssRMSNorm
-        smollm3.modeling_smollm3:SmolLM3RMSNorm solar_open.modeling_solar_open:SolarOpenRMSNorm
-        switch_transformers.modeling_switch_transformers:SwitchTransformersLayerNorm t5.modeling_t5:T5LayerNorm
-        timesfm.modeling_timesfm:TimesFmRMSNorm timesfm2_5.modeling_timesfm2_5:TimesFm2_5RMSNorm
-        udop.modeling_udop:UdopLayerNorm ultrabert.modeling_ultrabert:UltrabertRMSNorm
-        ultravbert.modeling_ultravbert:UltraVBertRMSNorm umt5.modeling_umt5:UMT5LayerNorm
-        unlimited_ocr.modeling_unlimited_ocr:UnlimitedOcrTextRMSNorm vibevoice.modeling_vibevoice:VibeVoiceRMSNorm
-        vibevoice_acoustic_tokenizer.modeling_vibevoice_acoustic_tokenizer:VibeVoiceAcousticTokenizerRMSNorm
-        vibevoice_asr.modeling_vibevoice_asr:VibeVoiceAsrRMSNorm
-        voxtral_realtime.modeling_voxtral_realtime:VoxtralRealtimeRMSNorm xcodec2.modeling_xcodec2:Xcodec2RMSNorm
-        youtu.modeling_youtu:YoutuRMSNorm zamba.modeling_zamba:ZambaRMSNorm zamba2.modeling_zamba2:Zamba2RMSNorm
-        zaya.modeling_zaya:ZayaRMSNorm
+        aimv2:Aimv2RMSNorm apertus:ApertusRMSNorm apertus1p5:Apertus1p5TextRMSNorm arcee:ArceeRMSNorm
+        aria:AriaTextRMSNorm axk1:AXK1RMSNorm axk2:AXK2RMSNorm bailing_hybrid:BailingHybridRMSNorm bamba:BambaRMSNorm
+        bitnet:BitNetRMSNorm blt:BltRMSNorm chameleon:ChameleonRMSNorm clvp:ClvpRMSNorm cohere2_moe:Cohere2MoeRMSNorm
+        cosmos3_edge:Cosmos3EdgeTextRMSNorm csm:CsmRMSNorm cwm:CwmRMSNorm
+        deepseek_ocr2:DeepseekOcr2TextRMSNorm,DeepseekOcr2VisionRMSNorm deepseek_v2:DeepseekV2RMSNorm
+        deepseek_v3:DeepseekV3RMSNorm deepseek_v32:DeepseekV32RMSNorm deimv2:Deimv2RMSNorm dia:DiaRMSNorm
+        diffllama:DiffLlamaRMSNorm doge:DogeRMSNorm dots1:Dots1RMSNorm dots3_note:Dots3NoteRMSNorm emu3:Emu3RMSNorm
+        ernie4_5:Ernie4_5RMSNorm ernie4_5_moe:Ernie4_5_MoeRMSNorm ernie4_5_vl_moe:Ernie4_5_VLMoeRMSNorm
+        eurobert:EuroBertRMSNorm evolla:EvollaRMSNorm exaone4:Exaone4RMSNorm exaone4_5:Exaone4_5_RMSNorm
+        exaone_moe:ExaoneMoeRMSNorm falcon_h1:FalconH1RMSNorm falcon_mamba:FalconMambaRMSNorm glm:GlmRMSNorm
+        glm4:Glm4RMSNorm glm4_moe:Glm4MoeRMSNorm glm4_moe_lite:Glm4MoeLiteRMSNorm glm4v:Glm4vRMSNorm
+        glm4v_moe:Glm4vMoeRMSNorm,Glm4vMoeTextRMSNorm glm5_next:Glm5NextRMSNorm,Glm5NextTextRMSNorm
+        glm_image:GlmImageRMSNorm glm_moe_dsa:GlmMoeDsaRMSNorm glm_ocr:GlmOcrRMSNorm granite:GraniteRMSNorm
+        granite4_vision:Granite4VisionTextRMSNorm granite_docling:GraniteDoclingTextRMSNorm
+        granite_swa:GraniteSWARMSNorm granitemoe:GraniteMoeRMSNorm granitemoe_swa:GraniteMoeSWARMSNorm
+        granitemoehybrid:GraniteMoeHybridRMSNorm granitemoeshared:GraniteMoeSharedRMSNorm
+        higgs_audio_v2:HiggsAudioV2RMSNorm hunyuan_v1_dense:HunYuanDenseV1RMSNorm hunyuan_v1_moe:HunYuanMoEV1RMSNorm
+        hunyuan_vl:HunYuanVLRMSNorm hy_v3:HYV3RMSNorm hy_v4:HYV4RMSNorm hy_v4_vl:HYV4VLRMSNorm
+        hyperclovax:HyperCLOVAXRMSNorm idefics:IdeficsRMSNorm idefics2:Idefics2RMSNorm idefics3:Idefics3RMSNorm
+        inkling:InklingRMSNorm internvl:InternVLVisionRMSNorm jamba:JambaRMSNorm jetmoe:JetMoeRMSNorm
+        kimi_linear:KimiLinearRMSNorm kolibri1:Kolibri1RMSNorm kosmos2_5:Kosmos2_5LayerNorm laguna:LagunaRMSNorm
+        lfm2:Lfm2RMSNorm lfm2_moe:Lfm2MoeRMSNorm lfm3:Lfm3RMSNorm lfm3_vl:Lfm3VlVisionRMSNorm
+        lighton_ocr:LightOnOcrRMSNorm llama:LlamaRMSNorm llama4:Llama4TextRMSNorm longcat_flash:LongcatFlashRMSNorm
+        longt5:LongT5LayerNorm mamba:MambaRMSNorm mamba2:Mamba2RMSNorm mellum:MellumRMSNorm
+        mimo_v2_flash:MiMoV2FlashRMSNorm minicpm3:MiniCPM3RMSNorm minimax:MiniMaxRMSNorm minimax_m2:MiniMaxM2RMSNorm
+        ministral:MinistralRMSNorm ministral3:Ministral3RMSNorm mistral:MistralRMSNorm mistral3:Mistral3RMSNorm
+        mistral4:Mistral4RMSNorm mistral_large4:MistralLarge4RMSNorm mixtral:MixtralRMSNorm mllama:MllamaTextRMSNorm
+        molmo2:Molmo2RMSNorm mt5:MT5LayerNorm muse_glimmer_assistant:MuseGlimmerAssistantRMSNorm
+        neucodec:NeuCodecRMSNorm olmoe:OlmoeRMSNorm ovis2:Ovis2RMSNorm paddleocr_vl:PaddleOCRRMSNorm
+        pe_audio:PeAudioEncoderRMSNorm pe_audio_video:PeAudioVideoEncoderRMSNorm pe_video:PeVideoEncoderRMSNorm
+        phi3:Phi3RMSNorm phi4_multimodal:Phi4MultimodalRMSNorm pix2struct:Pix2StructLayerNorm pixtral:PixtralRMSNorm
+        pop2piano:Pop2PianoLayerNorm qianfan_ocr:QianfanOCRVisionRMSNorm qwen2:Qwen2RMSNorm
+        qwen2_5_omni:Qwen2_5OmniRMSNorm qwen2_5_vl:Qwen2_5_VLRMSNorm qwen2_moe:Qwen2MoeRMSNorm qwen2_vl:Qwen2VLRMSNorm
+        qwen3:Qwen3RMSNorm qwen3_moe:Qwen3MoeRMSNorm
+        qwen3_omni_moe:Qwen3OmniMoeCode2WavRMSNorm,Qwen3OmniMoeRMSNorm,Qwen3OmniMoeTextRMSNorm,Qwen3OmniMoeThinkerTextRMSNorm
+        qwen3_vl:Qwen3VLTextRMSNorm qwen3_vl_moe:Qwen3VLMoeTextRMSNorm sapiens2:Sapiens2RMSNorm seed_oss:SeedOssRMSNorm
+        smollm3:SmolLM3RMSNorm solar_open:SolarOpenRMSNorm switch_transformers:SwitchTransformersLayerNorm
+        t5:T5LayerNorm timesfm:TimesFmRMSNorm timesfm2_5:TimesFm2_5RMSNorm udop:UdopLayerNorm ultrabert:UltrabertRMSNorm
+        ultravbert:UltraVBertRMSNorm umt5:UMT5LayerNorm unlimited_ocr:UnlimitedOcrTextRMSNorm vibevoice:VibeVoiceRMSNorm
+        vibevoice_acoustic_tokenizer:VibeVoiceAcousticTokenizerRMSNorm vibevoice_asr:VibeVoiceAsrRMSNorm
+        voxtral_realtime:VoxtralRealtimeRMSNorm xcodec2:Xcodec2RMSNorm youtu:YoutuRMSNorm zamba:ZambaRMSNorm
+        zamba2:Zamba2RMSNorm zaya:ZayaRMSNorm
     """,
     "channels_first_ln": """
-        convnext.modeling_convnext:ConvNextLayerNorm convnextv2.modeling_convnextv2:ConvNextV2LayerNorm
-        deepseek_ocr2.modeling_deepseek_ocr2:DeepseekOcr2SamLayerNorm
-        deepseek_vl_hybrid.modeling_deepseek_vl_hybrid:DeepseekVLHybridLayerNorm
-        dinov3_convnext.modeling_dinov3_convnext:DINOv3ConvNextLayerNorm edgetam.modeling_edgetam:EdgeTamLayerNorm
-        edgetam_video.modeling_edgetam_video:EdgeTamVideoLayerNorm got_ocr2.modeling_got_ocr2:GotOcr2LayerNorm
-        lw_detr.modeling_lw_detr:LwDetrLayerNorm pp_formulanet.modeling_pp_formulanet:PPFormulaNetLayerNorm
-        rf_detr.modeling_rf_detr:RfDetrLayerNorm sam.modeling_sam:SamLayerNorm sam2.modeling_sam2:Sam2LayerNorm
-        sam2_video.modeling_sam2_video:Sam2VideoLayerNorm sam3_tracker.modeling_sam3_tracker:Sam3TrackerLayerNorm
-        sam3_tracker_video.modeling_sam3_tracker_video:Sam3TrackerVideoLayerNorm sam_hq.modeling_sam_hq:SamHQLayerNorm
-        seggpt.modeling_seggpt:SegGptLayerNorm slanext.modeling_slanext:SLANeXtLayerNorm
-        unlimited_ocr.modeling_unlimited_ocr:UnlimitedOcrSamLayerNorm
+        convnext:ConvNextLayerNorm convnextv2:ConvNextV2LayerNorm deepseek_ocr2:DeepseekOcr2SamLayerNorm
+        deepseek_vl_hybrid:DeepseekVLHybridLayerNorm dinov3_convnext:DINOv3ConvNextLayerNorm edgetam:EdgeTamLayerNorm
+        edgetam_video:EdgeTamVideoLayerNorm got_ocr2:GotOcr2LayerNorm lw_detr:LwDetrLayerNorm
+        pp_formulanet:PPFormulaNetLayerNorm rf_detr:RfDetrLayerNorm sam:SamLayerNorm sam2:Sam2LayerNorm
+        sam2_video:Sam2VideoLayerNorm sam3_tracker:Sam3TrackerLayerNorm sam3_tracker_video:Sam3TrackerVideoLayerNorm
+        sam_hq:SamHQLayerNorm seggpt:SegGptLayerNorm slanext:SLANeXtLayerNorm unlimited_ocr:UnlimitedOcrSamLayerNorm
     """,
     "gemma": """
-        gemma.modeling_gemma:GemmaRMSNorm gemma2.modeling_gemma2:Gemma2RMSNorm gemma3.modeling_gemma3:Gemma3RMSNorm
-        minimax_m3_vl.modeling_minimax_m3_vl:MiniMaxM3VLRMSNorm
-        muse_glimmer.modeling_muse_glimmer:MuseGlimmerTextCenteredRMSNorm qwen3_5.modeling_qwen3_5:Qwen3_5RMSNorm
-        qwen3_5_moe.modeling_qwen3_5_moe:Qwen3_5MoeRMSNorm qwen3_next.modeling_qwen3_next:Qwen3NextRMSNorm
-        recurrent_gemma.modeling_recurrent_gemma:RecurrentGemmaRMSNorm step3p7.modeling_step3p7:Step3p7RMSNorm
-        t5gemma.modeling_t5gemma:T5GemmaRMSNorm t5gemma2.modeling_t5gemma2:T5Gemma2RMSNorm
-        vaultgemma.modeling_vaultgemma:VaultGemmaRMSNorm
+        gemma:GemmaRMSNorm gemma2:Gemma2RMSNorm gemma3:Gemma3RMSNorm minimax_m3_vl:MiniMaxM3VLRMSNorm
+        muse_glimmer:MuseGlimmerTextCenteredRMSNorm qwen3_5:Qwen3_5RMSNorm qwen3_5_moe:Qwen3_5MoeRMSNorm
+        qwen3_next:Qwen3NextRMSNorm recurrent_gemma:RecurrentGemmaRMSNorm step3p7:Step3p7RMSNorm t5gemma:T5GemmaRMSNorm
+        t5gemma2:T5Gemma2RMSNorm vaultgemma:VaultGemmaRMSNorm
     """,
     "plain_ln": """
-        olmo.modeling_olmo:OlmoLayerNorm
+        olmo:OlmoLayerNorm
     """,
 }
 
@@ -194,8 +144,8 @@ _PREFIX = "transformers.models."
 _BY_MODULE: dict[str, list[tuple[str, str]]] = {}
 for _kind, _text in _TABLE.items():
     for _entry in _text.split():
-        _mod, _, _names = _entry.partition(":")
-        _BY_MODULE.setdefault(_PREFIX + _mod, []).extend((n, _kind) for n in _names.split(","))
+        _pkg, _, _names = _entry.partition(":")
+        _BY_MODULE.setdefault(f"{_PREFIX}{_pkg}.modeling_{_pkg}", []).extend((n, _kind) for n in _names.split(","))
 _KIND_OF: dict[type, str] = {}
 
 
