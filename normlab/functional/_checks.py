@@ -15,6 +15,8 @@ __all__ = [
     "channel_axis",
     "check_channels",
     "check_float_input",
+    "check_no_mask",
+    "check_num_groups",
     "compute_dtype",
     "from_compute",
     "shape_pattern",
@@ -118,3 +120,19 @@ def check_channels(
             f"{shape_pattern(num_features, channel_dim)}, but got input of size {list(x.shape)}"
         )
     return cd
+
+
+def check_num_groups(num_groups: object, num_features: int, op: str, features: str = "num_features") -> int:
+    """Return ``num_groups`` if it is a positive ``int`` dividing ``num_features``, else raise ``ValueError``
+    (``features`` is the caller's name for the channel count)."""
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or num_features % num_groups:
+        raise ValueError(f"{op}: expected num_groups to be a positive divisor of {features}={num_features}, "
+                         f"got num_groups={num_groups!r}")
+    return num_groups
+
+
+def check_no_mask(mask: Tensor | None, op: str) -> None:
+    """Raise ``ValueError`` for a padding mask given to a norm whose statistics pool over positions."""
+    if mask is not None:
+        raise ValueError(f"{op}: statistics pool over positions, and padding masks are not supported; expected "
+                         f"mask=None, got a mask of size {list(mask.shape)}")

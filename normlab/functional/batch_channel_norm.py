@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from normlab.functional._checks import check_num_groups
 from normlab.functional._vision import channel_first, per_channel, spatial_dims, spatial_size
 from normlab.functional.batch_norm import batch_norm
 
@@ -77,9 +78,7 @@ def batch_channel_norm(
     then ``group_weight``/``group_bias`` of size ``num_groups``. See :class:`normlab.nn.BatchChannelNorm`."""
     op = "batch_channel_norm"
     xs = channel_first(x, num_features, channel_dim, op)
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or num_features % num_groups:
-        raise ValueError(f"{op}: expected num_groups to be a positive divisor of num_features={num_features}, "
-                         f"got num_groups={num_groups!r}")
+    check_num_groups(num_groups, num_features, op)
     if estimate:
         y = _estimated_bn(xs, list(x.shape), running_mean, running_var, num_batches_tracked, training, moving_speed,
                           eps)

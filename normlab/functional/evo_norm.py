@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from normlab.functional._checks import check_num_groups
 from normlab.functional._vision import channel_first, ema_, per_channel, spatial_dims, spatial_size
 
 __all__ = ["evo_norm_b0", "evo_norm_s0"]
@@ -79,9 +80,7 @@ def evo_norm_s0(
     """
     op = "evo_norm_s0"
     xs = channel_first(x, num_features, channel_dim, op)
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or num_features % num_groups:
-        raise ValueError(f"{op}: expected num_groups to be a positive divisor of num_features={num_features}, "
-                         f"got num_groups={num_groups!r}")
+    check_num_groups(num_groups, num_features, op)
     if xs.numel() == 0:
         return x.clone()
     n = xs.shape[0]

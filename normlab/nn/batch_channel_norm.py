@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from normlab.functional._checks import check_no_mask
 from normlab.functional.batch_channel_norm import batch_channel_norm
 from normlab.nn._base import (
     BatchStatView,
@@ -16,7 +17,7 @@ from normlab.nn._base import (
     check_unit,
 )
 from normlab.nn.batch_norm import bn_stats
-from normlab.nn.group_norm import default_num_groups
+from normlab.nn.group_norm import resolve_num_groups
 from normlab.registry import Paper, register_norm
 
 __all__ = ["BatchChannelNorm"]
@@ -100,11 +101,7 @@ class BatchChannelNorm(NormBase):
     ) -> None:
         super().__init__()
         self._setup(num_features, channel_dim, "channel_first")
-        groups = default_num_groups(num_features) if num_groups is None else num_groups
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or num_features % groups:
-            raise ValueError(f"batch_channel_norm: expected num_groups to be a positive divisor of num_features="
-                             f"{num_features}, got num_groups={num_groups!r}")
-        self.num_groups = groups
+        self.num_groups = resolve_num_groups(num_groups, num_features, "batch_channel_norm")
         self.eps = eps
         self.momentum = check_unit("batch_channel_norm", "momentum", momentum, optional=True)
         self.affine = affine
@@ -115,7 +112,7 @@ class BatchChannelNorm(NormBase):
         self._init_affine(num_features, weight=affine, bias=affine, device=device, dtype=dtype)
         for name in ("group_weight", "group_bias"):
             self.register_parameter(
-                name, nn.Parameter(torch.empty(groups, device=device, dtype=dtype)) if affine else None
+                name, nn.Parameter(torch.empty(self.num_groups, device=device, dtype=dtype)) if affine else None
             )
         self._init_stats(bn_stats(num_features), device=device, dtype=dtype)
         self.reset_parameters()
@@ -132,9 +129,7 @@ class BatchChannelNorm(NormBase):
         return {"weight": 1.0, "bias": 0.0, "group_weight": 1.0, "group_bias": 0.0}
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        if mask is not None:
-            raise ValueError(f"batch_channel_norm: takes no mask; expected mask=None, got a mask of size "
-                             f"{list(mask.shape)}")
+        check_no_mask(mask, "batch_channel_norm")
         return super().forward(x)
 
     def recalibration_plan(self) -> RecalibrationPlan | None:

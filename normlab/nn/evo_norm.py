@@ -12,20 +12,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from normlab.functional._checks import check_no_mask
 from normlab.functional.evo_norm import evo_norm_b0, evo_norm_s0
 from normlab.nn._base import BatchStatView, NormBase, RecalibrationPlan, check_unit
-from normlab.nn.group_norm import default_num_groups
+from normlab.nn.group_norm import resolve_num_groups
 from normlab.registry import Paper, register_norm
 
 __all__ = ["EvoNormB0", "EvoNormS0"]
 
 _PAPER = Paper("Evolving Normalization-Activation Layers", "https://arxiv.org/abs/2004.02967")
-
-
-def _no_mask(op: str, mask: Tensor | None) -> None:
-    if mask is not None:
-        raise ValueError(f"{op}: takes no mask (its statistics pool over positions); expected mask=None, got a mask "
-                         f"of size {list(mask.shape)}")
 
 
 def _centred(x: Tensor) -> Tensor:
@@ -111,7 +106,7 @@ class EvoNormB0(NormBase):
         return {"v": 1.0, "weight": 1.0, "bias": 0.0}
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        _no_mask("evo_norm_b0", mask)
+        check_no_mask(mask, "evo_norm_b0")
         return super().forward(x)
 
     def recalibration_plan(self) -> RecalibrationPlan | None:
@@ -175,11 +170,7 @@ class EvoNormS0(NormBase):
     ) -> None:
         super().__init__()
         self._setup(num_features, channel_dim, "channel_first")
-        groups = default_num_groups(num_features) if num_groups is None else num_groups
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or num_features % groups:
-            raise ValueError(f"evo_norm_s0: expected num_groups to be a positive divisor of num_features="
-                             f"{num_features}, got num_groups={num_groups!r}")
-        self.num_groups = groups
+        self.num_groups = resolve_num_groups(num_groups, num_features, "evo_norm_s0")
         self.eps = eps
         self.affine = affine
         self.v = torch.nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
@@ -192,5 +183,5 @@ class EvoNormS0(NormBase):
         return {"v": 1.0, "weight": 1.0, "bias": 0.0}
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        _no_mask("evo_norm_s0", mask)
+        check_no_mask(mask, "evo_norm_s0")
         return super().forward(x)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from normlab.functional._checks import check_no_mask
 from normlab.functional.filter_response_norm import filter_response_norm
 from normlab.nn._base import NormBase
 from normlab.registry import Paper, register_norm
@@ -77,7 +78,5 @@ class FilterResponseNorm(NormBase):
         return {"weight": 1.0, "bias": 0.0, "tau": 0.0}
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        if mask is not None:
-            raise ValueError(f"filter_response_norm: takes no mask; expected mask=None, got a mask of size "
-                             f"{list(mask.shape)}")
+        check_no_mask(mask, "filter_response_norm")
         return super().forward(x)

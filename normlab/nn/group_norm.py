@@ -9,12 +9,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from normlab.functional._checks import check_no_mask, check_num_groups
 from normlab.functional.group_norm import group_norm, instance_norm
 from normlab.nn._base import NormBase
 from normlab.nn.batch_norm import bn_torch_twin, init_bn_state
 from normlab.registry import Paper, register_norm
 
-__all__ = ["GroupNorm", "InstanceNorm", "default_num_groups"]
+__all__ = ["GroupNorm", "InstanceNorm", "default_num_groups", "resolve_num_groups"]
 
 
 def default_num_groups(num_channels: int, preferred: int = 32) -> int:
@@ -25,12 +26,11 @@ def default_num_groups(num_channels: int, preferred: int = 32) -> int:
     return 1
 
 
-def _no_mask(op: str, mask: Tensor | None) -> None:
-    if mask is not None:
-        raise ValueError(
-            f"{op}: statistics pool over positions, and padding masks are not supported; expected mask=None, "
-            f"got a mask of size {list(mask.shape)}"
-        )
+def resolve_num_groups(num_groups: int | None, num_features: int, op: str, features: str = "num_features") -> int:
+    """``num_groups``, or :func:`default_num_groups` when it is ``None``; ``ValueError`` unless it divides
+    ``num_features`` (``features``: the caller's name for the channel count)."""
+    return check_num_groups(default_num_groups(num_features) if num_groups is None else num_groups, num_features, op,
+                            features)
 
 
 @register_norm(
@@ -80,13 +80,7 @@ class GroupNorm(NormBase):
     ) -> None:
         super().__init__(num_channels, channel_dim)
         self.num_channels = self.num_features
-        groups = default_num_groups(num_channels) if num_groups is None else num_groups
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or num_channels % groups:
-            raise ValueError(
-                f"group_norm: expected num_groups to be a positive divisor of num_channels={num_channels}, "
-                f"got num_groups={num_groups!r}"
-            )
-        self.num_groups = groups
+        self.num_groups = resolve_num_groups(num_groups, num_channels, "group_norm", "num_channels")
         self.eps = eps
         self.affine = affine
         self._init_affine(num_channels, weight=affine, bias=affine, device=device, dtype=dtype)
@@ -103,7 +97,7 @@ class GroupNorm(NormBase):
         return nn.GroupNorm(g, num_features, eps=k["eps"], affine=k["affine"])
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        _no_mask("group_norm", mask)
+        check_no_mask(mask, "group_norm")
         return super().forward(x)
 
 
@@ -171,7 +165,7 @@ class InstanceNorm(NormBase):
         return super()._functional_arg(name)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        _no_mask("instance_norm", mask)
+        check_no_mask(mask, "instance_norm")
         # num_batches_tracked stays 0, as in torch.nn.InstanceNorm*d (its momentum is never cumulative).
         return super().forward(x)
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from normlab.functional._checks import check_no_mask
 from normlab.functional.ibn import ibn
 from normlab.nn._base import BatchStatView, NormBase, RecalibrationPlan, bn_recalibration_plan, check_unit
 from normlab.nn.batch_norm import bn_stats
@@ -116,9 +117,7 @@ class IBN(NormBase):
     syncs_batch_stats = True
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        if mask is not None:
-            raise ValueError(f"ibn: takes no mask (its statistics pool over positions); expected mask=None, got a "
-                             f"mask of size {list(mask.shape)}")
+        check_no_mask(mask, "ibn")
         return super().forward(x)
 
     def recalibration_plan(self) -> RecalibrationPlan | None:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from normlab.functional._checks import check_no_mask
 from normlab.functional.lin import ada_lin, lin
 from normlab.nn._base import NormBase
 from normlab.registry import Paper, register_norm
@@ -54,9 +55,7 @@ class _LayerInstanceNorm(NormBase):
             self.rho.clamp_(low, high)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        if mask is not None:
-            raise ValueError(f"{self._name()}: takes no mask (its statistics pool over positions); expected "
-                             f"mask=None, got a mask of size {list(mask.shape)}")
+        check_no_mask(mask, self._name())
         return super().forward(x)
 
 

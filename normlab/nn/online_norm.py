@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from normlab.functional._checks import check_no_mask
 from normlab.functional.online_norm import ECMS, online_norm
 from normlab.nn._base import NormBase, RecalibrationPlan, check_unit
 from normlab.registry import Paper, register_norm
@@ -111,8 +112,7 @@ class OnlineNorm(NormBase):
     saturates_inf = True  # with the default ecm="ac"
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        if mask is not None:
-            raise ValueError(f"online_norm: takes no mask; expected mask=None, got a mask of size {list(mask.shape)}")
+        check_no_mask(mask, "online_norm")
         return super().forward(x)
 
     def recalibration_plan(self) -> RecalibrationPlan | None:
