@@ -44,13 +44,16 @@ def _last(x: Tensor, channel_dim: int) -> Tensor:
     return x.movedim(channel_dim, -1)
 
 
-def affine64(y: Tensor, m: Any) -> Tensor:
-    """``y * weight + bias`` in float64 with the module's ``weight`` / ``bias`` (each skipped when absent)."""
+def affine64(y: Tensor, m: Any, channel_dim: int = -1) -> Tensor:
+    """``y * weight + bias`` in float64 with the module's ``weight`` / ``bias`` (each skipped when absent), per
+    channel along axis ``channel_dim`` of ``y``."""
+    shape = [1] * y.dim()
+    shape[channel_dim] = -1
     w, b = to64(getattr(m, "weight", None)), to64(getattr(m, "bias", None))
     if w is not None:
-        y = y * w
+        y = y * w.reshape(shape)
     if b is not None:
-        y = y + b
+        y = y + b.reshape(shape)
     return y
 
 

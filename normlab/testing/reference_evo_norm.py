@@ -9,18 +9,14 @@ import torch
 from torch import Tensor
 
 from normlab.registry import register_reference
+from normlab.testing.reference import affine64
 
-__all__ = ["channel_affine", "cvec", "evo_norm_b0", "evo_norm_s0", "moments", "vec"]
+__all__ = ["channel_affine", "cvec", "evo_norm_b0", "evo_norm_s0", "moments"]
 
 
 def cvec(t: Tensor, ndim: int) -> Tensor:
     """A per-channel parameter or buffer as float64 ``(1, C, 1, ...)``."""
     return t.detach().to(torch.float64).reshape([1, -1] + [1] * (ndim - 2))
-
-
-def vec(t: Tensor | None, ndim: int) -> Tensor | None:
-    """:func:`cvec`, with ``None`` staying ``None``."""
-    return None if t is None else cvec(t, ndim)
 
 
 def moments(x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
@@ -33,12 +29,8 @@ def moments(x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
 
 
 def channel_affine(y: Tensor, m: Any) -> Tensor:
-    w, b = vec(getattr(m, "weight", None), y.dim()), vec(getattr(m, "bias", None), y.dim())
-    if w is not None:
-        y = y * w
-    if b is not None:
-        y = y + b
-    return y
+    """:func:`~normlab.testing.reference.affine64` on a channels-first ``y``."""
+    return affine64(y, m, channel_dim=1)
 
 
 @register_reference("evo_norm_b0")
