@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normlab.functional._checks import compute_dtype
+from normlab.functional._checks import affine_in, apply_affine, compute_dtype
 from normlab.nn._base import BatchStatView, batch_stat_affine
 from normlab.tta._common import (
     batch_rows,
@@ -82,13 +82,12 @@ def _view(module: nn.Module) -> BatchStatView:
 
 def _normalize_rows(rows: Tensor, mean: Tensor, var: Tensor, module: nn.Module, eps: float) -> Tensor:
     """``(rows - mean)/sqrt(var + eps)·weight + bias`` with channels last (the official codes' order of operations)."""
-    y = (rows - mean) / torch.sqrt(var + eps)
-    weight, bias = _affine(module)
-    if weight is not None:
-        y = y * weight.to(y.dtype)
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y
+    return apply_affine((rows - mean) / torch.sqrt(var + eps), *_affine(module))
+
+
+def _blend(a: float | Tensor, source: Tensor, test: Tensor) -> Tensor:
+    """``(1 - a)·source + a·test`` in ``test``'s dtype: the mixture every statistic method here normalizes with."""
+    return (1.0 - a) * source.to(test.dtype) + a * test
 
 
 def _back(y_last: Tensor, x: Tensor, cd: int) -> Tensor:
@@ -180,13 +179,10 @@ class AlphaBN(_Layer):
         flat, valid = batch_rows(xc, cd, mask)
         count, mean, var = weighted_moments(flat, valid, 0)
         unbiased = var * (count / (count - 1.0))
-        a = self.alpha
         assert view.running_mean is not None
-        mix_mean = (1.0 - a) * view.running_mean.to(xc.dtype) + a * mean
-        mix_var = (1.0 - a) * view.running_var.to(xc.dtype) + a * unbiased
-        weight, bias = _affine(module)
-        w = weight.to(xc.dtype) if weight is not None else None
-        b = bias.to(xc.dtype) if bias is not None else None
+        mix_mean = _blend(self.alpha, view.running_mean, mean)
+        mix_var = _blend(self.alpha, view.running_var, unbiased)
+        w, b = affine_in(xc.dtype, *_affine(module))
         y = F.batch_norm(xc.movedim(cd, 1), mix_mean, mix_var, w, b, False, 0.0, view.eps)
         return y.movedim(1, cd).to(x.dtype)
 
@@ -212,9 +208,8 @@ class RobustBN(_Layer):
         xc = x.to(compute_dtype(x))
         flat, valid = batch_rows(xc, cd, mask)
         _, b_mean, b_var = weighted_moments(flat, valid, 0)
-        a = self.momentum
-        mean = (1.0 - a) * view.running_mean.to(xc.dtype) + a * b_mean
-        var = (1.0 - a) * view.running_var.to(xc.dtype) + a * b_var
+        mean = _blend(self.momentum, view.running_mean, b_mean)
+        var = _blend(self.momentum, view.running_var, b_var)
         with torch.no_grad():
             view.running_mean.copy_(mean)
             view.running_var.copy_(var)
@@ -280,8 +275,8 @@ class UnMixTNS(_Layer):
         with torch.no_grad():
             sim = F.normalize(inst_mean.detach(), dim=1) @ F.normalize(comp_mean, dim=1).T  # (B, K)
             p = torch.softmax(sim / self.temperature, dim=1).unsqueeze(-1)  # (B, K, 1)
-        mix_mean = (1.0 - p) * comp_mean[None] + p * inst_mean[:, None]  # (B, K, C)
-        mix_var = (1.0 - p) * comp_var[None] + p * inst_var[:, None]
+        mix_mean = _blend(p, comp_mean[None], inst_mean[:, None])  # (B, K, C)
+        mix_var = _blend(p, comp_var[None], inst_var[:, None])
         mean = mix_mean.mean(dim=1)
         var = mix_var.mean(dim=1) + mix_mean.square().mean(dim=1) - mean.square()  # law of total variance
         with torch.no_grad():
