@@ -108,9 +108,14 @@ def _is_decoder_lm(model: nn.Module) -> bool:
     return isinstance(model, DecoderLM)
 
 
+def _gpt2(class_name: str) -> Callable[[nn.Module], bool]:
+    """Matches a Hugging Face GPT-2 model of class ``class_name`` (its head decides the stream map)."""
+    return lambda m: _hf_type(m) == "gpt2" and type(m).__name__ == class_name
+
+
 _GPT2 = StreamMap(
     family="gpt2",
-    matches=lambda m: _hf_type(m) == "gpt2" and type(m).__name__ == "GPT2LMHeadModel",
+    matches=_gpt2("GPT2LMHeadModel"),
     refuse=_gpt2_refuse,
     base="transformer",
     token_embedding="wte",
@@ -130,19 +135,8 @@ _GPT2 = StreamMap(
 
 STREAM_MAPS: tuple[StreamMap, ...] = (
     _GPT2,
-    dataclasses.replace(
-        _GPT2,
-        family="gpt2-classifier",
-        head="score",
-        matches=lambda m: _hf_type(m) == "gpt2" and type(m).__name__ == "GPT2ForSequenceClassification",
-    ),
-    dataclasses.replace(
-        _GPT2,
-        family="gpt2-base",
-        base="",
-        head=None,
-        matches=lambda m: _hf_type(m) == "gpt2" and type(m).__name__ == "GPT2Model",
-    ),
+    dataclasses.replace(_GPT2, family="gpt2-classifier", head="score", matches=_gpt2("GPT2ForSequenceClassification")),
+    dataclasses.replace(_GPT2, family="gpt2-base", base="", head=None, matches=_gpt2("GPT2Model")),
     StreamMap(
         family="normlab-decoder",
         matches=_is_decoder_lm,
