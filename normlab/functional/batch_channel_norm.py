@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from normlab.functional._checks import check_num_groups
+from normlab.functional._checks import apply_affine, check_num_groups
 from normlab.functional._vision import channel_first, per_channel, spatial_dims, spatial_size
 from normlab.functional.batch_norm import batch_norm
 
@@ -82,10 +82,7 @@ def batch_channel_norm(
     if estimate:
         y = _estimated_bn(xs, list(x.shape), running_mean, running_var, num_batches_tracked, training, moving_speed,
                           eps)
-        if weight is not None:
-            y = y * per_channel(weight, y.dim(), y.dtype)
-        if bias is not None:
-            y = y + per_channel(bias, y.dim(), y.dtype)
+        y = apply_affine(y, weight, bias, 1)
     else:
         y = batch_norm(xs, num_features, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias,
                        training=training, momentum=momentum, eps=eps, channel_dim=1,

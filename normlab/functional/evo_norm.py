@@ -9,18 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from normlab.functional._checks import check_num_groups
+from normlab.functional._checks import apply_affine, check_num_groups
 from normlab.functional._vision import channel_first, ema_, per_channel, spatial_dims, spatial_size
 
 __all__ = ["evo_norm_b0", "evo_norm_s0"]
-
-
-def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    if weight is not None:
-        y = y * per_channel(weight, y.dim(), y.dtype)
-    if bias is not None:
-        y = y + per_channel(bias, y.dim(), y.dtype)
-    return y
 
 
 def evo_norm_b0(
@@ -62,7 +54,7 @@ def evo_norm_b0(
     inst_var = xs.var(dims, correction=0, keepdim=True) if dims else torch.zeros_like(xs)
     right = per_channel(v, nd, xs.dtype) * xs + torch.sqrt(inst_var + eps)
     y = xs / torch.maximum(torch.sqrt(batch_var + eps), right)
-    return _affine(y, weight, bias).to(x.dtype)
+    return apply_affine(y, weight, bias, 1).to(x.dtype)
 
 
 def evo_norm_s0(
@@ -88,4 +80,4 @@ def evo_norm_s0(
     std = torch.sqrt(groups.var(-1, correction=0, keepdim=True) + eps)
     denom = std.expand(groups.shape).reshape(xs.shape)
     num = xs * torch.sigmoid(per_channel(v, xs.dim(), xs.dtype) * xs)
-    return _affine(num / denom, weight, bias).to(x.dtype)
+    return apply_affine(num / denom, weight, bias, 1).to(x.dtype)

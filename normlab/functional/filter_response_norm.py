@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from normlab.functional._checks import apply_affine
 from normlab.functional._vision import channel_first, per_channel, spatial_dims
 
 __all__ = ["filter_response_norm"]
@@ -32,10 +33,7 @@ def filter_response_norm(
     dims = spatial_dims(xs)
     nu2 = xs.square().mean(dims, keepdim=True) if dims else xs.square()
     y = xs * torch.rsqrt(nu2 + eps)
-    if weight is not None:
-        y = y * per_channel(weight, y.dim(), y.dtype)
-    if bias is not None:
-        y = y + per_channel(bias, y.dim(), y.dtype)
+    y = apply_affine(y, weight, bias, 1)
     if tau is not None:
         y = torch.maximum(y, per_channel(tau, y.dim(), y.dtype))
     return y.to(x.dtype)

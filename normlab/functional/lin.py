@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from normlab.functional._checks import apply_affine
 from normlab.functional._vision import channel_first, per_channel, spatial_dims, spatial_size
 
 __all__ = ["ada_lin", "lin"]
@@ -47,10 +48,7 @@ def lin(
     if xs.numel() == 0:
         return x.clone()
     y = _mix(xs, list(x.shape), rho, eps, unbiased, False, op)
-    if weight is not None:
-        y = y * per_channel(weight, y.dim(), y.dtype)
-    if bias is not None:
-        y = y + per_channel(bias, y.dim(), y.dtype)
+    y = apply_affine(y, weight, bias, 1)
     return y.to(x.dtype)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from normlab.functional._checks import apply_affine
 from normlab.functional._vision import channel_first, per_channel
 
 __all__ = ["online_norm"]
@@ -108,10 +109,7 @@ def online_norm(
     else:
         y = (xs - per_channel(running_mean, xs.dim(), xs.dtype)) * per_channel(
             torch.rsqrt(running_var.to(xs.dtype) + eps), xs.dim(), xs.dtype)
-    if weight is not None:
-        y = y * per_channel(weight, y.dim(), y.dtype)
-    if bias is not None:
-        y = y + per_channel(bias, y.dim(), y.dtype)
+    y = apply_affine(y, weight, bias, 1)
     if ecm == "ac":
         y = torch.clamp(y, -AC_CLAMP, AC_CLAMP)
     elif ecm == "ls" and y.numel() > 0:
