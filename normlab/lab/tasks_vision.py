@@ -82,27 +82,27 @@ class VisionResNetConfig(ResNetConfig):
         return ResNetConfig(**fields)
 
 
-def norm_affine_parameters(model: nn.Module) -> list[nn.Parameter]:
+def norm_affine_parameters(model: nn.Module) -> list[Tensor]:
     """The parameters that belong directly to the model's norm layers (their γ and β)."""
     from normlab.nn._base import NormBase
 
-    out: list[nn.Parameter] = []
+    out: list[Tensor] = []
     for module in model.modules():
         if isinstance(module, (NormBase, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
             out += list(module.parameters(recurse=False))
     return out
 
 
-def _freeze_all_but(model: nn.Module, keep: list[nn.Parameter]) -> None:
+def _freeze_all_but(model: nn.Module, keep: list[Tensor]) -> None:
     ids = {id(p) for p in keep}
     for p in model.parameters():
         p.requires_grad_(id(p) in ids)
 
 
-def _random_masks(model: nn.Module, count: int) -> list[nn.Parameter]:
+def _random_masks(model: nn.Module, count: int) -> list[Tensor]:
     """Leave ``count`` randomly chosen entries of the conv weights trainable (gradient masks; drawn from the global
     RNG, which the training loop seeds with the run's seed); returns the conv weights, all else frozen."""
-    convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    convs: list[Tensor] = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
     sizes = [int(w.numel()) for w in convs]
     total = sum(sizes)
     if count > total:
