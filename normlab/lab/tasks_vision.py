@@ -84,11 +84,11 @@ class VisionResNetConfig(ResNetConfig):
 
 def norm_affine_parameters(model: nn.Module) -> list[Tensor]:
     """The parameters that belong directly to the model's norm layers (their γ and β)."""
-    from normlab.nn._base import NormBase
+    from normlab.walk import is_norm
 
     out: list[Tensor] = []
     for module in model.modules():
-        if isinstance(module, (NormBase, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+        if is_norm(module):
             out += list(module.parameters(recurse=False))
     return out
 
@@ -167,12 +167,12 @@ class DigitsResNetTask(Task):
         model = ResNet(model_cfg.resnet_config())
         model.vision_config = model_cfg  # type: ignore[assignment]  # read by the training hooks below
         if model_cfg.gamma_init == "uniform":
-            from normlab.nn._base import NormBase
+            from normlab.walk import is_norm
 
             with torch.no_grad():
                 for module in model.modules():
                     w, b = getattr(module, "weight", None), getattr(module, "bias", None)
-                    if isinstance(module, NormBase) and isinstance(w, nn.Parameter) and w.dim() == 1:
+                    if is_norm(module) and isinstance(w, nn.Parameter) and w.dim() == 1:
                         w.uniform_(0.0, 1.0)
                         if isinstance(b, nn.Parameter):
                             b.zero_()
