@@ -13,7 +13,9 @@ A suite lists its claims in ``[[claims]]`` tables::
     metric = "final_val_loss"
 
 Metrics (:data:`METRICS`): ``final_val_loss`` and ``best_val_loss`` (a diverged seed counts as +∞: worse than any
-finite loss), ``final_val_acc`` (classification tasks; a diverged seed counts as -∞), and ``diag:<metric>`` for a
+finite loss), ``final_val_acc`` (classification tasks; a diverged seed counts as -∞), ``final_<m>`` for any other
+eval metric ``m`` the task reports (e.g. ``final_shift_acc``; a diverged seed counts as -∞ for a name ending in
+``_acc``, +∞ otherwise), and ``diag:<metric>`` for a
 per-layer diagnostic the suite records (``diag:angular_distance:all_tokens``): its value at the last step it was
 recorded, averaged over the claim's ``layers`` (``all``, ``deep`` = blocks ℓ > L/2, ``shallow`` = ℓ ≤ L/2, or a list
 of layer indices); a seed that did not finish has no value. A seed that raised an error has no value for any metric.
@@ -111,6 +113,7 @@ def _metric_problem(metric: Any, cfg: SuiteConfig, eval_metrics: tuple[str, ...]
                     f"{cfg.diagnostics}, diagnostics_at = {cfg.diagnostics_at})")
         return None
     known = [m for m in METRICS if m != "final_val_acc" or "val_acc" in eval_metrics]
+    known += [f"final_{m}" for m in eval_metrics if f"final_{m}" not in METRICS]  # a task's extra eval metrics
     if metric not in known:
         return f"metric: unknown metric {metric!r}; expected one of {known} or 'diag:<diagnostic>'"
     return None
@@ -300,9 +303,9 @@ def arm_values(rows: list[dict[str, Any]], arm: str, metric: str, *, statuses: d
                 out[seed] = statistics.fmean(float(r["value"]) for r in diag if r["step"] == last)
             continue
         if status != "ok":
-            out[seed] = -math.inf if metric == "final_val_acc" else math.inf
+            out[seed] = -math.inf if metric.endswith("_acc") else math.inf
             continue
-        name = "val_acc" if metric == "final_val_acc" else "val_loss"
+        name = "val_loss" if metric == "best_val_loss" else metric[len("final_"):]
         evals = sorted((r["step"], r.get("value")) for r in seed_rows if r["kind"] == "eval" and r["metric"] == name)
         finite = [float(v) for _, v in evals if v is not None and math.isfinite(float(v))]
         if evals and finite:

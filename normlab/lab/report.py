@@ -59,6 +59,7 @@ class ArmSummary:
     final: dict[int, float] = field(default_factory=dict)
     best: dict[int, float] = field(default_factory=dict)
     final_acc: dict[int, float] = field(default_factory=dict)
+    final_extra: dict[str, dict[int, float]] = field(default_factory=dict)  # a task's other eval metrics
     throughput: list[float] = field(default_factory=list)
     messages: dict[int, str] = field(default_factory=dict)
     rank: int | None = None
@@ -133,9 +134,11 @@ def summarize(data: RunData) -> list[ArmSummary]:
         elif r["kind"] == "train" and r["metric"] == "throughput" and r.get("value") is not None:
             s.throughput.append(float(r["value"]))
     for r in data.rows:
-        if r["kind"] == "eval" and r["metric"] == "val_acc" and r["arm"] in out:
+        if r["kind"] == "eval" and r["metric"] != "val_loss" and r["arm"] in out:
             if last_eval.get((r["arm"], r["seed"])) == r["step"]:
-                out[r["arm"]].final_acc[r["seed"]] = _value(r)
+                s = out[r["arm"]]
+                target = s.final_acc if r["metric"] == "val_acc" else s.final_extra.setdefault(r["metric"], {})
+                target[r["seed"]] = _value(r)
     for s in out.values():
         for seed, status in s.statuses.items():
             if status != "ok":
@@ -154,11 +157,16 @@ def _fmt(mean: float, std: float, digits: int = 4) -> str:
 
 def _summary_rows(data: RunData, summaries: list[ArmSummary]) -> list[list[str]]:
     cfg = data.config
-    classification = cfg.task == "digits"
-    unit = "samples/s" if classification else "tokens/s"
+    from normlab.lab.tasks import task_class
+
+    metrics = task_class(cfg.task).eval_metrics
+    classification = "val_acc" in metrics
+    extra = [m for m in metrics if m not in ("val_loss", "val_acc")]
+    unit = task_class(cfg.task).unit
     header = ["rank", "arm", "norm", "placement", "seeds ok", "final val loss", "best val loss"]
     if classification:
         header.append("final val acc")
+    header += [f"final {m.replace('_', ' ')}" for m in extra]
     header.append(f"{unit} p50")
     rows = [header]
     for s in summaries:
@@ -173,6 +181,7 @@ def _summary_rows(data: RunData, summaries: list[ArmSummary]) -> list[list[str]]
                _fmt(*s.mean_std(s.final)), _fmt(*s.mean_std(s.best))]
         if classification:
             row.append(_fmt(*s.mean_std(s.final_acc), digits=3))
+        row += [_fmt(*s.mean_std(s.final_extra.get(m, {})), digits=3 if m.endswith("_acc") else 4) for m in extra]
         row.append(f"{statistics.median(s.throughput):,.0f}" if s.throughput else "-")
         rows.append(row)
     return rows

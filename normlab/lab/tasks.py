@@ -95,6 +95,18 @@ class Task:
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         return model(**batch).loss
 
+    def parameter_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups (training hook). Default: ``weight_decay`` on matrices except embeddings,
+        none on the rest. A task may freeze parameters here (leave them out, ``requires_grad_(False)``) and give a
+        group an ``lr_scale`` (its learning rate is the schedule's times it; default 1)."""
+        decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+        no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+        """Called once on the freshly built optimizer (training hook), e.g. to attach gradient clipping hooks.
+        Default: nothing."""
+
     def diagnostics_batch(self) -> Batch:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -245,6 +257,10 @@ class DigitsTask(Task):
 
 
 TASK_CLASSES: dict[str, type[Task]] = {"lm_stdlib": LMTask, "digits": DigitsTask}
+
+from normlab.lab import tasks_vision as _vision  # noqa: E402  (subclasses Task)
+
+TASK_CLASSES.update(digits_resnet=_vision.DigitsResNetTask, style_shift=_vision.StyleShiftTask)
 
 
 def task_class(task: str) -> type[Task]:

@@ -132,16 +132,16 @@ class _Interval:
 
 
 def _build(run: ArmRun) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The arm's model (seeded with the run's seed) and AdamW, with weight decay on matrices except embeddings."""
+    """The arm's model (seeded with the run's seed) and AdamW over the task's :meth:`~Task.parameter_groups` (by
+    default weight decay on matrices except embeddings), passed to the task's :meth:`~Task.prepare_optimizer`."""
     train = run.cfg.arm_train(run.arm)
     torch.manual_seed(run.seed)
     model = run.task.build_model(run.cfg.arm_model(run.arm)).to(run.task.device)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": train["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=train["lr"], betas=(run.cfg.betas[0], run.cfg.betas[1]),
-    )
+    groups = run.task.parameter_groups(model, train["weight_decay"])
+    for group in groups:
+        group.setdefault("lr_scale", 1.0)
+    opt = torch.optim.AdamW(groups, lr=train["lr"], betas=(run.cfg.betas[0], run.cfg.betas[1]))
+    run.task.prepare_optimizer(opt, model)
     return model, opt
 
 
@@ -182,7 +182,7 @@ def _train_step(
     train = run.cfg.arm_train(run.arm)
     lr = lr_at(step, run.cfg.steps, train["lr"], train["warmup_steps"], run.cfg.min_lr_ratio)
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     rng = np.random.default_rng([run.seed, run.dist.rank, step])
     torch.manual_seed(int(rng.integers(2**62)))
     t0 = time.perf_counter()
