@@ -261,16 +261,18 @@ class TTATask(_ShiftTask):
         usable = {}
         for m in p.methods:
             try:
-                usable[m] = adapt(model, m, **({"seed": 0} if m == "unmix_tns" else {}))
+                options: dict[str, Any] = {"seed": 0} if m == "unmix_tns" else {}
+                usable[m] = adapt(model, m, **options)
                 out[f"layers_{m}"] = float(len(usable[m].adapted)) if m != "source" else 0.0
             except ValueError:  # nothing in this net for the method to adapt: no error rows
                 out[f"layers_{m}"] = 0.0
         for s in p.severities:
             domains = {c: (_float(self.data.domains[c, s][0]), self.data.domains[c, s][1]) for c in p.corruptions}
             for lab in p.label_orders:
-                kw = {} if lab == "iid" else {"labels": "dirichlet", "delta": float(lab.split(":", 1)[1])}
+                delta = None if lab == "iid" else float(lab.split(":", 1)[1])
                 for b in p.test_batch_sizes:
-                    stream = make_stream(domains, batch_size=b, order="continual", seed=0, **kw)
+                    stream = make_stream(domains, batch_size=b, order="continual", seed=0,
+                                         labels="iid" if delta is None else "dirichlet", delta=delta)
                     for m, adapted in usable.items():
                         result = run_stream(adapted, stream)
                         base = f"err_{m}_{label_tag(lab)}_b{b}_s{s}"
