@@ -289,7 +289,9 @@ class FedClients(nn.Module):
 
     ``local`` names the state-dict entries that stay on their client (FedBN: every norm's parameters and buffers);
     :func:`fedavg_` averages the rest. ``forward(x, labels)`` takes ``x`` of shape ``(K, B, C, H, W)``: client
-    ``k`` sees ``x[k]``; the loss is the *sum* of the client losses, so each client's gradient is its own.
+    ``k`` sees ``x[k]``; the loss is the *mean* of the client losses (comparable with one client's validation
+    loss), so client ``k``'s gradient is its own divided by ``K``: :meth:`FederatedTask.before_step` multiplies
+    it back before AGC and the optimizer step.
     """
 
     def __init__(self, net: nn.Module, num_clients: int, local_norms: bool = False) -> None:
@@ -314,7 +316,7 @@ class FedClients(nn.Module):
             raise ValueError(f"FedClients: expected x of shape (K={len(self.clients)}, B, ...), got "
                              f"{tuple(x.shape)}")
         outs = [c(x[k], labels=labels[k]) for k, c in enumerate(self.clients)]
-        loss = torch.stack([o.loss for o in outs]).sum()
+        loss = torch.stack([o.loss for o in outs]).mean()
         return ModelOutput(logits=torch.stack([o.logits for o in outs]), loss=loss, hidden_states=None)
 
 
@@ -394,11 +396,17 @@ class FederatedTask(_ShiftTask):
         return {"x": x.to(self.device), "labels": y.to(self.device)}
 
     def before_step(self, model: nn.Module, step: int) -> None:
-        """AGC on every client's gradients (FedWon), before the optimizer step."""
+        """Restore each client's own gradient (the loss is the clients' mean), then AGC on every client's gradients
+        (FedWon), before the optimizer step."""
         from normlab.weight import agc_parameters, clip_grad_agc_
 
+        if not isinstance(model, FedClients):
+            return
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(len(model.clients))
         clip = float(getattr(model, "agc_clip", 0.0))
-        if clip > 0 and isinstance(model, FedClients):
+        if clip > 0:
             for client in model.clients:
                 clip_grad_agc_(agc_parameters(client), clipping=clip)
 

@@ -58,13 +58,24 @@ def test_fedbn_keeps_norm_parameters_and_statistics_local() -> None:
         torch.testing.assert_close(state[conv], (before[0][conv] + before[1][conv] + before[2][conv]) / 3)
 
 
-def test_fed_clients_loss_is_the_sum_of_the_client_losses() -> None:
+def test_fed_clients_loss_is_the_client_mean_and_each_step_uses_the_clients_own_gradient() -> None:
     fed = _fed(local_norms=False).eval()
     x, y = torch.rand(3, 2, 3, 16, 16), torch.tensor([[0, 1], [2, 3], [4, 5]])
+    own = []
+    for k, c in enumerate(fed.clients):
+        c.zero_grad()
+        c(x[k], labels=y[k]).loss.backward()
+        own.append([p.grad.clone() for p in c.parameters()])
+    fed.zero_grad()
+    loss = fed(x, y).loss
+    loss.backward()
+    FederatedTask.__new__(FederatedTask).before_step(fed, 1)
+    for k, c in enumerate(fed.clients):
+        for g, p in zip(own[k], c.parameters()):
+            torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
     with torch.no_grad():
-        expected = sum(float(c(x[k], labels=y[k]).loss) for k, c in enumerate(fed.clients))
-        got = float(fed(x, y).loss)
-    assert got == pytest.approx(expected, rel=1e-5)
+        expected = sum(float(c(x[k], labels=y[k]).loss) for k, c in enumerate(fed.clients)) / 3
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match=r"expected x of shape \(K=3"):
         fed(torch.rand(2, 2, 3, 16, 16), y[:2])
     with pytest.raises(ValueError, match="num_clients"):
