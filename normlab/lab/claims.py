@@ -19,6 +19,12 @@ eval metric ``m`` the task reports (e.g. ``final_shift_acc``; a diverged seed co
 per-layer diagnostic the suite records (``diag:angular_distance:all_tokens``): its value at the last step it was
 recorded, averaged over the claim's ``layers`` (``all``, ``deep`` = blocks ℓ > L/2, ``shallow`` = ℓ ≤ L/2, or a list
 of layer indices); a seed that did not finish has no value. A seed that raised an error has no value for any metric.
+``eval:<name>`` is the last value of any eval metric the task records in the suite (``Task.claim_metrics``, e.g.
+``eval:err_tbn_iid_b64_s5`` of the ``tta`` task); a seed that did not finish has no value.
+
+``b_metric`` (optional) reads ``b`` on another metric than ``a``: then ``a`` and ``b`` may be the same arm, and a
+claim compares two metrics of one arm (``a = b = "bn"``, ``metric = "eval:err_tent_iid_b64_s5"``, ``b_metric =
+"eval:err_source_iid_b64_s5"``). Both must be final metrics (not ``diag:``).
 
 Verdict rule (:func:`compare`). Per comparison of arm ``a`` with arm ``b``: ``d = mean_a - mean_b`` over their
 seeds, and the uncertainty ``u = Z · sqrt(s_a²/n_a + s_b²/n_b)`` with ``s`` the sample std over seeds and ``Z = 2``
@@ -68,7 +74,7 @@ VERDICTS = ("held", "did not hold", "not separable", "no data")
 METRICS = ("final_val_loss", "best_val_loss", "final_val_acc")  # and diag:<metric>
 LAYER_SETS = ("all", "deep", "shallow")
 Z = 2.0
-CLAIM_KEYS = ("id", "text", "paper", "url", "a", "relation", "b", "metric", "margin", "layers")
+CLAIM_KEYS = ("id", "text", "paper", "url", "a", "relation", "b", "metric", "b_metric", "margin", "layers")
 _SYMBOL = {"less": "<", "greater": ">", "equivalent": "≈"}
 
 
@@ -86,6 +92,12 @@ class ClaimConfig:
     metric: str = "final_val_loss"
     margin: float | None = None
     layers: str | list[int] = "all"
+    b_metric: str | None = None
+
+    @property
+    def metric_b(self) -> str:
+        """The metric read for ``b``: ``b_metric``, else ``metric``."""
+        return self.b_metric if self.b_metric is not None else self.metric
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: copy.deepcopy(getattr(self, k)) for k in CLAIM_KEYS}
@@ -96,6 +108,8 @@ class ClaimConfig:
         """``"peri < pre"``, ``"dyt ≈ layer_norm (±0.05)"``: the comparison as a formula."""
         left = a if a is not None else " and ".join(self.a)
         margin = f" (±{self.margin:g})" if self.relation == "equivalent" else ""
+        if self.b_metric is not None:  # two metrics: name them
+            return f"{left}[{self.metric}] {_SYMBOL[self.relation]} {self.b}[{self.b_metric}]{margin}"
         return f"{left} {_SYMBOL[self.relation]} {self.b}{margin}"
 
 
@@ -112,10 +126,14 @@ def _metric_problem(metric: Any, cfg: SuiteConfig, eval_metrics: tuple[str, ...]
             return (f"metric {metric!r}: the suite does not record diagnostic {base!r} (diagnostics = "
                     f"{cfg.diagnostics}, diagnostics_at = {cfg.diagnostics_at})")
         return None
+    if metric.startswith("eval:"):
+        if metric[len("eval:"):] not in eval_metrics:
+            return f"metric {metric!r}: the task records no eval metric {metric[len('eval:'):]!r} in this suite"
+        return None
     known = [m for m in METRICS if m != "final_val_acc" or "val_acc" in eval_metrics]
     known += [f"final_{m}" for m in eval_metrics if f"final_{m}" not in METRICS]  # a task's extra eval metrics
     if metric not in known:
-        return f"metric: unknown metric {metric!r}; expected one of {known} or 'diag:<diagnostic>'"
+        return f"metric: unknown metric {metric!r}; expected one of {known}, 'eval:<metric>' or 'diag:<diagnostic>'"
     return None
 
 
@@ -147,8 +165,9 @@ def _claim_problems(raw: dict[str, Any], cfg: SuiteConfig, eval_metrics: tuple[s
     for name in [*a_list, raw.get("b")]:
         if name not in arms:
             problems.append(f"unknown arm {name!r}; the suite has {arms}")
-    if raw.get("b") in a_list:
-        problems.append(f"a and b: arm {raw.get('b')!r} is compared with itself")
+    b_metric = raw.get("b_metric")
+    if raw.get("b") in a_list and (b_metric is None or b_metric == raw.get("metric", "final_val_loss")):
+        problems.append(f"a and b: arm {raw.get('b')!r} is compared with itself on the same metric")
     relation = raw.get("relation")
     if relation not in RELATIONS:
         problems.append(f"relation: expected one of {RELATIONS}, got {relation!r}")
@@ -162,6 +181,12 @@ def _claim_problems(raw: dict[str, Any], cfg: SuiteConfig, eval_metrics: tuple[s
     metric = raw.get("metric", "final_val_loss")
     problem = _metric_problem(metric, cfg, eval_metrics)
     problems += [problem] if problem else []
+    if b_metric is not None:
+        problem = _metric_problem(b_metric, cfg, eval_metrics)
+        problems += [f"b_{problem}" if problem.startswith("metric") else problem] if problem else []
+        if isinstance(b_metric, str) and b_metric.startswith("diag:") or str(metric).startswith("diag:"):
+            problems.append(f"b_metric: only a pair of final metrics may differ, got metric={metric!r} and "
+                            f"b_metric={b_metric!r}")
     problem = _layers_problem(raw.get("layers", "all"), metric)
     return problems + ([problem] if problem else [])
 
@@ -194,7 +219,7 @@ def parse_claims(raw: Any, cfg: SuiteConfig, eval_metrics: tuple[str, ...]) -> t
                 id=str(cid), text=item["text"], paper=item["paper"], url=item["url"], a=[a] if isinstance(a, str) else
                 list(a), relation=item["relation"], b=item["b"], metric=item.get("metric", "final_val_loss"),
                 margin=float(item["margin"]) if item.get("margin") is not None else None,
-                layers=copy.deepcopy(item.get("layers", "all"))))
+                layers=copy.deepcopy(item.get("layers", "all")), b_metric=item.get("b_metric")))
     return claims, problems
 
 
@@ -302,6 +327,12 @@ def arm_values(rows: list[dict[str, Any]], arm: str, metric: str, *, statuses: d
                 last = max(r["step"] for r in diag)
                 out[seed] = statistics.fmean(float(r["value"]) for r in diag if r["step"] == last)
             continue
+        if metric.startswith("eval:"):  # the last recorded value; a seed that did not finish has none
+            evals = sorted((r["step"], r.get("value")) for r in seed_rows
+                           if r["kind"] == "eval" and r["metric"] == metric[len("eval:"):])
+            if status == "ok" and evals and evals[-1][1] is not None:
+                out[seed] = float(evals[-1][1])
+            continue
         if status != "ok":
             out[seed] = -math.inf if metric.endswith("_acc") else math.inf
             continue
@@ -326,8 +357,9 @@ def evaluate_claims(cfg: SuiteConfig, rows: list[dict[str, Any]], n_layers: dict
     for claim in cfg.claims:
         result = ClaimResult(claim)
         for a in claim.a:
-            vals = {arm: arm_values(rows, arm, claim.metric, statuses=statuses.get(arm, {}), layers=claim.layers,
-                                    n_layers=(n_layers or {}).get(arm, 0)) for arm in (a, claim.b)}
-            result.comparisons.append(compare(vals[a], vals[claim.b], claim.relation, claim.margin, a, claim.b))
+            va, vb = (arm_values(rows, arm, metric, statuses=statuses.get(arm, {}), layers=claim.layers,
+                                 n_layers=(n_layers or {}).get(arm, 0))
+                      for arm, metric in ((a, claim.metric), (claim.b, claim.metric_b)))
+            result.comparisons.append(compare(va, vb, claim.relation, claim.margin, a, claim.b))
         results.append(result)
     return results

@@ -96,7 +96,8 @@ class SuiteConfig:
     Args:
         name: suite name (used for the run directory).
         description: one line for ``normlab lab --list`` and the report.
-        task: ``"lm_stdlib"`` (byte-level LM on the Python stdlib source) or ``"digits"`` (CNN on sklearn digits).
+        task: ``"lm_stdlib"`` (byte-level LM on the Python stdlib source), ``"digits"`` (CNN on sklearn digits), or
+            ``"tta"`` / ``"federated"`` (corrupted digits, :mod:`normlab.lab.tasks_shift`).
         steps: optimizer steps per arm and seed.
         batch_size: sequences (LM) or images (digits) per step and process.
         seq_len: LM window length in bytes.

@@ -107,6 +107,22 @@ class Task:
         """Called once on the freshly built optimizer (training hook), e.g. to attach gradient clipping hooks.
         Default: nothing."""
 
+    # Optional hooks of the training loop; the defaults do nothing.
+    @classmethod
+    def claim_metrics(cls, cfg: SuiteConfig) -> tuple[str, ...]:
+        """Eval metrics a claim may name (``eval:<name>``) in a suite of this task; default :attr:`eval_metrics`."""
+        return cls.eval_metrics
+
+    def before_step(self, model: nn.Module, step: int) -> None:
+        """Called after the backward pass and before gradient clipping and the optimizer step."""
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Called after the optimizer step; ``step`` counts the steps done (1-based)."""
+
+    def final_evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Extra eval metrics computed once, at the last step (after :meth:`evaluate`); default none."""
+        return {}
+
     def diagnostics_batch(self) -> Batch:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -256,11 +272,18 @@ class DigitsTask(Task):
         return {k: v.to(self.device) for k, v in self._val[0].items()}
 
 
-TASK_CLASSES: dict[str, type[Task]] = {"lm_stdlib": LMTask, "digits": DigitsTask}
+# The task modules subclass Task, so they are imported after it.
+from normlab.lab import tasks_vision as _vision  # noqa: E402
+from normlab.lab.tasks_shift import FederatedTask, TTATask  # noqa: E402
 
-from normlab.lab import tasks_vision as _vision  # noqa: E402  (subclasses Task)
-
-TASK_CLASSES.update(digits_resnet=_vision.DigitsResNetTask, style_shift=_vision.StyleShiftTask)
+TASK_CLASSES: dict[str, type[Task]] = {
+    "lm_stdlib": LMTask,
+    "digits": DigitsTask,
+    "digits_resnet": _vision.DigitsResNetTask,
+    "style_shift": _vision.StyleShiftTask,
+    "tta": TTATask,
+    "federated": FederatedTask,
+}
 
 
 def task_class(task: str) -> type[Task]:

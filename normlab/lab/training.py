@@ -191,9 +191,11 @@ def _train_step(
     opt.zero_grad(set_to_none=True)
     loss.backward()
     health.after_backward()
+    run.task.before_step(model, step)
     clip = train["grad_clip"] if train["grad_clip"] > 0 else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
     opt.step()
+    run.task.after_step(model, step + 1)
     dt = time.perf_counter() - t0
     loss_value = all_reduce_sum([float(loss.detach())], run.dist, run.task.device)[0] / run.dist.world_size
     return _Step(loss_value, grad_norm, lr, dt, run.task.units(batch) * run.dist.world_size)
@@ -208,6 +210,8 @@ def _eval_step(
     step = state["step"]
     with health.watch() as measured:
         metrics = run.task.evaluate(model)
+    if step == run.cfg.steps:
+        metrics.update(run.task.final_evaluate(model))
     rows = rows + [run.row(step, "eval", k, v) for k, v in metrics.items()] + run.health_rows(step, measured)
     run.log.write(rows + run.diagnostics(model, step))
     if not math.isfinite(metrics["val_loss"]) or metrics["val_loss"] > limit:

@@ -305,5 +305,5 @@ def validate_suite_dict(
         if ok:
             buildable.append((i, arm))
         cfg.arms.append(arm)
-    cfg.claims, claim_problems = parse_claims(data.get("claims"), cfg, task_class(cfg.task).eval_metrics)
+    cfg.claims, claim_problems = parse_claims(data.get("claims"), cfg, task_class(cfg.task).claim_metrics(cfg))
     return cfg, problems + claim_problems, buildable
