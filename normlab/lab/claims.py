@@ -13,7 +13,9 @@ A suite lists its claims in ``[[claims]]`` tables::
     metric = "final_val_loss"
 
 Metrics (:data:`METRICS`): ``final_val_loss`` and ``best_val_loss`` (a diverged seed counts as +∞: worse than any
-finite loss), ``final_val_acc`` (classification tasks; a diverged seed counts as -∞), and ``diag:<metric>`` for a
+finite loss), ``final_val_acc`` (classification tasks; a diverged seed counts as -∞), ``final_<m>`` for any other
+eval metric ``m`` of the task (``final_val_psnr``; a diverged seed counts as -∞ where the task lists ``m`` in its
+``higher_is_better``, +∞ otherwise), and ``diag:<metric>`` for a
 per-layer diagnostic the suite records (``diag:angular_distance:all_tokens``): its value at the last step it was
 recorded, averaged over the claim's ``layers`` (``all``, ``deep`` = blocks ℓ > L/2, ``shallow`` = ℓ ≤ L/2, or a list
 of layer indices); a seed that did not finish has no value. A seed that raised an error has no value for any metric.
@@ -111,6 +113,7 @@ def _metric_problem(metric: Any, cfg: SuiteConfig, eval_metrics: tuple[str, ...]
                     f"{cfg.diagnostics}, diagnostics_at = {cfg.diagnostics_at})")
         return None
     known = [m for m in METRICS if m != "final_val_acc" or "val_acc" in eval_metrics]
+    known += [f"final_{m}" for m in eval_metrics if m not in ("val_loss", "val_acc")]
     if metric not in known:
         return f"metric: unknown metric {metric!r}; expected one of {known} or 'diag:<diagnostic>'"
     return None
@@ -280,9 +283,11 @@ def _selected_layers(layers: str | list[int], n_layers: int) -> set[int] | None:
 
 
 def arm_values(rows: list[dict[str, Any]], arm: str, metric: str, *, statuses: dict[int, str],
-               layers: str | list[int] = "all", n_layers: int = 0) -> dict[int, float]:
+               layers: str | list[int] = "all", n_layers: int = 0, higher_is_better: bool | None = None
+               ) -> dict[int, float]:
     """The per-seed value of ``metric`` for ``arm`` (see the module docstring for each metric and for seeds that
-    diverged or failed)."""
+    diverged or failed); ``higher_is_better`` (default: ``metric == "final_val_acc"``) makes a diverged seed -∞."""
+    higher = metric == "final_val_acc" if higher_is_better is None else higher_is_better
     out: dict[int, float] = {}
     mine = [r for r in rows if r["arm"] == arm]
     for seed, status in statuses.items():
@@ -300,9 +305,9 @@ def arm_values(rows: list[dict[str, Any]], arm: str, metric: str, *, statuses: d
                 out[seed] = statistics.fmean(float(r["value"]) for r in diag if r["step"] == last)
             continue
         if status != "ok":
-            out[seed] = -math.inf if metric == "final_val_acc" else math.inf
+            out[seed] = -math.inf if higher else math.inf
             continue
-        name = "val_acc" if metric == "final_val_acc" else "val_loss"
+        name = metric[len("final_"):] if metric.startswith("final_") else "val_loss"
         evals = sorted((r["step"], r.get("value")) for r in seed_rows if r["kind"] == "eval" and r["metric"] == name)
         finite = [float(v) for _, v in evals if v is not None and math.isfinite(float(v))]
         if evals and finite:
@@ -315,6 +320,9 @@ def evaluate_claims(cfg: SuiteConfig, rows: list[dict[str, Any]], n_layers: dict
                     ) -> list[ClaimResult]:
     """Every claim of ``cfg`` evaluated on ``rows`` (deduplicated run rows); ``n_layers`` gives each arm's block
     count for the ``deep`` / ``shallow`` layer sets."""
+    from normlab.lab.tasks import task_class
+
+    higher = task_class(cfg.task).higher_is_better
     statuses: dict[str, dict[int, str]] = {}
     for r in rows:
         if r["kind"] == "status":
@@ -324,7 +332,9 @@ def evaluate_claims(cfg: SuiteConfig, rows: list[dict[str, Any]], n_layers: dict
         result = ClaimResult(claim)
         for a in claim.a:
             vals = {arm: arm_values(rows, arm, claim.metric, statuses=statuses.get(arm, {}), layers=claim.layers,
-                                    n_layers=(n_layers or {}).get(arm, 0)) for arm in (a, claim.b)}
+                                    n_layers=(n_layers or {}).get(arm, 0),
+                                    higher_is_better=claim.metric.removeprefix("final_") in higher)
+                    for arm in (a, claim.b)}
             result.comparisons.append(compare(vals[a], vals[claim.b], claim.relation, claim.margin, a, claim.b))
         results.append(result)
     return results

@@ -59,6 +59,7 @@ class ArmSummary:
     final: dict[int, float] = field(default_factory=dict)
     best: dict[int, float] = field(default_factory=dict)
     final_acc: dict[int, float] = field(default_factory=dict)
+    final_metrics: dict[str, dict[int, float]] = field(default_factory=dict)  # the task's other eval metrics
     throughput: list[float] = field(default_factory=list)
     messages: dict[int, str] = field(default_factory=dict)
     rank: int | None = None
@@ -133,9 +134,12 @@ def summarize(data: RunData) -> list[ArmSummary]:
         elif r["kind"] == "train" and r["metric"] == "throughput" and r.get("value") is not None:
             s.throughput.append(float(r["value"]))
     for r in data.rows:
-        if r["kind"] == "eval" and r["metric"] == "val_acc" and r["arm"] in out:
+        if r["kind"] == "eval" and r["metric"] != "val_loss" and r["arm"] in out:
             if last_eval.get((r["arm"], r["seed"])) == r["step"]:
-                out[r["arm"]].final_acc[r["seed"]] = _value(r)
+                if r["metric"] == "val_acc":
+                    out[r["arm"]].final_acc[r["seed"]] = _value(r)
+                else:
+                    out[r["arm"]].final_metrics.setdefault(r["metric"], {})[r["seed"]] = _value(r)
     for s in out.values():
         for seed, status in s.statuses.items():
             if status != "ok":
@@ -154,11 +158,16 @@ def _fmt(mean: float, std: float, digits: int = 4) -> str:
 
 def _summary_rows(data: RunData, summaries: list[ArmSummary]) -> list[list[str]]:
     cfg = data.config
+    from normlab.lab.tasks import task_class
+
+    task = task_class(cfg.task)
     classification = cfg.task == "digits"
-    unit = "samples/s" if classification else "tokens/s"
+    unit = task.unit
+    extra = [m for m in task.eval_metrics if m not in ("val_loss", "val_acc")]
     header = ["rank", "arm", "norm", "placement", "seeds ok", "final val loss", "best val loss"]
     if classification:
         header.append("final val acc")
+    header += [f"final {m.replace('_', ' ')}" for m in extra]
     header.append(f"{unit} p50")
     rows = [header]
     for s in summaries:
@@ -173,6 +182,7 @@ def _summary_rows(data: RunData, summaries: list[ArmSummary]) -> list[list[str]]
                _fmt(*s.mean_std(s.final)), _fmt(*s.mean_std(s.best))]
         if classification:
             row.append(_fmt(*s.mean_std(s.final_acc), digits=3))
+        row += [_fmt(*s.mean_std(s.final_metrics.get(m, {})), digits=3) for m in extra]
         row.append(f"{statistics.median(s.throughput):,.0f}" if s.throughput else "-")
         rows.append(row)
     return rows

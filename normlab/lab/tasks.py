@@ -41,6 +41,7 @@ class Task:
 
     unit = "samples/s"
     eval_metrics: tuple[str, ...] = ("val_loss",)
+    higher_is_better: tuple[str, ...] = ("val_acc",)  # eval metrics where larger is better (claims: a diverged seed)
     requirements: tuple[Requirement, ...] = ()  # optional packages its data loader needs (the loader's own list)
     # Model-config fields whose validity does not depend on other fields: validation checks each alone (everything
     # else at its default), so that e.g. an unknown norm and an unknown placement are both reported although the
@@ -244,7 +245,9 @@ class DigitsTask(Task):
         return {k: v.to(self.device) for k, v in self._val[0].items()}
 
 
-TASK_CLASSES: dict[str, type[Task]] = {"lm_stdlib": LMTask, "digits": DigitsTask}
+from normlab.lab.tasks_inpainting import InpaintingTask  # noqa: E402 (it subclasses Task)
+
+TASK_CLASSES: dict[str, type[Task]] = {"lm_stdlib": LMTask, "digits": DigitsTask, "inpainting": InpaintingTask}
 
 
 def task_class(task: str) -> type[Task]:
