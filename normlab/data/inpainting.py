@@ -31,7 +31,8 @@ class InpaintingSplit:
 
     Attributes:
         train: the training regions, each ``(3, H, W_train)`` float32 in ``[0, 1]``.
-        val_images: ``(N_val, 3, S, S)``: non-overlapping crops of the validation regions, row-major.
+        val_images: ``(N_val, 3, S, S)``: the non-overlapping crops of the validation regions, in an order shuffled
+            with the split's seed (so that every slice mixes both photographs).
         val_masks: ``(N_val, 1, S, S)``: their holes (1 = hole), drawn with the split's seed.
     """
 
@@ -99,7 +100,7 @@ def load_inpainting_split(patch_size: int = 32, *, train_fraction: float = 0.75,
     Args:
         patch_size: side ``S`` of a crop, ``>= 8``.
         train_fraction: share of each photograph's width (its left part) used for training, in ``(0, 1)``.
-        seed: seed of the validation masks.
+        seed: seed of the validation order and masks.
     """
     _check_int("load_inpainting_split: patch_size", patch_size, 8)
     f = train_fraction
@@ -120,6 +121,9 @@ def load_inpainting_split(patch_size: int = 32, *, train_fraction: float = 0.75,
         for y in range(0, held.shape[1] - patch_size + 1, patch_size):
             for x in range(0, held.shape[2] - patch_size + 1, patch_size):
                 val.append(held[:, y : y + patch_size, x : x + patch_size])
-    images = torch.stack(val)
-    masks = random_masks(np.random.default_rng(seed), len(images), patch_size)
+    rng = np.random.default_rng(seed)
+    # A fixed shuffle, so that any slice of the validation set mixes both photographs as training batches do: a
+    # norm that uses batch statistics in eval mode (RN's released code) would otherwise see one photograph a batch.
+    images = torch.stack(val)[torch.from_numpy(rng.permutation(len(val)))]
+    masks = random_masks(rng, len(images), patch_size)
     return InpaintingSplit(tuple(train), images, masks)
