@@ -7,6 +7,8 @@ generator, computes the loss and evaluates on a fixed validation set that every 
   train-mode batch statistics would mix in future tokens of other sequences.
 * ``digits``: 10-way classification of scikit-learn's 8×8 digits with :class:`~normlab.models.DigitsCNN`.
   Validation: the whole held-out split (loss and accuracy).
+* ``inpainting``: the Region Normalization generator filling holes in sample-photo crops
+  (:mod:`normlab.lab.tasks_inpainting`); validation PSNR and L1 besides the loss.
 
 Under DDP each rank draws its own training stream (the generator is seeded with ``(seed, rank)``) and evaluates a
 slice of the validation set; the sums are all-reduced.
