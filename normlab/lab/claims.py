@@ -14,8 +14,8 @@ A suite lists its claims in ``[[claims]]`` tables::
 
 Metrics (:data:`METRICS`): ``final_val_loss`` and ``best_val_loss`` (a diverged seed counts as +∞: worse than any
 finite loss), ``final_val_acc`` (classification tasks; a diverged seed counts as -∞), ``final_<m>`` for any other
-eval metric ``m`` the task reports (e.g. ``final_shift_acc``; a diverged seed counts as -∞ for a name ending in
-``_acc``, +∞ otherwise), and ``diag:<metric>`` for a
+eval metric ``m`` the task reports (e.g. ``final_shift_acc``, ``final_val_psnr``; a diverged seed counts as -∞ for a
+name ending in ``_acc`` or listed in the task's ``higher_is_better``, +∞ otherwise), and ``diag:<metric>`` for a
 per-layer diagnostic the suite records (``diag:angular_distance:all_tokens``): its value at the last step it was
 recorded, averaged over the claim's ``layers`` (``all``, ``deep`` = blocks ℓ > L/2, ``shallow`` = ℓ ≤ L/2, or a list
 of layer indices); a seed that did not finish has no value. A seed that raised an error has no value for any metric.
@@ -308,9 +308,11 @@ def _selected_layers(layers: str | list[int], n_layers: int) -> set[int] | None:
 
 
 def arm_values(rows: list[dict[str, Any]], arm: str, metric: str, *, statuses: dict[int, str],
-               layers: str | list[int] = "all", n_layers: int = 0) -> dict[int, float]:
+               layers: str | list[int] = "all", n_layers: int = 0, higher_is_better: bool | None = None
+               ) -> dict[int, float]:
     """The per-seed value of ``metric`` for ``arm`` (see the module docstring for each metric and for seeds that
-    diverged or failed)."""
+    diverged or failed); ``higher_is_better`` (default: a metric ending in ``_acc``) makes a diverged seed -∞."""
+    higher = metric.endswith("_acc") if higher_is_better is None else higher_is_better
     out: dict[int, float] = {}
     mine = [r for r in rows if r["arm"] == arm]
     for seed, status in statuses.items():
@@ -334,7 +336,7 @@ def arm_values(rows: list[dict[str, Any]], arm: str, metric: str, *, statuses: d
                 out[seed] = float(evals[-1][1])
             continue
         if status != "ok":
-            out[seed] = -math.inf if metric.endswith("_acc") else math.inf
+            out[seed] = -math.inf if higher else math.inf
             continue
         name = "val_loss" if metric == "best_val_loss" else metric[len("final_"):]
         evals = sorted((r["step"], r.get("value")) for r in seed_rows if r["kind"] == "eval" and r["metric"] == name)
@@ -349,6 +351,9 @@ def evaluate_claims(cfg: SuiteConfig, rows: list[dict[str, Any]], n_layers: dict
                     ) -> list[ClaimResult]:
     """Every claim of ``cfg`` evaluated on ``rows`` (deduplicated run rows); ``n_layers`` gives each arm's block
     count for the ``deep`` / ``shallow`` layer sets."""
+    from normlab.lab.tasks import task_class
+
+    higher = task_class(cfg.task).higher_is_better
     statuses: dict[str, dict[int, str]] = {}
     for r in rows:
         if r["kind"] == "status":
@@ -358,7 +363,8 @@ def evaluate_claims(cfg: SuiteConfig, rows: list[dict[str, Any]], n_layers: dict
         result = ClaimResult(claim)
         for a in claim.a:
             va, vb = (arm_values(rows, arm, metric, statuses=statuses.get(arm, {}), layers=claim.layers,
-                                 n_layers=(n_layers or {}).get(arm, 0))
+                                 n_layers=(n_layers or {}).get(arm, 0),
+                                 higher_is_better=metric.endswith("_acc") or metric.removeprefix("final_") in higher)
                       for arm, metric in ((a, claim.metric), (claim.b, claim.metric_b)))
             result.comparisons.append(compare(va, vb, claim.relation, claim.margin, a, claim.b))
         results.append(result)

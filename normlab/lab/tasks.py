@@ -7,6 +7,8 @@ generator, computes the loss and evaluates on a fixed validation set that every 
   train-mode batch statistics would mix in future tokens of other sequences.
 * ``digits``: 10-way classification of scikit-learn's 8×8 digits with :class:`~normlab.models.DigitsCNN`.
   Validation: the whole held-out split (loss and accuracy).
+* ``inpainting``: the Region Normalization generator filling holes in sample-photo crops
+  (:mod:`normlab.lab.tasks_inpainting`); validation PSNR and L1 besides the loss.
 
 Under DDP each rank draws its own training stream (the generator is seeded with ``(seed, rank)``) and evaluates a
 slice of the validation set; the sums are all-reduced.
@@ -41,6 +43,7 @@ class Task:
 
     unit = "samples/s"
     eval_metrics: tuple[str, ...] = ("val_loss",)
+    higher_is_better: tuple[str, ...] = ("val_acc",)  # eval metrics where larger is better (claims: a diverged seed)
     requirements: tuple[Requirement, ...] = ()  # optional packages its data loader needs (the loader's own list)
     # Model-config fields whose validity does not depend on other fields: validation checks each alone (everything
     # else at its default), so that e.g. an unknown norm and an unknown placement are both reported although the
@@ -274,6 +277,7 @@ class DigitsTask(Task):
 
 # The task modules subclass Task, so they are imported after it.
 from normlab.lab import tasks_vision as _vision  # noqa: E402
+from normlab.lab.tasks_inpainting import InpaintingTask  # noqa: E402
 from normlab.lab.tasks_shift import FederatedTask, TTATask  # noqa: E402
 
 TASK_CLASSES: dict[str, type[Task]] = {
@@ -281,6 +285,7 @@ TASK_CLASSES: dict[str, type[Task]] = {
     "digits": DigitsTask,
     "digits_resnet": _vision.DigitsResNetTask,
     "style_shift": _vision.StyleShiftTask,
+    "inpainting": InpaintingTask,
     "tta": TTATask,
     "federated": FederatedTask,
 }
