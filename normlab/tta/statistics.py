@@ -224,6 +224,15 @@ class UnMixTNS(_Layer):
 
     An input with no position axis (``(N, C)``: one value per sample and channel) has no instance statistics; such
     a call normalizes with the source statistics, as the official code's replacement of ``BatchNorm1d`` does.
+
+    What to expect on short streams and small nets (a consequence of the paper's algorithm, §3, not of this port):
+    the per-sample normalization mean is about the mean of the K components, so the random initialisation leaves
+    it off the source mean by ``N(0, α_init/(K-1)·σ²_s)`` per channel (0.18·σ_s for K=16, α_init=0.5) until the
+    updates wash the noise out; each component moves by about ``λ/K`` per batch when the assignments are spread,
+    a time constant of about ``K/λ`` batches (160 for K=16, λ=0.1), the length of one CIFAR-10-C corruption at
+    batch 64. A net sensitive to per-channel mean offsets of that size (a 3-BN-layer CNN on 16×16 digits goes from
+    2% to 7-52% clean error with such offsets) is worse than its unadapted source model over the first hundred or
+    so batches.
     """
 
     method = "unmix_tns"
