@@ -1,6 +1,9 @@
 """Fast paths for the token norms: ``normlab::`` custom ops with fused CPU kernels.
 
 * :mod:`normlab.kernels.ops`: the norms with :mod:`normlab.functional`'s signatures and an ``impl=`` argument;
+* :func:`use_impl`: a context manager choosing the implementation for a scope (as
+  ``torch.nn.attention.sdpa_kernel`` does for attention); a module's own ``impl=`` argument wins over it (precedence in
+  :mod:`normlab.kernels._scope`); :func:`current_impl` reads it;
 * :func:`backends`: which implementation each op runs on a device (for ``normlab env``).
 
 Every op is a :func:`torch.library.custom_op` (forward and backward) with a fake implementation and registered
@@ -15,8 +18,9 @@ from __future__ import annotations
 
 from normlab.kernels import ops
 from normlab.kernels._build import cpu_status
+from normlab.kernels._scope import IMPLS, Impl, current_impl, use_impl
 
-__all__ = ["OPS", "backend_detail", "backends", "ops"]
+__all__ = ["IMPLS", "OPS", "Impl", "backend_detail", "backends", "current_impl", "ops", "use_impl"]
 
 # Public ops (pRMSNorm and SRMSNorm run through ``rms_norm``; listed for ``normlab env``).
 OPS: tuple[str, ...] = (
@@ -33,10 +37,18 @@ OPS: tuple[str, ...] = (
 
 
 def backends(device: str = "cpu") -> dict[str, str]:
-    """The implementation ``impl="auto"`` runs for each op on ``device``: ``"cpu"`` (fused C++ kernel) or
-    ``"composite"``. Asking about ``"cpu"`` loads (and on first use builds) the kernels."""
-    fused = device == "cpu" and cpu_status().available
-    return {name: "cpu" if fused else "composite" for name in OPS}
+    """The implementation ``impl="auto"`` runs for each op on ``device`` outside any :func:`use_impl` scope:
+    ``"cpu"`` (fused C++ kernel), ``"triton"`` (CUDA, Triton installed) or ``"composite"``. Asking about ``"cpu"``
+    loads (and on first use builds) the kernels."""
+    if device == "cpu":
+        fused = "cpu" if cpu_status().available else "composite"
+    elif device == "cuda":
+        from normlab.kernels import _triton
+
+        fused = "triton" if _triton.available() else "composite"
+    else:
+        fused = "composite"
+    return {name: fused for name in OPS}
 
 
 def backend_detail() -> str:

@@ -3,10 +3,15 @@
 Each function takes the same arguments as its namesake in :mod:`normlab.functional` (so a module can call
 ``ops.rms_norm(x, **self.functional_kwargs())``), plus a keyword-only ``impl``:
 
-* ``"auto"`` (default): the ``normlab::`` custom op, which runs the fused C++ kernel on CPU when it is available
-  and the composite PyTorch implementation otherwise (see :func:`normlab.kernels.backends`);
+* ``"auto"`` (default): the innermost :func:`~normlab.kernels.use_impl` scope's choice; outside any scope the
+  ``normlab::`` custom op, which runs the fused kernel for the input's device when one is available (C++ on CPU,
+  Triton on CUDA) and its composite body otherwise (see :func:`normlab.kernels.backends`);
 * ``"composite"``: the :mod:`normlab.functional` op itself (no custom op);
-* ``"cpu"``: the custom op, raising unless the input is on CPU and the fused kernels are available.
+* ``"cpu"``: the custom op, raising unless the input is on CPU and the fused kernels are available;
+* ``"triton"``: the custom op with its Triton kernels, raising unless Triton is installed and the input is on a
+  CUDA device (or Triton runs its interpreter, which takes CPU tensors).
+
+An explicit ``impl`` wins over the scope (see :mod:`normlab.kernels._scope` for the precedence).
 
 Under ``torch.func`` transforms ``"auto"`` runs the composite op (custom ops with registered autograd do not support
 them in torch 2.13).
@@ -22,7 +27,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -39,31 +43,36 @@ from normlab.functional.rms_norm import resolve_eps
 from normlab.functional.rms_norm import rms_norm as composite_rms_norm
 from normlab.functional.rms_norm import scale_norm as composite_scale_norm
 from normlab.kernels._build import cpu_status
+from normlab.kernels._scope import IMPLS, Impl, check_impl, resolve_impl
 
 __all__ = ["IMPLS", "Impl", "add_layer_norm", "add_rms_norm", "crms_norm", "dyt", "layer_norm", "rms_norm",
            "scale_norm"]
 
-Impl = Literal["auto", "composite", "cpu"]
-IMPLS: tuple[str, ...] = ("auto", "composite", "cpu")
-
-
-def _kernel_wanted(impl: str, x: Tensor, op: str) -> bool:
-    """Validate ``impl``; whether to call the custom op (``False``: the composite functional op)."""
-    if impl not in IMPLS:
-        raise ValueError(f"{op}: expected impl in {IMPLS}, got impl={impl!r}")
+def _kernel_impl(impl: str, x: Tensor, op: str) -> str | None:
+    """Validate ``impl`` and resolve ``"auto"`` against the scope: the ``impl`` argument of the custom op, or
+    ``None`` for the composite functional op."""
+    impl = resolve_impl(check_impl(impl, op))
+    if impl == "composite":
+        return None
+    if torch.compiler.is_compiling():
+        return impl
     # 2026-12-01, torch 2.13: an op whose autograd comes from torch.library.register_autograd cannot run under
     # torch.func transforms (grad, vmap, jacrev raise "must override the setup_context"), so they get the composite op.
-    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
-        if impl == "cpu":
-            raise RuntimeError(f"{op}: impl='cpu' cannot run under torch.func transforms; use impl='auto'")
-        return False
-    if impl == "cpu" and not torch.compiler.is_compiling():
+    if torch._C._are_functorch_transforms_active():
+        if impl != "auto":
+            raise RuntimeError(f"{op}: impl={impl!r} cannot run under torch.func transforms; use impl='auto'")
+        return None
+    if impl == "cpu":
         if x.device.type != "cpu":
             raise ValueError(f"{op}: impl='cpu' needs an input on the CPU, got an input on {x.device}")
         status = cpu_status()
         if not status.available:
             raise RuntimeError(f"{op}: impl='cpu' was requested but the fused CPU kernels are {status.detail}")
-    return impl != "composite"
+    elif impl == "triton":
+        from normlab.kernels._triton import check_triton
+
+        check_triton(x, op)
+    return impl
 
 
 def _check_param(t: Tensor | None, name: str, numel: int, op: str) -> None:
@@ -95,7 +104,8 @@ def rms_norm(
 ) -> Tensor:
     """RMSNorm / SRMSNorm (``weight=None``) / pRMSNorm (``partial=k``); see :func:`normlab.functional.rms_norm`."""
     cd = check_channels(x, num_features, channel_dim, "rms_norm")
-    if not _kernel_wanted(impl, x, "rms_norm"):
+    kimpl = _kernel_impl(impl, x, "rms_norm")
+    if kimpl is None:
         return composite_rms_norm(x, num_features, weight, bias, eps, eps_inside, channel_dim, partial)
     k = num_features if partial is None else partial
     if not 1 <= k <= num_features:
@@ -103,7 +113,7 @@ def rms_norm(
     _check_param(weight, "weight", num_features, "rms_norm")
     _check_param(bias, "bias", num_features, "rms_norm")
     xs, back = _channels_last(x, cd)
-    return back(torch.ops.normlab.rms_norm(xs, weight, bias, resolve_eps(eps, eps_inside), eps_inside, k))
+    return back(torch.ops.normlab.rms_norm(xs, weight, bias, resolve_eps(eps, eps_inside), eps_inside, k, kimpl))
 
 
 def crms_norm(
@@ -118,24 +128,27 @@ def crms_norm(
 ) -> Tensor:
     """CRMSNorm of a zero-mean code of width ``d - 1``; see :func:`normlab.functional.crms_norm`."""
     cd = check_channels(z, num_features, channel_dim, "crms_norm")
-    if not _kernel_wanted(impl, z, "crms_norm"):
+    kimpl = _kernel_impl(impl, z, "crms_norm")
+    if kimpl is None:
         return composite_crms_norm(z, num_features, weight, bias, eps, channel_dim)
     _check_param(weight, "weight", num_features, "crms_norm")
     _check_param(bias, "bias", num_features, "crms_norm")
     zs, back = _channels_last(z, cd)
-    return back(torch.ops.normlab.crms_norm(zs, weight, bias, eps))
+    return back(torch.ops.normlab.crms_norm(zs, weight, bias, eps, kimpl))
 
 
 def scale_norm(
-    x: Tensor, num_features: int, scale: Tensor, eps: float = 1e-5, channel_dim: int = -1, *, impl: Impl = "auto"
+    x: Tensor, num_features: int, weight: Tensor, eps: float = 1e-5, channel_dim: int = -1, *, impl: Impl = "auto"
 ) -> Tensor:
-    """ScaleNorm ``g * x / max(||x||_2, eps)``; see :func:`normlab.functional.scale_norm`."""
+    """ScaleNorm ``g * x / max(||x||_2, eps)`` with the one-element gain ``weight`` = g; see
+    :func:`normlab.functional.scale_norm`."""
     cd = check_channels(x, num_features, channel_dim, "scale_norm")
-    if not _kernel_wanted(impl, x, "scale_norm"):
-        return composite_scale_norm(x, num_features, scale, eps, channel_dim)
-    _check_param(scale, "scale", 1, "scale_norm")
+    kimpl = _kernel_impl(impl, x, "scale_norm")
+    if kimpl is None:
+        return composite_scale_norm(x, num_features, weight, eps, channel_dim)
+    _check_param(weight, "weight", 1, "scale_norm")
     xs, back = _channels_last(x, cd)
-    return back(torch.ops.normlab.scale_norm(xs, scale, eps))
+    return back(torch.ops.normlab.scale_norm(xs, weight, eps, kimpl))
 
 
 def layer_norm(
@@ -150,7 +163,8 @@ def layer_norm(
 ) -> Tensor:
     """LayerNorm over ``normalized_shape`` or the ``channel_dim`` axis; see :func:`normlab.functional.layer_norm`."""
     cd = check_channels(x, normalized_shape, channel_dim, "layer_norm")
-    if not _kernel_wanted(impl, x, "layer_norm"):
+    kimpl = _kernel_impl(impl, x, "layer_norm")
+    if kimpl is None:
         return composite_layer_norm(x, normalized_shape, weight, bias, eps, channel_dim)
     if isinstance(normalized_shape, tuple):  # trailing dims normalised jointly: one flat row each
         c = math.prod(normalized_shape)
@@ -159,11 +173,11 @@ def layer_norm(
         flat = x.reshape(*x.shape[: x.dim() - len(normalized_shape)], c)
         w = weight.reshape(c) if weight is not None else None
         b = bias.reshape(c) if bias is not None else None
-        return torch.ops.normlab.layer_norm(flat, w, b, eps).reshape(x.shape)
+        return torch.ops.normlab.layer_norm(flat, w, b, eps, kimpl).reshape(x.shape)
     _check_param(weight, "weight", normalized_shape, "layer_norm")
     _check_param(bias, "bias", normalized_shape, "layer_norm")
     xs, back = _channels_last(x, cd)
-    return back(torch.ops.normlab.layer_norm(xs, weight, bias, eps))
+    return back(torch.ops.normlab.layer_norm(xs, weight, bias, eps, kimpl))
 
 
 def dyt(
@@ -178,13 +192,14 @@ def dyt(
 ) -> Tensor:
     """Dynamic Tanh ``weight * tanh(alpha * x) + bias``; see :func:`normlab.functional.dyt`."""
     cd = check_channels(x, num_features, channel_dim, "dyt")
-    if not _kernel_wanted(impl, x, "dyt"):
+    kimpl = _kernel_impl(impl, x, "dyt")
+    if kimpl is None:
         return composite_dyt(x, num_features, alpha, weight, bias, channel_dim)
     _check_param(alpha, "alpha", 1, "dyt")
     _check_param(weight, "weight", num_features, "dyt")
     _check_param(bias, "bias", num_features, "dyt")
     xs, back = _channels_last(x, cd)
-    return back(torch.ops.normlab.dyt(xs, alpha, weight, bias))
+    return back(torch.ops.normlab.dyt(xs, alpha, weight, bias, kimpl))
 
 
 def _check_residual(x: Tensor, residual: Tensor, op: str) -> None:
@@ -213,12 +228,14 @@ def add_rms_norm(
     """
     check_channels(x, num_features, -1, "add_rms_norm")
     _check_residual(x, residual, "add_rms_norm")
-    if not _kernel_wanted(impl, x, "add_rms_norm"):
+    kimpl = _kernel_impl(impl, x, "add_rms_norm")
+    if kimpl is None:
         h = x + residual
         return composite_rms_norm(h, num_features, weight, bias, eps, eps_inside), h
     _check_param(weight, "weight", num_features, "add_rms_norm")
     _check_param(bias, "bias", num_features, "add_rms_norm")
-    y, h = torch.ops.normlab.add_rms_norm(x, residual, weight, bias, resolve_eps(eps, eps_inside), eps_inside)
+    y, h = torch.ops.normlab.add_rms_norm(x, residual, weight, bias, resolve_eps(eps, eps_inside), eps_inside,
+                                           kimpl)
     return y, h
 
 
@@ -235,10 +252,11 @@ def add_layer_norm(
     """``h = x + residual``; returns ``(layer_norm(h), h)`` in one pass. Channels are the last axis."""
     check_channels(x, num_features, -1, "add_layer_norm")
     _check_residual(x, residual, "add_layer_norm")
-    if not _kernel_wanted(impl, x, "add_layer_norm"):
+    kimpl = _kernel_impl(impl, x, "add_layer_norm")
+    if kimpl is None:
         h = x + residual
         return composite_layer_norm(h, num_features, weight, bias, eps), h
     _check_param(weight, "weight", num_features, "add_layer_norm")
     _check_param(bias, "bias", num_features, "add_layer_norm")
-    y, h = torch.ops.normlab.add_layer_norm(x, residual, weight, bias, eps)
+    y, h = torch.ops.normlab.add_layer_norm(x, residual, weight, bias, eps, kimpl)
     return y, h
