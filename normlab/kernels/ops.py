@@ -27,17 +27,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
+import normlab.kernels._batch_ops  # noqa: F401  (registers the torch.ops.normlab batch-statistic ops)
 import normlab.kernels._custom_ops  # noqa: F401  (registers the torch.ops.normlab ops)
 from normlab.functional._checks import check_channels, check_float_input
+from normlab.functional._dist import check_rows, check_valid, stats_group
+from normlab.functional.batch_norm import batch_norm as composite_batch_norm
+from normlab.functional.batch_norm import check_mask, update_running_stats
 
 # The composite ops, imported from their modules: the package namespace is filled from the registry at import,
 # which a type checker cannot follow.
 from normlab.functional.dyt import dyt as composite_dyt
 from normlab.functional.layer_norm import layer_norm as composite_layer_norm
+from normlab.functional.rep_batch_norm import rep_batch_norm as composite_rep_batch_norm
 from normlab.functional.rms_norm import crms_norm as composite_crms_norm
 from normlab.functional.rms_norm import resolve_eps
 from normlab.functional.rms_norm import rms_norm as composite_rms_norm
@@ -45,8 +51,8 @@ from normlab.functional.rms_norm import scale_norm as composite_scale_norm
 from normlab.kernels._build import cpu_status
 from normlab.kernels._scope import IMPLS, Impl, check_impl, resolve_impl
 
-__all__ = ["IMPLS", "Impl", "add_layer_norm", "add_rms_norm", "crms_norm", "dyt", "layer_norm", "rms_norm",
-           "scale_norm"]
+__all__ = ["IMPLS", "Impl", "add_layer_norm", "add_rms_norm", "batch_norm", "crms_norm", "dyt", "layer_norm",
+           "rep_batch_norm", "rms_norm", "scale_norm"]
 
 def _kernel_impl(impl: str, x: Tensor, op: str) -> str | None:
     """Validate ``impl`` and resolve ``"auto"`` against the scope: the ``impl`` argument of the custom op, or
@@ -260,3 +266,107 @@ def add_layer_norm(
     _check_param(bias, "bias", num_features, "add_layer_norm")
     y, h = torch.ops.normlab.add_layer_norm(x, residual, weight, bias, eps, kimpl)
     return y, h
+
+
+# ----------------------------------------------------------------------------------- batch-statistic norms ----
+
+
+def _batch_kernel_impl(impl: str, x: Tensor, num_features: int, channel_dim: int, training: bool,
+                       running: tuple[Tensor | None, Tensor | None], group_args: tuple[Any, bool],
+                       op: str) -> str | None:
+    """The custom op's ``impl`` when the fused batch-statistics kernel applies, else ``None`` (the composite op).
+
+    It applies to batch statistics (training, or no running buffers) of token tensors (channels last) that are not
+    empty, in one process: under an initialised ``torch.distributed`` with a group to sync over, the statistics need
+    an all-reduce between their two passes, which the composite op does."""
+    if impl == "triton":
+        raise ValueError(f"{op}: has no Triton kernel; expected impl in ('auto', 'composite', 'cpu'), got 'triton'")
+    kimpl = _kernel_impl(impl, x, op)
+    cd = check_channels(x, num_features, channel_dim, op, min_dim=2)
+    batch_stats = training or running[0] is None or running[1] is None
+    if kimpl is None or not batch_stats or cd != x.dim() - 1 or x.numel() == 0:
+        return None
+    if training and stats_group(*group_args) is not None:
+        return None
+    return kimpl
+
+
+def _batch_train(x: Tensor, num_features: int, kimpl: str, alpha: Tensor | None, running_mean: Tensor | None,
+                 running_var: Tensor | None, weight: Tensor | None, bias: Tensor | None, training: bool,
+                 momentum: float | None, eps: float, mask: Tensor | None, num_batches_tracked: Tensor | None,
+                 op: str) -> Tensor:
+    mask = check_mask(mask, x, x.dim() - 1, op)
+    flat = x.reshape(-1, num_features)
+    if mask is None:
+        check_rows(flat.shape[0], op, list(x.shape))
+    _check_param(weight, "weight", num_features, op)
+    _check_param(bias, "bias", num_features, op)
+    _check_param(alpha, "alpha", 1, op)
+    rows_mask = mask.reshape(-1) if mask is not None else None
+    y, mean, var, count = torch.ops.normlab.batch_norm_train(flat, rows_mask, weight, bias, alpha, eps, kimpl)
+    if mask is not None:
+        check_valid(count, op, list(x.shape), mask, None)
+    if training and running_mean is not None and running_var is not None:
+        update_running_stats(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
+    return y.reshape(x.shape)
+
+
+def batch_norm(
+    x: Tensor,
+    num_features: int,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    channel_dim: int = 1,
+    mask: Tensor | None = None,
+    num_batches_tracked: Tensor | None = None,
+    process_group: Any = None,
+    sync_stats: bool = True,
+    *,
+    impl: Impl = "auto",
+) -> Tensor:
+    """BatchNorm; see :func:`normlab.functional.batch_norm`. The batch statistics of token tensors (with or without a
+    padding mask) run the fused kernel; everything else (channel-first inputs, running statistics, synced ranks)
+    runs the composite op."""
+    kimpl = _batch_kernel_impl(impl, x, num_features, channel_dim, training, (running_mean, running_var),
+                               (process_group, sync_stats), "batch_norm")
+    if kimpl is None:
+        return composite_batch_norm(x, num_features, running_mean, running_var, weight, bias, training, momentum, eps,
+                                    channel_dim, mask, num_batches_tracked, process_group, sync_stats)
+    return _batch_train(x, num_features, kimpl, None, running_mean, running_var, weight, bias, training, momentum,
+                        eps, mask, num_batches_tracked, "batch_norm")
+
+
+def rep_batch_norm(
+    x: Tensor,
+    num_features: int,
+    alpha: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    channel_dim: int = -1,
+    mask: Tensor | None = None,
+    num_batches_tracked: Tensor | None = None,
+    process_group: Any = None,
+    sync_stats: bool = True,
+    *,
+    impl: Impl = "auto",
+) -> Tensor:
+    """RepBN ``batch_norm(x) + alpha * x`` (Guo et al., SLAB, ICML 2024, https://arxiv.org/abs/2405.11582); see
+    :func:`normlab.functional.rep_batch_norm`. Fused as :func:`batch_norm`."""
+    kimpl = _batch_kernel_impl(impl, x, num_features, channel_dim, training, (running_mean, running_var),
+                               (process_group, sync_stats), "rep_batch_norm")
+    if kimpl is None:
+        return composite_rep_batch_norm(x, num_features, alpha, running_mean, running_var, weight, bias, training,
+                                        momentum, eps, channel_dim, mask, num_batches_tracked, process_group,
+                                        sync_stats)
+    return _batch_train(x, num_features, kimpl, alpha, running_mean, running_var, weight, bias, training, momentum,
+                        eps, mask, num_batches_tracked, "rep_batch_norm")

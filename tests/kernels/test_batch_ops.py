@@ -1,0 +1,159 @@
+"""The fused batch-statistics kernels (``normlab::batch_norm_train``: BatchNorm and RepBN on token rows, with padding
+masks) against the composite ops: outputs, gradients, running statistics, refusals and the distributed fallback.
+
+Tolerances: float64 1e-12 (measured <= 7e-15), float32 2e-6 relative to the tensor's scale (the same reductions in
+another order), bfloat16 / float16 one unit of the format's precision (the final rounding dominates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from normlab.kernels import ops
+
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}
+C = 37  # a vector body plus a scalar tail
+
+
+def _run(impl: str, x: torch.Tensor, mask: torch.Tensor | None, rep: bool, training: bool = True,
+         momentum: float | None = 0.1) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(outputs and buffers, gradients of x, weight, bias[, alpha]) of one call."""
+    g = torch.Generator().manual_seed(3)
+    dt = x.dtype
+    w = (1 + 0.3 * torch.randn(C, generator=g)).to(dt).requires_grad_()
+    b = (0.2 * torch.randn(C, generator=g)).to(dt).requires_grad_()
+    rm, rv = torch.zeros(C, dtype=dt), torch.ones(C, dtype=dt)
+    nbt = torch.zeros((), dtype=torch.long)
+    xg = x.detach().clone().requires_grad_()
+    common = dict(training=training, momentum=momentum, eps=1e-5, channel_dim=-1, mask=mask,
+                  num_batches_tracked=nbt, impl=impl)
+    if rep:
+        alpha = torch.tensor([0.6], dtype=dt, requires_grad=True)
+        y = ops.rep_batch_norm(xg, C, alpha, rm, rv, w, b, **common)  # type: ignore[arg-type]
+        leaves = [xg, w, b, alpha]
+    else:
+        y = ops.batch_norm(xg, C, rm, rv, w, b, **common)  # type: ignore[arg-type]
+        leaves = [xg, w, b]
+    gy = torch.randn(y.shape, generator=g).to(dt)
+    grads = torch.autograd.grad(y, leaves, gy)
+    return [y, rm, rv, nbt], list(grads)
+
+
+def _close(got: list[torch.Tensor], want: list[torch.Tensor], tol: float) -> None:
+    for i, (a, b) in enumerate(zip(got, want)):
+        a, b = a.detach(), b.detach()
+        assert a.dtype == b.dtype and a.shape == b.shape, i
+        scale = max(float(b.double().abs().max()), 1.0)
+        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * scale, msg=lambda m, i=i: f"{i}: {m}")
+
+
+def _mask(b: int, n: int) -> torch.Tensor:
+    m = torch.ones(b, n, dtype=torch.bool)
+    m[0, n // 2:] = False
+    m[-1, 1:] = False
+    return m
+
+
+@pytest.mark.parametrize("rep", [False, True], ids=["batch_norm", "rep_batch_norm"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+def test_kernel_matches_composite(dtype: torch.dtype, masked: bool, rep: bool) -> None:
+    x = (torch.randn(4, 9, C, dtype=torch.float64) * 2 + 3).to(dtype)  # an offset: mean subtraction matters
+    mask = _mask(4, 9) if masked else None
+    got, got_g = _run("cpu", x, mask, rep)
+    want, want_g = _run("composite", x, mask, rep)
+    _close(got, want, TOL[dtype])
+    _close(list(got_g), list(want_g), TOL[dtype])
+
+
+@pytest.mark.parametrize("rep", [False, True], ids=["batch_norm", "rep_batch_norm"])
+def test_float64_gradcheck_with_mask(rep: bool) -> None:
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    mask = _mask(2, 5)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    a = torch.tensor([0.4], dtype=torch.float64, requires_grad=True)
+
+    def f(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        if rep:
+            return ops.rep_batch_norm(x, 6, a, None, None, w, b, True, mask=mask, impl="cpu")
+        return ops.batch_norm(x, 6, None, None, w, b, True, channel_dim=-1, mask=mask, impl="cpu") + 0 * a
+
+    assert torch.autograd.gradcheck(f, (x, w, b, a))
+
+
+def test_cumulative_momentum_and_eval_without_buffers() -> None:
+    x = torch.randn(3, 4, C, dtype=torch.float64)
+    for momentum in (None, 0.3):
+        got, _ = _run("cpu", x, _mask(3, 4), False, momentum=momentum)
+        want, _ = _run("composite", x, _mask(3, 4), False, momentum=momentum)
+        _close(got, want, 1e-12)
+    # eval without running buffers normalises with the batch statistics (the kernel) and updates nothing
+    y = ops.batch_norm(x, C, None, None, None, None, False, channel_dim=-1, impl="cpu")
+    torch.testing.assert_close(y, ops.batch_norm(x, C, None, None, None, None, False, channel_dim=-1,
+                                                 impl="composite"), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("fn", [ops.batch_norm, ops.rep_batch_norm], ids=["batch_norm", "rep_batch_norm"])
+def test_too_few_valid_rows_are_refused_as_in_the_composite_op(fn: Callable[..., torch.Tensor]) -> None:
+    args: tuple[object, ...] = (torch.ones(1),) if fn is ops.rep_batch_norm else ()
+    kw = dict(training=True, channel_dim=-1, impl="cpu")
+    name = fn.__name__
+    with pytest.raises(ValueError, match=rf"{name}: expected more than 1 value per channel when training"):
+        fn(torch.randn(1, 1, C), C, *args, **kw)
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    mask[0, 0] = True
+    with pytest.raises(ValueError, match=rf"{name}: expected more than 1 valid \(unmasked\) value per channel"):
+        fn(torch.randn(2, 3, C), C, *args, mask=mask, **kw)
+    with pytest.raises(ValueError, match=rf"{name}: has no Triton kernel"):
+        fn(torch.randn(2, 3, C), C, *args, training=True, channel_dim=-1, impl="triton")
+
+
+def _kernel_ran(y: torch.Tensor) -> bool:
+    """Whether the autograd graph of ``y`` has a ``normlab::`` custom op's node."""
+    todo, seen = [y.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "normlab" in type(node).__name__:
+            return True
+        todo.extend(n for n, _ in node.next_functions)
+    return False
+
+
+def test_channel_first_running_stats_and_synced_ranks_run_the_composite_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(4, 5, C, requires_grad=True)
+    rm, rv = torch.zeros(C), torch.ones(C)
+    assert _kernel_ran(ops.batch_norm(x, C, rm, rv, training=True, channel_dim=-1))
+    assert not _kernel_ran(ops.batch_norm(x.transpose(1, 2), C, rm, rv, training=True, channel_dim=1))
+    assert not _kernel_ran(ops.batch_norm(x, C, rm, rv, training=False, channel_dim=-1))  # running statistics
+    # A process group to sync over: the statistics need an all-reduce between their passes, done by the composite op
+    # (tests/test_distributed.py runs it across processes).
+    monkeypatch.setattr("normlab.kernels.ops.stats_group", lambda group, sync: object())
+    assert not _kernel_ran(ops.batch_norm(x, C, rm, rv, training=True, channel_dim=-1))
+    assert _kernel_ran(ops.batch_norm(x, C, None, None, training=False, channel_dim=-1))  # eval never syncs
+
+
+def test_opcheck_and_compile() -> None:
+    x = torch.randn(12, C, requires_grad=True)
+    w, b = torch.randn(C, requires_grad=True), torch.randn(C, requires_grad=True)
+    mask = torch.rand(12) > 0.3
+    mask[:2] = True
+    for args in ((x, mask, w, b, torch.tensor([0.5], requires_grad=True), 1e-5), (x, None, None, None, None, 1e-5)):
+        opcheck(torch.ops.normlab.batch_norm_train.default, args)
+    torch._dynamo.reset()
+
+    def f(x: torch.Tensor, rm: torch.Tensor, rv: torch.Tensor) -> torch.Tensor:
+        return ops.batch_norm(x, C, rm, rv, w, b, True, channel_dim=-1, impl="cpu")
+
+    rm, rv, rm2, rv2 = torch.zeros(C), torch.ones(C), torch.zeros(C), torch.ones(C)
+    y = torch.compile(f, fullgraph=True)(x.detach().reshape(3, 4, C), rm, rv)
+    torch.testing.assert_close(y, f(x.detach().reshape(3, 4, C), rm2, rv2))
+    torch.testing.assert_close(rm, rm2)
+    torch.testing.assert_close(rv, rv2)
