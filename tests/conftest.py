@@ -10,6 +10,12 @@ itself reads no environment variable; only this test harness does.
 from __future__ import annotations
 
 import os
+
+# Triton's interpreter (tests/kernels/test_triton.py runs the Triton kernels on CPU tensors with it) must be chosen
+# before anything imports triton: triton.language's own @jit functions (tl.sum, ...) are defined at `import triton`,
+# and torch imports triton on its own (torch.compile probes for it). TRITON_INTERPRET=0 in the environment keeps
+# the compiled GPU path (test_triton then runs on a CUDA device).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 from collections.abc import Iterator
 
 import pytest

@@ -43,7 +43,7 @@ def _ext(x: Tensor, impl: str) -> ModuleType | None:
         if x.device.type == "cuda":
             from normlab.kernels import _triton
 
-            return _triton if _triton.available() else None
+            return _triton if _triton.available() and _triton.supports(x) else None
         return None
     if impl == "cpu":
         if x.device.type != "cpu" or not cpu_status().available:
@@ -54,7 +54,7 @@ def _ext(x: Tensor, impl: str) -> ModuleType | None:
         from normlab.kernels import _triton
 
         _triton.check_triton(x, "normlab kernels")
-        return _triton
+        return _triton if _triton.supports(x) else None
     return None
 
 
