@@ -34,8 +34,9 @@ from torch import Tensor
 
 import normlab.kernels._batch_ops  # noqa: F401  (registers the torch.ops.normlab batch-statistic ops)
 import normlab.kernels._custom_ops  # noqa: F401  (registers the torch.ops.normlab ops)
+import normlab.kernels._power_ops  # noqa: F401  (registers the torch.ops.normlab PowerNorm ops)
 from normlab.functional._checks import check_channels, check_float_input
-from normlab.functional._dist import check_rows, check_valid, stats_group
+from normlab.functional._dist import check_count, check_rows, check_valid, stats_group
 from normlab.functional.batch_norm import batch_norm as composite_batch_norm
 from normlab.functional.batch_norm import check_mask, update_running_stats
 
@@ -43,6 +44,8 @@ from normlab.functional.batch_norm import check_mask, update_running_stats
 # which a type checker cannot follow.
 from normlab.functional.dyt import dyt as composite_dyt
 from normlab.functional.layer_norm import layer_norm as composite_layer_norm
+from normlab.functional.power_norm import BackwardDivisor, power_step
+from normlab.functional.power_norm import power_norm as composite_power_norm
 from normlab.functional.rep_batch_norm import rep_batch_norm as composite_rep_batch_norm
 from normlab.functional.rms_norm import crms_norm as composite_crms_norm
 from normlab.functional.rms_norm import resolve_eps
@@ -52,7 +55,7 @@ from normlab.kernels._build import cpu_status
 from normlab.kernels._scope import IMPLS, Impl, check_impl, resolve_impl
 
 __all__ = ["IMPLS", "Impl", "add_layer_norm", "add_rms_norm", "batch_norm", "crms_norm", "dyt", "layer_norm",
-           "rep_batch_norm", "rms_norm", "scale_norm"]
+           "power_norm", "rep_batch_norm", "rms_norm", "scale_norm"]
 
 def _kernel_impl(impl: str, x: Tensor, op: str) -> str | None:
     """Validate ``impl`` and resolve ``"auto"`` against the scope: the ``impl`` argument of the custom op, or
@@ -370,3 +373,58 @@ def rep_batch_norm(
                                         sync_stats)
     return _batch_train(x, num_features, kimpl, alpha, running_mean, running_var, weight, bias, training, momentum,
                         eps, mask, num_batches_tracked, "rep_batch_norm")
+
+
+def power_norm(
+    x: Tensor,
+    num_features: int,
+    running_phi: Tensor,
+    ema_gz: Tensor,
+    iters: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    eps: float = 1e-5,
+    alpha_fwd: float = 0.9,
+    alpha_bkw: float = 0.9,
+    warmup_iters: int = 10000,
+    group_num: int | None = 1,
+    group_scaling_eps: float = 1e-5,
+    backward_divisor: BackwardDivisor = "batch",
+    channel_dim: int = -1,
+    mask: Tensor | None = None,
+    process_group: Any = None,
+    sync_stats: bool = True,
+    *,
+    impl: Impl = "auto",
+) -> Tensor:
+    """PowerNorm (Shen et al., ICML 2020, https://arxiv.org/abs/2003.07845); see
+    :func:`normlab.functional.power_norm`. The training step of a single process runs the fused kernels (statistics,
+    output, and the paper's approximate backward); eval mode and synced ranks run the composite op."""
+    op = "power_norm"
+    if impl == "triton":
+        raise ValueError(f"{op}: has no Triton kernel; expected impl in ('auto', 'composite', 'cpu'), got 'triton'")
+    kimpl = _kernel_impl(impl, x, op)
+    composite = kimpl is None or not training or x.numel() == 0 or stats_group(process_group, sync_stats) is not None
+    if composite or channel_dim not in (-1, x.dim() - 1):
+        return composite_power_norm(x, num_features, running_phi, ema_gz, iters, weight, bias, training, eps,
+                                    alpha_fwd, alpha_bkw, warmup_iters, group_num, group_scaling_eps,
+                                    backward_divisor, channel_dim, mask, process_group, sync_stats)
+    check_channels(x, num_features, channel_dim, op, min_dim=2)
+    mask = check_mask(mask, x, x.dim() - 1, op)
+    groups = 0 if group_num is None else group_num
+    if groups and num_features % groups:
+        raise ValueError(f"group_scaling: expected group_num >= 1 dividing the channel count {num_features}, "
+                         f"got {group_num}")
+    _check_param(weight, "weight", num_features, op)
+    _check_param(bias, "bias", num_features, op)
+    flat = x.reshape(-1, num_features)
+    rows_mask = mask.reshape(-1) if mask is not None else None
+    count = rows_mask.sum() if rows_mask is not None else torch.tensor(float(flat.shape[0]))
+    check_count(count, op, x, mask, None)
+    sumsq = torch.ops.normlab.power_norm_stats(flat.detach(), rows_mask, groups, group_scaling_eps, kimpl)
+    psi2 = sumsq / count.to(sumsq.dtype).clamp_min(1.0)
+    inv_fwd, inv_bwd = power_step(psi2, running_phi, iters, eps, alpha_fwd, warmup_iters, backward_divisor)
+    y = torch.ops.normlab.power_norm_apply(flat, inv_fwd, inv_bwd, weight, bias, ema_gz, alpha_bkw,
+                                           float(flat.shape[0]), groups, group_scaling_eps, kimpl)
+    return y.reshape(x.shape)

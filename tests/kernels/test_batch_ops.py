@@ -157,3 +157,48 @@ def test_opcheck_and_compile() -> None:
     torch.testing.assert_close(y, f(x.detach().reshape(3, 4, C), rm2, rv2))
     torch.testing.assert_close(rm, rm2)
     torch.testing.assert_close(rv, rv2)
+
+
+def _power_steps(impl: str, x: torch.Tensor, mask: torch.Tensor | None, groups: int | None,
+                 divisor: str) -> list[torch.Tensor]:
+    """Three training steps of PowerNorm (the warm-up step, then running statistics): outputs, gradients and the
+    buffers (running_phi, ema_gz: the backward's recursion) after each."""
+    c, dt = x.shape[-1], x.dtype
+    w = torch.linspace(0.5, 1.5, c, dtype=dt).requires_grad_()
+    b = torch.linspace(-1, 1, c, dtype=dt).requires_grad_()
+    phi, ema, iters = torch.ones(c, dtype=dt), torch.full((c,), 0.1, dtype=dt), torch.zeros((), dtype=torch.long)
+    xg = x.detach().clone().requires_grad_()
+    out: list[torch.Tensor] = []
+    for _ in range(3):
+        y = ops.power_norm(xg, c, phi, ema, iters, w, b, True, warmup_iters=1, group_num=groups,
+                           backward_divisor=divisor, mask=mask, impl=impl)  # type: ignore[arg-type]
+        gy = torch.cos(torch.arange(y.numel(), dtype=torch.float64)).reshape(y.shape).to(dt)
+        out += [y.detach(), *torch.autograd.grad(y, [xg, w, b], gy), phi.clone(), ema.clone()]
+    return out
+
+
+@pytest.mark.parametrize("divisor", ["batch", "forward"])
+@pytest.mark.parametrize("groups", [1, 3, None], ids=["groups1", "groups3", "no_group_scaling"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_power_norm_kernel_matches_composite(dtype: torch.dtype, masked: bool, groups: int | None,
+                                             divisor: str) -> None:
+    x = (torch.randn(3, 7, 12, dtype=torch.float64) * 2 + 1).to(dtype)
+    mask = _mask(3, 7) if masked else None
+    _close(_power_steps("cpu", x, mask, groups, divisor), _power_steps("composite", x, mask, groups, divisor),
+           TOL[dtype])
+
+
+def test_power_norm_opcheck_and_eval_runs_the_composite_op() -> None:
+    x = torch.randn(10, 8, requires_grad=True)
+    mask = torch.rand(10) > 0.3
+    opcheck(torch.ops.normlab.power_norm_stats.default, (x.detach(), mask, 2, 1e-5))  # a detached statistic
+    inv = torch.rand(8) + 0.5
+    w = torch.randn(8, requires_grad=True)
+    opcheck(torch.ops.normlab.power_norm_apply.default, (x, inv, inv, w, None, torch.zeros(8), 0.9, 10.0, 2, 1e-5),
+            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    phi, ema, iters = torch.ones(8), torch.zeros(8), torch.zeros((), dtype=torch.long)
+    assert not _kernel_ran(ops.power_norm(x, 8, phi, ema, iters, training=False, impl="cpu"))
+    assert _kernel_ran(ops.power_norm(x, 8, phi, ema, iters, training=True, impl="cpu"))
+    with pytest.raises(ValueError, match=r"power_norm: expected more than 1 value per channel when training"):
+        ops.power_norm(torch.randn(1, 8), 8, phi, ema, iters, training=True, impl="cpu")

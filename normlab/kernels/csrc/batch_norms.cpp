@@ -185,7 +185,144 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_bwd(const Tensor& gy_, const Tenso
 
 }  // namespace
 
+void register_power_norm(pybind11::module& m);
+
 void register_batch_norms(pybind11::module& m) {
   m.def("bn_fwd", &bn_fwd);
   m.def("bn_bwd", &bn_bwd);
+  register_power_norm(m);
+}
+
+// ------------------------------------------------------------------------------------------------- PowerNorm ----
+//
+// PowerNorm (Shen et al., ICML 2020, Alg. 1 and the official MaskPowerNorm code) on token rows: an optional
+// GroupScaling per row (each of `groups` groups of channels divided by its root mean square, eps `gs_eps`; groups = 0:
+// none), then z = xs * inv_fwd (per channel), y = z * w + b. The statistics are the column quadratic means of xs over
+// the valid rows; the step logic between the passes runs in Python on [C] tensors. The backward is the paper's
+// approximate recursion: g = dy * w, g~ = g - (1 - alpha_bkw) u z (u: the running mean-gradient projection),
+// s = sum_all g~ z (the caller adds s / positions to u), dxs = g~ * inv_bwd, then the GroupScaling backward.
+namespace {
+
+// xs = GroupScaling(x) of one row into `out` (accumulation type), groups of C / groups channels.
+template <typename T, typename A>
+inline void group_scale_row(const T* x, A* out, int64_t C, int64_t groups, double gs_eps, A* rg) {
+  const int64_t n = groups > 0 ? C / groups : C;
+  for (int64_t g = 0; g < std::max<int64_t>(groups, 1); ++g) {
+    const int64_t lo = g * n, hi = lo + n;
+    A r = A(1);
+    if (groups > 0) {
+      const A ss = reduce_row(x, x, lo, hi, [](auto v, auto, int64_t) { return v * v; });
+      r = A(1) / std::sqrt(ss / A(n) + static_cast<A>(gs_eps));
+    }
+    if (rg) rg[g] = r;
+    for (int64_t i = lo; i < hi; ++i) out[i] = A(x[i]) * r;
+  }
+}
+
+Tensor pn_stats(const Tensor& x_, const OptT& mask_, int64_t groups, double gs_eps) {
+  const Tensor x = x_.contiguous();
+  const int64_t T_ = x.size(0), C = x.size(1);
+  const Tensor mask = has(mask_) ? mask_->to(at::kBool).contiguous() : Tensor();
+  const auto acc = at::toOpMathType(x.scalar_type());
+  Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normlab_pn_stats", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    const T* xp = x.data_ptr<T>();
+    out = column_sums<T, A>(xp, xp, T_, C, 1, mask_ptr(mask), acc, [=](const T* xr, const T*, A* dst) {
+      std::vector<A> xs(C);
+      group_scale_row(xr, xs.data(), C, groups, gs_eps, static_cast<A*>(nullptr));
+      at::vec::map2([](auto d, auto v) { return d + v * v; }, dst, dst, xs.data(), C);
+    });
+  });
+  return out;
+}
+
+Tensor pn_apply(const Tensor& x_, const Tensor& inv_, const OptT& w_, const OptT& b_, int64_t groups,
+                double gs_eps) {
+  const Tensor x = x_.contiguous();
+  const int64_t T_ = x.size(0), C = x.size(1);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  Tensor scale = inv_.to(acc).contiguous();
+  const Tensor w = acc_param(w_, acc, C), b = acc_param(b_, acc, C);
+  if (w.defined()) scale = scale * w;
+  Tensor y = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normlab_pn_apply", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    const T* xp = x.data_ptr<T>();
+    T* yp = y.data_ptr<T>();
+    const A* sp = scale.data_ptr<A>();
+    const A* bp = b.defined() ? b.data_ptr<A>() : nullptr;
+    at::parallel_for(0, T_, row_grain(C), [&](int64_t lo, int64_t hi) {
+      std::vector<A> xs(C);
+      for (int64_t r = lo; r < hi; ++r) {
+        group_scale_row(xp + r * C, xs.data(), C, groups, gs_eps, static_cast<A*>(nullptr));
+        T* yr = yp + r * C;
+        for (int64_t i = 0; i < C; ++i) yr[i] = T(bp ? xs[i] * sp[i] + bp[i] : xs[i] * sp[i]);
+      }
+    });
+  });
+  return y;
+}
+
+// Returns (dx, s, dw, db): s = sum_all g~ z per channel, dw = sum dy z, db = sum dy (compute dtype).
+std::tuple<Tensor, Tensor, Tensor, Tensor> pn_bwd(const Tensor& gy_, const Tensor& x_, const Tensor& inv_fwd_,
+                                                  const Tensor& inv_bwd_, const OptT& w_, const Tensor& u_,
+                                                  double alpha_bkw, int64_t groups, double gs_eps, bool need_w,
+                                                  bool need_b) {
+  const Tensor x = x_.contiguous(), gy = gy_.to(x.scalar_type()).contiguous();
+  const int64_t T_ = x.size(0), C = x.size(1);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  const Tensor w = acc_param(w_, acc, C);
+  const Tensor fw = inv_fwd_.to(acc).contiguous(), bw = inv_bwd_.to(acc).contiguous();
+  const Tensor u = (u_.to(acc) * (1.0 - alpha_bkw)).contiguous();
+  Tensor dx = at::empty_like(x), sums;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normlab_pn_bwd", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    const T *xp = x.data_ptr<T>(), *gp = gy.data_ptr<T>();
+    const A *fwp = fw.data_ptr<A>(), *bwp = bw.data_ptr<A>(), *up = u.data_ptr<A>();
+    const A* wp = w.defined() ? w.data_ptr<A>() : nullptr;
+    T* dxp = dx.data_ptr<T>();
+    const int64_t n = groups > 0 ? C / groups : C;
+    sums = column_sums<T, A>(xp, gp, T_, C, 3, nullptr, acc, [=](const T* xr, const T* gr, A* dst) {
+      std::vector<A> xs(C), dxs(C), rg(std::max<int64_t>(groups, 1));
+      group_scale_row(xr, xs.data(), C, groups, gs_eps, rg.data());
+      A *ds = dst, *dw = dst + C, *db = dst + 2 * C;
+      for (int64_t i = 0; i < C; ++i) {
+        const A z = xs[i] * fwp[i], dy = A(gr[i]);
+        const A gt = (wp ? dy * wp[i] : dy) - up[i] * z;
+        ds[i] += gt * z;
+        dw[i] += dy * z;
+        db[i] += dy;
+        dxs[i] = gt * bwp[i];
+      }
+      T* dr = dxp + (xr - xp);
+      for (int64_t g = 0; g < std::max<int64_t>(groups, 1); ++g) {  // GroupScaling backward per group
+        const int64_t lo = g * n, hi = lo + n;
+        if (groups == 0) {
+          for (int64_t i = lo; i < hi; ++i) dr[i] = T(dxs[i]);
+          continue;
+        }
+        const A r = rg[g];
+        A dot(0);
+        for (int64_t i = lo; i < hi; ++i) dot += dxs[i] * A(xr[i]);
+        const A c = r * r * r * dot / A(n);
+        for (int64_t i = lo; i < hi; ++i) dr[i] = T(dxs[i] * r - c * A(xr[i]));
+      }
+    });
+  });
+  // Separate tensors: a custom op's outputs may not alias one another.
+  Tensor dw = need_w ? sums.narrow(0, C, C).clone() : empty_grad(x);
+  Tensor db = need_b ? sums.narrow(0, 2 * C, C).clone() : empty_grad(x);
+  return {dx, sums.narrow(0, 0, C).clone(), dw, db};
+}
+
+}  // namespace
+
+void register_power_norm(pybind11::module& m) {
+  m.def("pn_stats", &pn_stats);
+  m.def("pn_apply", &pn_apply);
+  m.def("pn_bwd", &pn_bwd);
 }
