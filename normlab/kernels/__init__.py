@@ -20,9 +20,10 @@ from normlab.kernels import ops
 from normlab.kernels._build import cpu_status
 from normlab.kernels._scope import IMPLS, Impl, current_impl, use_impl
 
-__all__ = ["IMPLS", "OPS", "Impl", "backend_detail", "backends", "current_impl", "ops", "use_impl"]
+__all__ = ["BATCH_OPS", "IMPLS", "OPS", "Impl", "backend_detail", "backends", "current_impl", "ops", "use_impl"]
 
-# Public ops (pRMSNorm and SRMSNorm run through ``rms_norm``; listed for ``normlab env``).
+# Public ops (pRMSNorm and SRMSNorm run through ``rms_norm``; listed for ``normlab env``). The batch-statistic ops
+# (their training step on token tensors) have CPU kernels only.
 OPS: tuple[str, ...] = (
     "layer_norm",
     "rms_norm",
@@ -33,7 +34,11 @@ OPS: tuple[str, ...] = (
     "dyt",
     "add_rms_norm",
     "add_layer_norm",
+    "batch_norm",
+    "rep_batch_norm",
+    "power_norm",
 )
+BATCH_OPS: tuple[str, ...] = ("batch_norm", "rep_batch_norm", "power_norm")
 
 
 def backends(device: str = "cpu") -> dict[str, str]:
@@ -48,7 +53,7 @@ def backends(device: str = "cpu") -> dict[str, str]:
         fused = "triton" if _triton.available() else "composite"
     else:
         fused = "composite"
-    return {name: fused for name in OPS}
+    return {name: "composite" if name in BATCH_OPS and fused == "triton" else fused for name in OPS}
 
 
 def backend_detail() -> str:
