@@ -37,8 +37,9 @@ OPS: tuple[str, ...] = (
     "batch_norm",
     "rep_batch_norm",
     "power_norm",
+    "unified_norm",
 )
-BATCH_OPS: tuple[str, ...] = ("batch_norm", "rep_batch_norm", "power_norm")
+BATCH_OPS: tuple[str, ...] = ("batch_norm", "rep_batch_norm", "power_norm", "unified_norm")
 
 
 def backends(device: str = "cpu") -> dict[str, str]:

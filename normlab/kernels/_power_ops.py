@@ -127,3 +127,93 @@ def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
 
 
 power_norm_apply_op.register_autograd(_backward, setup_context=_setup)
+
+
+# --------------------------------------------------------------------------------------------- UnifiedNorm ----
+# Unified Normalization (Yang et al., ACM MM 2022, https://arxiv.org/abs/2208.01313): the forward statistic is the
+# column quadratic mean (power_norm_stats without GroupScaling), the output x * inv_std * w + b (power_norm_apply's
+# kernel); the backward needs the batch's column sums before dx (its gradient smoothing,
+# :func:`normlab.functional.unified_norm.unified_grad_step`, runs on [C] tensors between the two passes).
+
+
+@torch.library.custom_op("normlab::unified_norm_sums", mutates_args=())
+def unified_norm_sums_op(grad: Tensor, x: Tensor, impl: str = "auto") -> Tensor:
+    """``[sum gy, sum gy * x]`` per channel over all rows (compute dtype, length 2C)."""
+    ext = _bn_ext(x, impl)
+    if ext is not None:
+        return ext.un_sums(grad, x)
+    ct = compute_dtype(x)
+    g, xs = grad.to(ct), x.to(ct)
+    return torch.cat([g.sum(0), (g * xs).sum(0)])
+
+
+@unified_norm_sums_op.register_fake
+def _(grad, x, impl="auto"):  # type: ignore[no-untyped-def]
+    return x.new_empty(2 * x.shape[-1], dtype=compute_dtype(x))
+
+
+@torch.library.custom_op("normlab::unified_norm_dx", mutates_args=())
+def unified_norm_dx_op(grad: Tensor, x: Tensor, a: Tensor, b: Tensor, impl: str = "auto") -> Tensor:
+    """``grad * a - x * b`` with per-channel ``a``, ``b``, in ``x``'s dtype."""
+    ext = _bn_ext(x, impl)
+    if ext is not None:
+        return ext.un_dx(grad, x, a, b)
+    ct = compute_dtype(x)
+    return (grad.to(ct) * a - x.to(ct) * b).to(x.dtype).contiguous()
+
+
+@unified_norm_dx_op.register_fake
+def _(grad, x, a, b, impl="auto"):  # type: ignore[no-untyped-def]
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("normlab::unified_norm_apply", mutates_args=())
+def unified_norm_apply_op(x: Tensor, inv_std: Tensor, r: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                          buffer_gz: Tensor, ema_gz: Tensor, t: int, skip: bool, momentum: float, warmup_iters: int,
+                          positions: float, impl: str = "auto") -> Tensor:
+    """``x * inv_std * weight + bias``; the other arguments are the state of its smoothed, calibrated backward."""
+    ext = _bn_ext(x, impl)
+    if ext is not None:
+        return ext.pn_apply(x, inv_std, weight, bias, 0, 0.0)
+    z = x.to(compute_dtype(x)) * inv_std
+    if weight is not None:
+        z = z * weight.to(z.dtype)
+    if bias is not None:
+        z = z + bias.to(z.dtype)
+    return z.to(x.dtype).contiguous()
+
+
+@unified_norm_apply_op.register_fake
+def _(x, inv_std, r, weight, bias, buffer_gz, ema_gz, t, skip, momentum, warmup_iters, positions, impl="auto"):  # type: ignore[no-untyped-def]
+    return x.new_empty(x.shape)
+
+
+def _un_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, inv_std, r, weight, bias, buffer_gz, ema_gz, t, skip, momentum, warmup_iters, positions, impl = inputs
+    ctx.save_for_backward(x, inv_std, r, weight)
+    # The gradient windows are read and written when the backward runs (in place, as the official code does).
+    ctx.state = {"buffer_gz": buffer_gz, "ema_gz": ema_gz, "t": t, "skip": skip, "momentum": momentum,
+                 "warmup_iters": warmup_iters}
+    ctx.positions, ctx.impl = positions, impl
+    ctx.dtypes = (weight.dtype if weight is not None else None, bias.dtype if bias is not None else None)
+
+
+def _un_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    from normlab.functional.unified_norm import unified_grad_step
+
+    x, inv_std, r, weight = ctx.saved_tensors
+    c = x.shape[-1]
+    sums = torch.ops.normlab.unified_norm_sums(grad, x, ctx.impl)
+    sg, sgx = sums[:c], sums[c:]
+    wr = r * weight.to(r.dtype) if weight is not None else r
+    # g = dy * w * r and z = x * inv_std: sum g z = w r inv_std sum(dy x); the smoothing gives g~ = g - coef z.
+    coef = unified_grad_step(wr * inv_std * sgx / max(ctx.positions, 1.0), ctx.state)
+    dx = torch.ops.normlab.unified_norm_dx(grad, x, wr * inv_std, coef * inv_std.square(), ctx.impl)
+    nx, nw, nb = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+    wd, bd = ctx.dtypes
+    dw = (r * inv_std * sgx).to(wd) if nw and wd is not None else None
+    db = sg.to(bd) if nb and bd is not None else None
+    return (dx if nx else None, None, None, dw, db, *([None] * 8))
+
+
+unified_norm_apply_op.register_autograd(_un_backward, setup_context=_un_setup)

@@ -51,11 +51,13 @@ from normlab.functional.rms_norm import crms_norm as composite_crms_norm
 from normlab.functional.rms_norm import resolve_eps
 from normlab.functional.rms_norm import rms_norm as composite_rms_norm
 from normlab.functional.rms_norm import scale_norm as composite_scale_norm
+from normlab.functional.unified_norm import unified_norm as composite_unified_norm
+from normlab.functional.unified_norm import unified_step
 from normlab.kernels._build import cpu_status
 from normlab.kernels._scope import IMPLS, Impl, check_impl, resolve_impl
 
 __all__ = ["IMPLS", "Impl", "add_layer_norm", "add_rms_norm", "batch_norm", "crms_norm", "dyt", "layer_norm",
-           "power_norm", "rep_batch_norm", "rms_norm", "scale_norm"]
+           "power_norm", "rep_batch_norm", "unified_norm", "rms_norm", "scale_norm"]
 
 def _kernel_impl(impl: str, x: Tensor, op: str) -> str | None:
     """Validate ``impl`` and resolve ``"auto"`` against the scope: the ``impl`` argument of the custom op, or
@@ -410,21 +412,74 @@ def power_norm(
         return composite_power_norm(x, num_features, running_phi, ema_gz, iters, weight, bias, training, eps,
                                     alpha_fwd, alpha_bkw, warmup_iters, group_num, group_scaling_eps,
                                     backward_divisor, channel_dim, mask, process_group, sync_stats)
-    check_channels(x, num_features, channel_dim, op, min_dim=2)
-    mask = check_mask(mask, x, x.dim() - 1, op)
     groups = 0 if group_num is None else group_num
     if groups and num_features % groups:
         raise ValueError(f"group_scaling: expected group_num >= 1 dividing the channel count {num_features}, "
                          f"got {group_num}")
+    flat, rows_mask, count = _token_train(x, num_features, channel_dim, mask, weight, bias, op)
+    sumsq = torch.ops.normlab.power_norm_stats(flat.detach(), rows_mask, groups, group_scaling_eps, kimpl)
+    psi2 = sumsq / count.to(sumsq.dtype).clamp_min(1.0)
+    inv_fwd, inv_bwd = power_step(psi2, running_phi, iters, eps, alpha_fwd, warmup_iters, backward_divisor)
+    y = torch.ops.normlab.power_norm_apply(flat, inv_fwd, inv_bwd, weight, bias, ema_gz, alpha_bkw,
+                                           float(flat.shape[0]), groups, group_scaling_eps, kimpl)
+    return y.reshape(x.shape)
+
+
+def _token_train(x: Tensor, num_features: int, channel_dim: int, mask: Tensor | None, weight: Tensor | None,
+                 bias: Tensor | None, op: str) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Validate a token-only training step: ``(rows [T, C], row mask [T] or None, valid-row count)``; refuses
+    fewer than 2 valid rows as the composite op does."""
+    check_channels(x, num_features, channel_dim, op, min_dim=2)
+    mask = check_mask(mask, x, x.dim() - 1, op)
     _check_param(weight, "weight", num_features, op)
     _check_param(bias, "bias", num_features, op)
     flat = x.reshape(-1, num_features)
     rows_mask = mask.reshape(-1) if mask is not None else None
     count = rows_mask.sum() if rows_mask is not None else torch.tensor(float(flat.shape[0]))
     check_count(count, op, x, mask, None)
-    sumsq = torch.ops.normlab.power_norm_stats(flat.detach(), rows_mask, groups, group_scaling_eps, kimpl)
-    psi2 = sumsq / count.to(sumsq.dtype).clamp_min(1.0)
-    inv_fwd, inv_bwd = power_step(psi2, running_phi, iters, eps, alpha_fwd, warmup_iters, backward_divisor)
-    y = torch.ops.normlab.power_norm_apply(flat, inv_fwd, inv_bwd, weight, bias, ema_gz, alpha_bkw,
-                                           float(flat.shape[0]), groups, group_scaling_eps, kimpl)
+    return flat, rows_mask, count
+
+
+def unified_norm(
+    x: Tensor,
+    num_features: int,
+    running_var: Tensor,
+    buffer_x2: Tensor,
+    buffer_gz: Tensor,
+    ema_gz: Tensor,
+    iters: Tensor,
+    skip_counter: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    eps: float = 1e-5,
+    momentum: float = 0.9,
+    warmup_iters: int = 4000,
+    outlier_filtration: bool = False,
+    channel_dim: int = -1,
+    mask: Tensor | None = None,
+    process_group: Any = None,
+    sync_stats: bool = True,
+    *,
+    impl: Impl = "auto",
+) -> Tensor:
+    """Unified Normalization (Yang et al., ACM MM 2022, https://arxiv.org/abs/2208.01313); see
+    :func:`normlab.functional.unified_norm`. The training step of a single process runs the fused kernels; eval mode
+    and synced ranks run the composite op."""
+    op = "unified_norm"
+    if impl == "triton":
+        raise ValueError(f"{op}: has no Triton kernel; expected impl in ('auto', 'composite', 'cpu'), got 'triton'")
+    kimpl = _kernel_impl(impl, x, op)
+    composite = kimpl is None or not training or x.numel() == 0 or stats_group(process_group, sync_stats) is not None
+    if composite or channel_dim not in (-1, x.dim() - 1):
+        return composite_unified_norm(x, num_features, running_var, buffer_x2, buffer_gz, ema_gz, iters, skip_counter,
+                                      weight, bias, training, eps, momentum, warmup_iters, outlier_filtration,
+                                      channel_dim, mask, process_group, sync_stats)
+    flat, rows_mask, count = _token_train(x, num_features, channel_dim, mask, weight, bias, op)
+    sumsq = torch.ops.normlab.power_norm_stats(flat.detach(), rows_mask, 0, 0.0, kimpl)
+    x2 = sumsq / count.to(sumsq.dtype).clamp_min(1.0)
+    inv_std, r, t, skip = unified_step(x2, running_var, buffer_x2, iters, skip_counter, eps, momentum, warmup_iters,
+                                       outlier_filtration)
+    y = torch.ops.normlab.unified_norm_apply(flat, inv_std, r, weight, bias, buffer_gz, ema_gz, t, skip, momentum,
+                                             warmup_iters, float(flat.shape[0]), kimpl)
     return y.reshape(x.shape)

@@ -202,3 +202,35 @@ def test_power_norm_opcheck_and_eval_runs_the_composite_op() -> None:
     assert _kernel_ran(ops.power_norm(x, 8, phi, ema, iters, training=True, impl="cpu"))
     with pytest.raises(ValueError, match=r"power_norm: expected more than 1 value per channel when training"):
         ops.power_norm(torch.randn(1, 8), 8, phi, ema, iters, training=True, impl="cpu")
+
+
+def _unified_steps(impl: str, x: torch.Tensor, mask: torch.Tensor | None, warmup: int,
+                   filtration: bool) -> list[torch.Tensor]:
+    """Six training steps of UnifiedNorm (windows of 2: past the warm-up the geometric-mean statistic, the gradient
+    window and the calibration ratio all take part): outputs, gradients and every buffer after each step."""
+    c, dt = x.shape[-1], x.dtype
+    w = torch.linspace(0.5, 1.5, c, dtype=dt).requires_grad_()
+    b = torch.linspace(-1, 1, c, dtype=dt).requires_grad_()
+    rv, bx, bg, ema = torch.ones(c, dtype=dt), torch.ones(2, c, dtype=dt), torch.zeros(2, c, dtype=dt), torch.zeros(
+        c, dtype=dt)
+    iters, skips = torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long)
+    out: list[torch.Tensor] = []
+    for step in range(6):
+        xg = (x * (1 + 0.3 * step)).detach().requires_grad_()
+        y = ops.unified_norm(xg, c, rv, bx, bg, ema, iters, skips, w, b, True, warmup_iters=warmup,
+                             outlier_filtration=filtration, mask=mask, impl=impl)  # type: ignore[arg-type]
+        gy = torch.cos(torch.arange(y.numel(), dtype=torch.float64)).reshape(y.shape).to(dt)
+        out += [y.detach(), *torch.autograd.grad(y, [xg, w, b], gy), rv.clone(), bx.clone(), bg.clone(), ema.clone(),
+                skips.clone()]
+    return out
+
+
+@pytest.mark.parametrize(("warmup", "filtration"), [(1, False), (3, True), (100, False)])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_unified_norm_kernel_matches_composite(dtype: torch.dtype, masked: bool, warmup: int,
+                                               filtration: bool) -> None:
+    x = (torch.randn(3, 7, 12, dtype=torch.float64) * 2 + 1).to(dtype)
+    mask = _mask(3, 7) if masked else None
+    _close(_unified_steps("cpu", x, mask, warmup, filtration), _unified_steps("composite", x, mask, warmup, filtration),
+           TOL[dtype])

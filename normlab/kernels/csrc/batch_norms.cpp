@@ -319,10 +319,56 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pn_bwd(const Tensor& gy_, const Tenso
   return {dx, sums.narrow(0, 0, C).clone(), dw, db};
 }
 
+// UnifiedNorm's backward (Yang et al., ACM MM 2022): its smoothing needs the batch's column sums before dx, so two
+// passes. un_sums: (sum gy, sum gy * x) per channel over all rows; un_dx: dx = gy * a - x * b per channel.
+Tensor un_sums(const Tensor& gy_, const Tensor& x_) {
+  const Tensor x = x_.contiguous(), gy = gy_.to(x.scalar_type()).contiguous();
+  const int64_t T_ = x.size(0), C = x.size(1);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normlab_un_sums", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    out = column_sums<T, A>(x.data_ptr<T>(), gy.data_ptr<T>(), T_, C, 2, nullptr, acc,
+                            [=](const T* xr, const T* gr, A* dst) {
+                              A *d0 = dst, *d1 = dst + C;
+                              for_each_row(xr, gr, 0, C, [=](auto v, auto g, int64_t i) {
+                                st(d0 + i, ld(d0 + i, v) + g);
+                                st(d1 + i, ld(d1 + i, v) + g * v);
+                              });
+                            });
+  });
+  return out;
+}
+
+Tensor un_dx(const Tensor& gy_, const Tensor& x_, const Tensor& a_, const Tensor& b_) {
+  const Tensor x = x_.contiguous(), gy = gy_.to(x.scalar_type()).contiguous();
+  const int64_t T_ = x.size(0), C = x.size(1);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  const Tensor a = a_.to(acc).contiguous(), b = b_.to(acc).contiguous();
+  Tensor dx = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normlab_un_dx", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    const T *xp = x.data_ptr<T>(), *gp = gy.data_ptr<T>();
+    const A *ap = a.data_ptr<A>(), *bp = b.data_ptr<A>();
+    T* dxp = dx.data_ptr<T>();
+    at::parallel_for(0, T_, row_grain(C), [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        map_row(xp + r * C, gp + r * C, dxp + r * C, 0, C,
+                [=](auto v, auto g, int64_t i) { return g * ld(ap + i, v) - v * ld(bp + i, v); });
+      }
+    });
+  });
+  return dx;
+}
+
 }  // namespace
 
 void register_power_norm(pybind11::module& m) {
   m.def("pn_stats", &pn_stats);
   m.def("pn_apply", &pn_apply);
   m.def("pn_bwd", &pn_bwd);
+  m.def("un_sums", &un_sums);
+  m.def("un_dx", &un_dx);
 }
