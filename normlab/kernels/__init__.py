@@ -1,4 +1,8 @@
-"""Fast paths for the token norms: ``normlab::`` custom ops with fused CPU kernels.
+"""Fast paths for the norms: ``normlab::`` custom ops with fused CPU kernels (C++) and CUDA kernels (Triton).
+
+The token norms (LayerNorm, the RMSNorm family, ScaleNorm, DyT, the fused residual add + norm) have both; the
+training step of the batch-statistic norms on token tensors (BatchNorm with padding masks, RepBN, PowerNorm,
+UnifiedNorm) has CPU kernels, and runs its composite op elsewhere (and across synced ranks).
 
 * :mod:`normlab.kernels.ops`: the norms with :mod:`normlab.functional`'s signatures and an ``impl=`` argument;
 * :func:`use_impl`: a context manager choosing the implementation for a scope (as
@@ -10,7 +14,8 @@ Every op is a :func:`torch.library.custom_op` (forward and backward) with a fake
 autograd, so it compiles with ``torch.compile(fullgraph=True)`` and exports with ``torch.export``. The CPU kernels
 are C++ (ATen's vectorised types, ``at::parallel_for`` over rows, float32 statistics for float16/bfloat16,
 deterministic parameter-gradient reductions), compiled on first use and cached; without a compiler the ops run
-their composite implementation and one warning says so. Feature detection lives here only; nothing is read from
+their composite implementation and one warning says so. The Triton kernels (:mod:`normlab.kernels._triton`) are the
+CUDA implementation of the token-norm ops when Triton is installed. Feature detection lives here only; nothing is read from
 the environment at import.
 """
 
