@@ -1,8 +1,17 @@
-"""CPU speed of every registered norm next to torch's own op, forward and forward+backward.
+"""CPU speed of every registered norm on each of its backends next to torch's own ops and the memory limits,
+forward and forward+backward, float32 and bfloat16.
+
+Each norm with fused kernels runs twice, ``backend`` ``cpu`` (``impl="cpu"``) and ``composite``; the fused residual
+add + norm ops (``add_rms_norm``, ``add_layer_norm``: two tensors in, two out) are timed too. The limits (backend
+``limit``, forward only): ``clone`` allocates and writes a copy of the input, ``copy_`` writes into an existing tensor;
+an op that returns a new tensor cannot beat ``clone``.
 
 Interleaved: every repetition runs each variant once, round-robin, so drift on a shared machine hits all
-variants alike. Rows are long-format JSONL with p20/p50/p80 (ms), plus ``env.json``; the printed table
-gives each variant's p50 and its ratio to ``torch.nn.LayerNorm`` at the same shape and pass.
+variants alike. Rows are long-format JSONL with p20/p50/p80 (ms) and per-repetition ratios (p20/p50/p80) to
+``torch.nn.LayerNorm`` at the same shape, dtype and pass, to the variant's ``baseline`` (``torch.nn.BatchNorm1d`` for
+the batch-statistic norms) and, for forwards, to ``clone``; each row also has the machine's 1-minute load after its
+shape and dtype. ``env.json`` has versions, threads, the kernel build and the load at the start. The printed table
+gives each variant's p50 and those ratios.
 
     python benchmarks/norm_speed.py                  # the three shapes of the issue
     python benchmarks/norm_speed.py --quick          # a smoke run on a small shape
@@ -30,9 +39,13 @@ from torch import nn  # noqa: E402
 import normlab  # noqa: E402
 from normlab._env import collect_env  # noqa: E402
 from normlab._io import append_jsonl, atomic_write_json  # noqa: E402  (the lab's row and env.json writers)
+from normlab.kernels import ops  # noqa: E402
 
 SHAPES = [(512, 768), (8192, 1024), (2048, 4096)]
 QUICK_SHAPES = [(256, 128)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PASSES = ("fwd", "fwd+bwd")
+LN, BN = "torch.LayerNorm", "torch.BatchNorm1d"
 
 
 @dataclass
@@ -47,40 +60,92 @@ class Variant:
     to_tokens: Callable[[torch.Tensor], torch.Tensor] = lambda y: y
     same_as: str | None = None
     error: str | None = None
+    backend: str = "composite"  # "cpu" / "composite" (normlab), "torch", "limit"
+    baseline: str = LN  # the torch op its ratio_to_baseline is taken against
+    passes: tuple[str, ...] = PASSES
+
+
+class _Clone(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+
+class _CopyInto(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.out is None or self.out.shape != x.shape or self.out.dtype != x.dtype:
+            self.out = torch.empty_like(x)
+        return self.out.copy_(x)
+
+
+class _AddNorm(nn.Module):
+    """``y, h = op(x, residual)``; returns ``y`` in a forward and ``y + h`` when gradients flow, so both outputs reach
+    the loss (that extra add is timed too)."""
+
+    def __init__(self, op: Callable[..., tuple[torch.Tensor, torch.Tensor]], c: int, dtype: torch.dtype,
+                 impl: str) -> None:
+        super().__init__()
+        self.op, self.c, self.impl = op, c, impl
+        self.weight = nn.Parameter(torch.ones(c, dtype=dtype))
+        self.residual: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.residual is None or self.residual.shape != x.shape:
+            self.residual = torch.randn(x.shape).to(x.dtype)
+        y, h = self.op(x, self.residual, self.c, self.weight, impl=self.impl)
+        return y + h if torch.is_grad_enabled() else y
 
 
 def _channels_first(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous()  # (1, T, C) -> (1, C, T)
 
 
-def _variants(c: int) -> list[Variant]:
+def _variants(c: int, dtype: torch.dtype = torch.float32) -> list[Variant]:
     tokens = lambda x: x  # noqa: E731 - (1, T, C) token layout
     from_cf = lambda y: y.transpose(1, 2)  # noqa: E731
-    out: list[Variant] = []
+    out: list[Variant] = [Variant("clone", _Clone(), tokens, backend="limit", passes=("fwd",)),
+                          Variant("copy_", _CopyInto(), tokens, backend="limit", passes=("fwd",))]
     # Channel-first-only norms (the conv-net norms) time the same values as a (1, C, T, 1) feature map.
     as_map = lambda x: x.transpose(1, 2).unsqueeze(-1).contiguous()  # noqa: E731
     from_map = lambda y: y.squeeze(-1).transpose(1, 2)  # noqa: E731
     for spec in normlab.list_norms():
+        baseline = BN if spec.batch_dependent else LN
         channel_first = spec.layout == "channel_first"
-        try:
-            m = spec.cls(c) if channel_first else spec.cls(c, channel_dim=-1)
-        except Exception as exc:  # a norm that cannot take token tensors is reported as an error row, not hidden
-            out.append(Variant(spec.name, None, tokens, error=f"{type(exc).__name__}: {exc}"))
-            continue
-        out.append(Variant(spec.name, m, as_map, from_map) if channel_first else Variant(spec.name, m, tokens))
+        backends = ("cpu", "composite") if getattr(spec.cls, "kernel_op", None) else (None,)
+        for impl in backends:
+            kw: dict[str, object] = {"impl": impl} if impl else {}
+            if not channel_first:
+                kw["channel_dim"] = -1
+            try:
+                m = spec.cls(c, dtype=dtype, **kw)
+            except Exception as exc:  # a norm that cannot take token tensors is reported as an error row, not hidden
+                out.append(Variant(spec.name, None, tokens, error=f"{type(exc).__name__}: {exc}", baseline=baseline))
+                continue
+            layout = (as_map, from_map) if channel_first else (tokens,)
+            out.append(Variant(spec.name, m, *layout, backend=impl or "composite", baseline=baseline))
+    for impl in ("cpu", "composite"):
+        out += [Variant("add_rms_norm", _AddNorm(ops.add_rms_norm, c, dtype, impl), tokens, backend=impl),
+                Variant("add_layer_norm", _AddNorm(ops.add_layer_norm, c, dtype, impl), tokens, backend=impl)]
     groups = normlab.nn.group_norm.default_num_groups(c)
     # Every torch op computes the same statistics as its normlab counterpart on the same (1, T, C) batch: one
     # sample of T tokens. GroupNorm and InstanceNorm1d therefore get the channel-first (1, C, T) copy (groups of
     # channels over all T tokens), not (T, C), which would make every token its own sample (2026-11-23 audit).
+    dt = {"dtype": dtype}
     out += [
-        Variant("torch.LayerNorm", nn.LayerNorm(c), tokens, same_as="layer_norm"),
-        Variant("torch.RMSNorm", nn.RMSNorm(c, eps=1e-6), tokens, same_as="rms_norm"),
-        Variant("torch.BatchNorm1d", nn.BatchNorm1d(c), lambda x: x[0], lambda y: y[None], same_as="batch_norm"),
-        Variant("torch.GroupNorm", nn.GroupNorm(groups, c), _channels_first, from_cf, same_as="group_norm"),
+        Variant(LN, nn.LayerNorm(c, **dt), tokens, same_as="layer_norm", backend="torch"),
+        Variant("torch.RMSNorm", nn.RMSNorm(c, eps=1e-6, **dt), tokens, same_as="rms_norm", backend="torch"),
+        Variant(BN, nn.BatchNorm1d(c, **dt), lambda x: x[0], lambda y: y[None], same_as="batch_norm",
+                backend="torch", baseline=BN),
+        Variant("torch.GroupNorm", nn.GroupNorm(groups, c, **dt), _channels_first, from_cf, same_as="group_norm",
+                backend="torch"),
         # The same GroupNorm on the same channel-first tensor: layout-for-layout with torch.GroupNorm.
-        Variant("group_norm[channel_dim=1]", normlab.GroupNorm(c, channel_dim=1), _channels_first, from_cf,
+        Variant("group_norm[channel_dim=1]", normlab.GroupNorm(c, channel_dim=1, **dt), _channels_first, from_cf,
                 same_as="group_norm"),
-        Variant("torch.InstanceNorm1d", nn.InstanceNorm1d(c), _channels_first, from_cf, same_as="instance_norm"),
+        Variant("torch.InstanceNorm1d", nn.InstanceNorm1d(c, **dt), _channels_first, from_cf,
+                same_as="instance_norm", backend="torch"),
     ]
     return out
 
@@ -116,91 +181,121 @@ def _calls(v: Variant, base: torch.Tensor) -> dict[str, Callable[[], object]]:
         m(xg).backward(grad)
         return None
 
-    return {"fwd": fwd, "fwd+bwd": fwd_bwd}
+    return {k: f for k, f in (("fwd", fwd), ("fwd+bwd", fwd_bwd)) if k in v.passes}
 
 
-def _row(shape: str, name: str, passes: str, reps: int, **fields: object) -> dict[str, object]:
-    return {"shape": shape, "variant": name, "pass": passes, **fields, "reps": reps}
+Key = tuple[str, str, str]  # (variant, backend, pass)
 
 
-def run(shapes: list[tuple[int, int]], reps: int, out_dir: Path) -> list[dict[str, object]]:
-    """Time every variant at every shape. A variant that fails (to build, warm up or run) becomes a row with
-    ``status="error"`` and the message, and the sweep goes on without it."""
+def _row(shape: str, dtype: str, key: Key, reps: int, **fields: object) -> dict[str, object]:
+    name, backend, passes = key
+    return {"shape": shape, "dtype": dtype, "variant": name, "backend": backend, "pass": passes, **fields,
+            "reps": reps}
+
+
+def _ratios(ms: list[float], base: list[float] | None, prefix: str) -> dict[str, float | None]:
+    """Percentiles of the per-repetition ratio (both measured in the same round), or ``None`` without a base."""
+    if base is None:
+        return {f"{prefix}_p{q}": None for q in (20, 50, 80)}
+    r = np.array(ms) / np.array(base)
+    return {f"{prefix}_p{q}": round(float(np.percentile(r, q)), 3) for q in (20, 50, 80)}
+
+
+def _torch_key(name: str, passes: str) -> Key:
+    return (name, "torch", passes)
+
+
+def _sample(variants: list[Variant], base: torch.Tensor, reps: int,
+            errors: dict[Key, str]) -> tuple[dict[Key, list[float]], dict[Key, int], dict[Key, Variant]]:
+    """Build, warm up and time every variant, round-robin; failures go to ``errors`` and the sweep goes on."""
+    calls: dict[Key, Callable[[], object]] = {}
+    owner: dict[Key, Variant] = {}
+    for v in variants:
+        try:
+            if v.error is not None:
+                raise RuntimeError(v.error)
+            fns = _calls(v, base)
+        except Exception as exc:
+            for passes in v.passes:
+                errors[(v.name, v.backend, passes)] = v.error or _message(exc)
+            continue
+        for passes, fn in fns.items():
+            calls[(v.name, v.backend, passes)] = fn
+            owner[(v.name, v.backend, passes)] = v
+    # Warm up and pick an inner count so a sample lasts ~20 ms.
+    inner: dict[Key, int] = {}
+    for key, fn in list(calls.items()):
+        try:
+            fn()
+            inner[key] = max(1, int(20.0 / max(_time(fn, 1), 1e-3)))
+        except Exception as exc:
+            errors[key] = _message(exc)
+            del calls[key]
+    samples: dict[Key, list[float]] = {k: [] for k in calls}
+    for _ in range(reps):
+        for key, fn in list(calls.items()):
+            try:
+                samples[key].append(_time(fn, inner[key]))
+            except Exception as exc:
+                errors[key] = _message(exc)
+                del calls[key], samples[key]
+    return samples, inner, owner
+
+
+def run(shapes: list[tuple[int, int]], reps: int, out_dir: Path,
+        dtypes: dict[str, torch.dtype] | None = None) -> list[dict[str, object]]:
+    """Time every variant at every shape and dtype. A variant that fails (to build, warm up or run) becomes a row
+    with ``status="error"`` and the message, and the sweep goes on without it."""
     out_dir.mkdir(parents=True, exist_ok=False)
     env = collect_env() | {"argv": sys.argv, "reps": reps, "shapes": shapes, "threads": torch.get_num_threads()}
     env["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
+    env["load_average_at_start"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     atomic_write_json(out_dir / "env.json", env)
     rows: list[dict[str, object]] = []
-    for t, c in shapes:
+    for (t, c), (dname, dtype) in [(sh, d) for sh in shapes for d in (dtypes or DTYPES).items()]:
         shape = f"{t}x{c}"
-        base = torch.randn(1, t, c)
-        calls: dict[tuple[str, str], Callable[[], object]] = {}
-        errors: dict[tuple[str, str], str] = {}
-        for v in _variants(c):
-            try:
-                if v.error is not None:
-                    raise RuntimeError(v.error)
-                fns = _calls(v, base)
-            except Exception as exc:
-                for passes in ("fwd", "fwd+bwd"):
-                    errors[(v.name, passes)] = v.error or _message(exc)
-                continue
-            calls.update({(v.name, passes): fn for passes, fn in fns.items()})
-        # Warm up and pick an inner count so a sample lasts ~20 ms.
-        inner: dict[tuple[str, str], int] = {}
-        for key, fn in list(calls.items()):
-            try:
-                fn()
-                inner[key] = max(1, int(20.0 / max(_time(fn, 1), 1e-3)))
-            except Exception as exc:
-                errors[key] = _message(exc)
-                del calls[key]
-        samples: dict[tuple[str, str], list[float]] = {k: [] for k in calls}
-        for _ in range(reps):
-            for key, fn in list(calls.items()):
-                try:
-                    samples[key].append(_time(fn, inner[key]))
-                except Exception as exc:
-                    errors[key] = _message(exc)
-                    del calls[key], samples[key]
-        for (name, passes), ms in samples.items():
+        errors: dict[Key, str] = {}
+        samples, inner, owner = _sample(_variants(c, dtype), torch.randn(1, t, c).to(dtype), reps, errors)
+        load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None  # 1-min load after this group
+        for key, ms in samples.items():
+            name, backend, passes = key
             p20, p50, p80 = np.percentile(ms, [20, 50, 80])
-            ratios: dict[str, float | None] = {f"ratio_to_torch_layernorm_p{q}": None for q in (20, 50, 80)}
-            if ("torch.LayerNorm", passes) in samples:
-                ln = np.array(samples[("torch.LayerNorm", passes)])
-                ratio = np.array(ms) / ln  # per-repetition ratio: both were measured in the same round
-                for q in (20, 50, 80):
-                    ratios[f"ratio_to_torch_layernorm_p{q}"] = round(float(np.percentile(ratio, q)), 3)
-            rows.append(
-                _row(
-                    shape, name, passes, reps, p20_ms=round(float(p20), 4), p50_ms=round(float(p50), 4),
-                    p80_ms=round(float(p80), 4), **ratios, inner=inner[(name, passes)], status="ok",
-                )
-            )
-        for (name, passes), msg in errors.items():
-            print(f"error {shape} {name} {passes}: {msg}", file=sys.stderr)
-            rows.append(_row(shape, name, passes, reps, status="error", error=msg))
+            rows.append(_row(
+                shape, dname, key, reps, p20_ms=round(float(p20), 4), p50_ms=round(float(p50), 4),
+                p80_ms=round(float(p80), 4),
+                **_ratios(ms, samples.get(_torch_key(LN, passes)), "ratio_to_torch_layernorm"),
+                baseline=owner[key].baseline,
+                **_ratios(ms, samples.get(_torch_key(owner[key].baseline, passes)), "ratio_to_baseline"),
+                **_ratios(ms, samples.get(("clone", "limit", "fwd")) if passes == "fwd" else None, "ratio_to_clone"),
+                inner=inner[key], load_1min=load, status="ok",
+            ))
+        for key, msg in errors.items():
+            print(f"error {shape} {dname} {key}: {msg}", file=sys.stderr)
+            rows.append(_row(shape, dname, key, reps, status="error", error=msg))
+        print(f"done {shape} {dname}", file=sys.stderr)
     append_jsonl(out_dir / "rows.jsonl", rows)
     return rows
 
 
+def _fmt3(r: dict[str, object], prefix: str) -> str:
+    if r.get(f"{prefix}_p50") is None:
+        return "-"
+    return "/".join(f"{r[f'{prefix}_p{q}']:.2f}" for q in (20, 50, 80))
+
+
 def format_table(rows: list[dict[str, object]]) -> str:
     lines = [
-        f"{'shape':<10} {'variant':<26} {'pass':<8} {'p50 ms':>9} {'x torch LN (p20/p50/p80)':>26}",
+        f"{'shape':<10} {'dtype':<5} {'variant':<26} {'backend':<9} {'pass':<8} {'p50 ms':>9} "
+        f"{'x torch LN p20/p50/p80':>23} {'x torch BN1d p20/p50/p80':>25} {'x clone p20/p50/p80':>20}",
     ]
     for r in rows:
-        head = f"{r['shape']:<10} {r['variant']:<26} {r['pass']:<8}"
+        head = f"{r['shape']:<10} {r.get('dtype', '-'):<5} {r['variant']:<26} {r['backend']:<9} {r['pass']:<8}"
         if r["status"] != "ok":
             lines.append(f"{head} error: {r['error']}")
             continue
-        if r["ratio_to_torch_layernorm_p50"] is None:
-            ratio = "-"
-        else:
-            ratio = (
-                f"{r['ratio_to_torch_layernorm_p20']:.2f}/{r['ratio_to_torch_layernorm_p50']:.2f}/"
-                f"{r['ratio_to_torch_layernorm_p80']:.2f}"
-            )
-        lines.append(f"{head} {r['p50_ms']:>9.3f} {ratio:>26}")
+        bn = _fmt3(r, "ratio_to_baseline") if r.get("baseline") == BN else "-"
+        lines.append(f"{head} {r['p50_ms']:>9.3f} {_fmt3(r, 'ratio_to_torch_layernorm'):>23} {bn:>25} "
+                     f"{_fmt3(r, 'ratio_to_clone'):>20}")
     return "\n".join(lines)
 
 
@@ -214,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     out = args.out or Path("benchmarks/results") / f"norm_speed-{time.strftime('%Y%m%d-%H%M%S')}"
     rows = run(QUICK_SHAPES if args.quick else SHAPES, 3 if args.quick else args.reps, out)
-    print(format_table(rows))
+    table = format_table(rows)
+    (out / "table.txt").write_text(table + "\n")
+    print(table)
     print(f"\nrows: {out / 'rows.jsonl'}")
     return 0
 

@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 # Optional packages whose version changes lab results (digits data, plots): recorded when installed.
-_OPTIONAL = ("scikit-learn", "matplotlib")
+_OPTIONAL = ("scikit-learn", "matplotlib", "triton")
 
 
 def git_sha(path: Path | None = None) -> str | None:
@@ -96,6 +96,18 @@ def collect_env() -> dict[str, Any]:
         version = installed_version(name)
         if version is not None:
             info[name] = version
+    info.update(_kernel_info(torch.cuda.is_available()))
+    return info
+
+
+def _kernel_info(cuda: bool) -> dict[str, str]:
+    """Which implementation each ``normlab.kernels`` op runs by default (``op=backend``, per device) and the CPU
+    kernels' build (loading them, and building them on first use)."""
+    from normlab import kernels
+
+    info = {"kernels_cpu": kernels.backend_detail()}
+    for device in ("cpu", "cuda") if cuda else ("cpu",):
+        info[f"kernel_backends_{device}"] = " ".join(f"{op}={b}" for op, b in kernels.backends(device).items())
     return info
 
 

@@ -4,6 +4,10 @@ The cases are every registered norm (``list_norms()`` at collection time) and ev
 ``tests/_norms``: each of those is imported inside ``registry.temporary()`` here, and its cases carry that
 registration, which the ``_test_local_norm`` fixture in ``tests/conftest.py`` makes active while they run (and only
 then, so no other test sees the norm).
+
+A norm with fused kernels (``kernel_op``) has each of its cases twice, once per backend: ``impl="composite"`` (the
+functional op, the reference implementation) and ``impl="cpu"`` (the fused C++ kernels), built into the module so the
+case runs on that backend whatever scope surrounds the test (ids end in ``@composite`` / ``@cpu``).
 """
 
 from __future__ import annotations
@@ -33,14 +37,18 @@ class Case:
     kwargs: dict[str, Any]
     # A test-local norm's registration, active only while its case runs (None: a norm normlab registers).
     registration: Registrations | None = None
+    # The backend of a norm with fused kernels (the module's ``impl``); None for norms without them.
+    impl: str | None = None
 
     @property
     def id(self) -> str:
         kw = ",".join(f"{k}={v}" for k, v in sorted(self.kwargs.items()))
-        return f"{self.spec.name}[{kw}]" if kw else self.spec.name
+        base = f"{self.spec.name}[{kw}]" if kw else self.spec.name
+        return f"{base}@{self.impl}" if self.impl else base
 
     def build(self, **extra: Any) -> nn.Module:
-        return self.spec.cls(C, **{**self.kwargs, **extra})
+        impl = {"impl": self.impl} if self.impl else {}
+        return self.spec.cls(C, **{**self.kwargs, **impl, **extra})
 
     def uses_mask(self, m: nn.Module) -> bool:
         return self.spec.batch_dependent and getattr(m, "channel_dim", 1) == -1
@@ -65,12 +73,19 @@ def _specs() -> list[tuple[NormSpec, Registrations | None]]:
     return [*((s, None) for s in normlab.list_norms()), *local_norms()]
 
 
+IMPLS_WITH_KERNELS = ("composite", "cpu")
+
+
+def _impls(spec: NormSpec) -> tuple[str | None, ...]:
+    return IMPLS_WITH_KERNELS if getattr(spec.cls, "kernel_op", None) else (None,)
+
+
 def all_cases() -> list[Case]:
-    return [Case(spec, dict(kw), reg) for spec, reg in _specs() for kw in spec.samples]
+    return [Case(spec, dict(kw), reg, impl) for spec, reg in _specs() for kw in spec.samples for impl in _impls(spec)]
 
 
 def default_cases() -> list[Case]:
-    return [Case(spec, {}, reg) for spec, reg in _specs()]
+    return [Case(spec, {}, reg, impl) for spec, reg in _specs() for impl in _impls(spec)]
 
 
 def input_shape(m: nn.Module) -> tuple[int, ...]:

@@ -5,6 +5,7 @@ A new norm gets all of this with no new test code (STYLE.md "Tests"; PyTorch's `
 
 from __future__ import annotations
 
+import functools
 import inspect
 import io
 from collections.abc import Callable
@@ -128,6 +129,9 @@ def test_module_equals_functional(case: Case, mode: str) -> None:
     fn = case.spec.functional
     if fn is None:
         pytest.skip("composition without a functional op")
+    kernel_op = getattr(case.spec.cls, "kernel_op", None)
+    if kernel_op is not None:  # its fused version: the same signature, and the backend the module runs on
+        fn = functools.partial(getattr(normlab.kernels.ops, kernel_op), impl=case.impl)
     proto = _set_mode(randomize(case.build()), mode)
     for mask in _masks(case, proto):
         m, twin = clone(proto), clone(proto)  # twin's buffers take the functional call's in-place updates

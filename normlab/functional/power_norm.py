@@ -16,7 +16,7 @@ from normlab.functional._checks import affine_in, apply_affine
 from normlab.functional._dist import all_reduce_sum_, check_count, second_moment, stats_group
 from normlab.functional.batch_norm import divide_by_running, token_stats_input
 
-__all__ = ["group_scaling", "power_norm"]
+__all__ = ["group_scaling", "power_norm", "power_step"]
 
 BackwardDivisor = Literal["batch", "forward"]
 
@@ -74,6 +74,27 @@ class _PowerFunction(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None
 
 
+@torch.no_grad()
+def power_step(psi2: Tensor, running_phi: Tensor, iters: Tensor, eps: float, alpha_fwd: float, warmup_iters: int,
+               backward_divisor: BackwardDivisor) -> tuple[Tensor, Tensor]:
+    """One training step's divisors ``(inv_fwd, inv_bwd)`` from the batch quadratic mean ``psi2`` (compute dtype);
+    increments ``iters`` and updates ``running_phi`` in place."""
+    # Tensor-valued step logic (no .item()): no host sync, and torch.compile(fullgraph=True) can trace it.
+    ct = psi2.dtype
+    iters.add_(1)
+    old_phi = running_phi.to(ct)
+    t = iters.to(ct)
+    inv_batch = torch.rsqrt(psi2 + eps)
+    inv_fwd = torch.where(iters <= warmup_iters, inv_batch, torch.rsqrt(old_phi + eps))
+    inv_bwd = inv_batch if backward_divisor == "batch" else inv_fwd
+    # Running quadratic mean: a cumulative average during warm-up, then (always) the EMA step. Computed in
+    # float32 and rounded once into the buffer's dtype (two in-place fp16 steps would round twice).
+    cumulative = old_phi * ((t - 1) / t) + psi2 / t
+    new_phi = torch.where(iters < warmup_iters, cumulative, old_phi)
+    running_phi.copy_((new_phi * alpha_fwd + (1.0 - alpha_fwd) * psi2).to(running_phi.dtype))
+    return inv_fwd, inv_bwd
+
+
 def power_norm(
     x: Tensor,
     num_features: int,
@@ -111,18 +132,6 @@ def power_norm(
     flat = xs.detach().reshape(-1, num_features)
     count, psi2, positions = second_moment(flat, mask, group)
     check_count(count, op, x, mask, group)
-    with torch.no_grad():
-        # Tensor-valued step logic (no .item()): no host sync, and torch.compile(fullgraph=True) can trace it.
-        iters.add_(1)
-        old_phi = running_phi.to(ct)
-        t = iters.to(ct)
-        inv_batch = torch.rsqrt(psi2 + eps)
-        inv_fwd = torch.where(iters <= warmup_iters, inv_batch, torch.rsqrt(old_phi + eps))
-        inv_bwd = inv_batch if backward_divisor == "batch" else inv_fwd
-        # Running quadratic mean: a cumulative average during warm-up, then (always) the EMA step. Computed in
-        # float32 and rounded once into the buffer's dtype (two in-place fp16 steps would round twice).
-        cumulative = old_phi * ((t - 1) / t) + psi2 / t
-        new_phi = torch.where(iters < warmup_iters, cumulative, old_phi)
-        running_phi.copy_((new_phi * alpha_fwd + (1.0 - alpha_fwd) * psi2).to(running_phi.dtype))
+    inv_fwd, inv_bwd = power_step(psi2, running_phi, iters, eps, alpha_fwd, warmup_iters, backward_divisor)
     y = _PowerFunction.apply(xs, w, b, inv_fwd, inv_bwd, ema_gz, alpha_bkw, positions, group)
     return y.to(x.dtype)

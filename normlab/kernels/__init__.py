@@ -1,24 +1,34 @@
-"""Fast paths for the token norms: ``normlab::`` custom ops with fused CPU kernels.
+"""Fast paths for the norms: ``normlab::`` custom ops with fused CPU kernels (C++) and CUDA kernels (Triton).
+
+The token norms (LayerNorm, the RMSNorm family, ScaleNorm, DyT, the fused residual add + norm) have both; the
+training step of the batch-statistic norms on token tensors (BatchNorm with padding masks, RepBN, PowerNorm,
+UnifiedNorm) has CPU kernels, and runs its composite op elsewhere (and across synced ranks).
 
 * :mod:`normlab.kernels.ops`: the norms with :mod:`normlab.functional`'s signatures and an ``impl=`` argument;
+* :func:`use_impl`: a context manager choosing the implementation for a scope (as
+  ``torch.nn.attention.sdpa_kernel`` does for attention); a module's own ``impl=`` argument wins over it (precedence in
+  :mod:`normlab.kernels._scope`); :func:`current_impl` reads it;
 * :func:`backends`: which implementation each op runs on a device (for ``normlab env``).
 
 Every op is a :func:`torch.library.custom_op` (forward and backward) with a fake implementation and registered
 autograd, so it compiles with ``torch.compile(fullgraph=True)`` and exports with ``torch.export``. The CPU kernels
 are C++ (ATen's vectorised types, ``at::parallel_for`` over rows, float32 statistics for float16/bfloat16,
 deterministic parameter-gradient reductions), compiled on first use and cached; without a compiler the ops run
-their composite implementation and one warning says so. Feature detection lives here only; nothing is read from
-the environment at import.
+their composite implementation and one warning says so. The Triton kernels (:mod:`normlab.kernels._triton`) are the
+CUDA implementation of the token-norm ops when Triton is installed. Feature detection lives here only; nothing is
+read from the environment at import.
 """
 
 from __future__ import annotations
 
 from normlab.kernels import ops
 from normlab.kernels._build import cpu_status
+from normlab.kernels._scope import IMPLS, Impl, current_impl, use_impl
 
-__all__ = ["OPS", "backend_detail", "backends", "ops"]
+__all__ = ["BATCH_OPS", "IMPLS", "OPS", "Impl", "backend_detail", "backends", "current_impl", "ops", "use_impl"]
 
-# Public ops (pRMSNorm and SRMSNorm run through ``rms_norm``; listed for ``normlab env``).
+# Public ops (pRMSNorm and SRMSNorm run through ``rms_norm``; listed for ``normlab env``). The batch-statistic ops
+# (their training step on token tensors) have CPU kernels only.
 OPS: tuple[str, ...] = (
     "layer_norm",
     "rms_norm",
@@ -29,14 +39,27 @@ OPS: tuple[str, ...] = (
     "dyt",
     "add_rms_norm",
     "add_layer_norm",
+    "batch_norm",
+    "rep_batch_norm",
+    "power_norm",
+    "unified_norm",
 )
+BATCH_OPS: tuple[str, ...] = ("batch_norm", "rep_batch_norm", "power_norm", "unified_norm")
 
 
 def backends(device: str = "cpu") -> dict[str, str]:
-    """The implementation ``impl="auto"`` runs for each op on ``device``: ``"cpu"`` (fused C++ kernel) or
-    ``"composite"``. Asking about ``"cpu"`` loads (and on first use builds) the kernels."""
-    fused = device == "cpu" and cpu_status().available
-    return {name: "cpu" if fused else "composite" for name in OPS}
+    """The implementation ``impl="auto"`` runs for each op on ``device`` outside any :func:`use_impl` scope:
+    ``"cpu"`` (fused C++ kernel), ``"triton"`` (CUDA, Triton installed) or ``"composite"``. Asking about ``"cpu"``
+    loads (and on first use builds) the kernels."""
+    if device == "cpu":
+        fused = "cpu" if cpu_status().available else "composite"
+    elif device == "cuda":
+        from normlab.kernels import _triton
+
+        fused = "triton" if _triton.available() else "composite"
+    else:
+        fused = "composite"
+    return {name: "composite" if name in BATCH_OPS and fused == "triton" else fused for name in OPS}
 
 
 def backend_detail() -> str:

@@ -4,8 +4,12 @@ Each forward op and each backward op is a :func:`torch.library.custom_op`, so ``
 ``torch.export`` see one opaque node per norm (the fake implementations give shapes and dtypes) and autograd calls
 the backward op. All ops normalise the **last** axis; :mod:`normlab.kernels.ops` moves a channel axis there.
 
-On CPU the bodies run the fused C++ kernels when they are available (see :mod:`normlab.kernels._build`); anywhere
-else, and on a machine without a compiler, they run the composite bodies of :mod:`normlab.kernels._composite`.
+Every op takes a trailing ``impl`` (``"auto"``, ``"cpu"`` or ``"triton"``; :mod:`normlab.kernels.ops` resolves
+``"composite"`` before calling an op). ``"auto"`` is decided when the op runs: the innermost
+:func:`~normlab.kernels.use_impl` scope (how a compiled graph honours the scope), then the fused kernels of the input's
+device: C++ on CPU when they are available (see :mod:`normlab.kernels._build`), Triton on CUDA when it is installed
+(see :mod:`normlab.kernels._triton`); anywhere else the composite bodies of :mod:`normlab.kernels._composite`. The
+forward op's ``impl`` is saved for the backward op, so both run the same backend.
 The backward ops recompute the per-row statistics from ``x`` (cheap: the row is in cache) instead of saving them,
 so every forward op has one output per result. Double backward is not supported through these ops.
 """
@@ -20,15 +24,38 @@ from torch import Tensor
 
 from normlab.functional._checks import compute_dtype
 from normlab.kernels import _composite as comp
-from normlab.kernels._build import cpu_extension
+from normlab.kernels._build import cpu_extension, cpu_status
+from normlab.kernels._scope import current_impl
 
 __all__: list[str] = []
 
 _LN = -1  # add_norm_forward's mode for LayerNorm
 
 
-def _ext(x: Tensor) -> ModuleType | None:
-    return cpu_extension() if x.device.type == "cpu" else None
+def _ext(x: Tensor, impl: str) -> ModuleType | None:
+    """The kernel module an op body calls (the C++ extension or :mod:`normlab.kernels._triton`, which define the same
+    functions), or ``None`` for the composite body."""
+    if impl == "auto":
+        impl = current_impl()
+    if impl == "auto":
+        if x.device.type == "cpu":
+            return cpu_extension()
+        if x.device.type == "cuda":
+            from normlab.kernels import _triton
+
+            return _triton if _triton.available() and _triton.supports(x) else None
+        return None
+    if impl == "cpu":
+        if x.device.type != "cpu" or not cpu_status().available:
+            raise RuntimeError(f"normlab kernels: impl='cpu' needs a CPU input and the CPU kernels, got an input on "
+                               f"{x.device} with the kernels {cpu_status().detail}")
+        return cpu_extension()
+    if impl == "triton":
+        from normlab.kernels import _triton
+
+        _triton.check_triton(x, "normlab kernels")
+        return _triton if _triton.supports(x) else None
+    return None
 
 
 def _empty(x: Tensor) -> Tensor:
@@ -48,8 +75,8 @@ def _like(t: Tensor) -> Tensor:
 
 
 def _rms_family(x: Tensor, weight: Tensor | None, bias: Tensor | None, scale: Tensor | None, eps: float, mode: int,
-                k: int) -> Tensor:
-    ext = _ext(x)
+                k: int, impl: str) -> Tensor:
+    ext = _ext(x, impl)
     if ext is not None:
         return ext.rms_fwd(x, weight, bias, scale, eps, mode, k)
     return comp.rms_family_forward(x.contiguous(), weight, bias, scale, eps, mode, k).contiguous()
@@ -57,30 +84,31 @@ def _rms_family(x: Tensor, weight: Tensor | None, bias: Tensor | None, scale: Te
 
 @torch.library.custom_op("normlab::rms_norm", mutates_args=())
 def rms_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, eps_inside: bool,
-                k: int) -> Tensor:
+                k: int, impl: str = "auto") -> Tensor:
     """RMSNorm of the last axis; the statistic uses the first ``k`` channels (``k = C``: all; pRMSNorm: fewer)."""
-    return _rms_family(x, weight, bias, None, eps, comp.INSIDE if eps_inside else comp.OUTSIDE, k)
+    return _rms_family(x, weight, bias, None, eps, comp.INSIDE if eps_inside else comp.OUTSIDE, k, impl)
 
 
 @torch.library.custom_op("normlab::crms_norm", mutates_args=())
-def crms_norm_op(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+def crms_norm_op(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                 impl: str = "auto") -> Tensor:
     """CRMSNorm of a zero-mean code stored in ``d - 1`` coordinates (the last axis)."""
-    return _rms_family(z, weight, bias, None, eps, comp.CRMS, z.shape[-1])
+    return _rms_family(z, weight, bias, None, eps, comp.CRMS, z.shape[-1], impl)
 
 
 @torch.library.custom_op("normlab::scale_norm", mutates_args=())
-def scale_norm_op(x: Tensor, scale: Tensor, eps: float) -> Tensor:
+def scale_norm_op(x: Tensor, scale: Tensor, eps: float, impl: str = "auto") -> Tensor:
     """ScaleNorm ``g * x / max(||x||, eps)`` over the last axis."""
-    return _rms_family(x, None, None, scale, eps, comp.SCALE, x.shape[-1])
+    return _rms_family(x, None, None, scale, eps, comp.SCALE, x.shape[-1], impl)
 
 
 @torch.library.custom_op("normlab::rms_family_backward", mutates_args=())
 def rms_family_backward_op(
     grad: Tensor, x: Tensor, weight: Optional[Tensor], scale: Optional[Tensor], grad_add: Optional[Tensor],
-    eps: float, mode: int, k: int, need_weight: bool, need_bias: bool, need_scale: bool,
+    eps: float, mode: int, k: int, need_weight: bool, need_bias: bool, need_scale: bool, impl: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dscale) of the rms family; unrequested gradients are empty tensors."""
-    ext = _ext(x)
+    ext = _ext(x, impl)
     if ext is None:
         dx, dw, db, ds = comp.rms_family_backward(
             grad.contiguous(), x.contiguous(), weight, scale, grad_add, eps, mode, k, (need_weight, need_bias,
@@ -95,7 +123,7 @@ def rms_family_backward_op(
 
 
 @rms_family_backward_op.register_fake
-def _(grad, x, weight, scale, grad_add, eps, mode, k, need_weight, need_bias, need_scale):  # type: ignore[no-untyped-def]
+def _(grad, x, weight, scale, grad_add, eps, mode, k, need_weight, need_bias, need_scale, impl="auto"):  # type: ignore[no-untyped-def]
     c = x.shape[-1]
     dw = _like(weight) if need_weight and weight is not None else _empty(x)
     db = x.new_empty(c, dtype=compute_dtype(x)) if need_bias else _empty(x)
@@ -114,7 +142,8 @@ for _op in (rms_norm_op, crms_norm_op, scale_norm_op):
 def _backward_rms(ctx: Any, grad: Tensor, weight: Tensor | None, scale: Tensor | None, grad_add: Tensor | None,
                   needs: tuple[bool, bool, bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     (x,) = ctx.saved_tensors[:1]
-    return torch.ops.normlab.rms_family_backward(grad, x, weight, scale, grad_add, ctx.eps, ctx.mode, ctx.k, *needs)
+    return torch.ops.normlab.rms_family_backward(grad, x, weight, scale, grad_add, ctx.eps, ctx.mode, ctx.k, *needs,
+                                                 ctx.impl)
 
 
 def _to_dtype(g: Tensor, dtype: torch.dtype | None) -> Tensor:
@@ -122,20 +151,20 @@ def _to_dtype(g: Tensor, dtype: torch.dtype | None) -> Tensor:
 
 
 def _setup_affine(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, mode: int,
-                  k: int) -> None:
+                  k: int, impl: str) -> None:
     ctx.save_for_backward(x, weight)
-    ctx.eps, ctx.mode, ctx.k = eps, mode, k
+    ctx.eps, ctx.mode, ctx.k, ctx.impl = eps, mode, k, impl
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
 def _rms_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    x, weight, bias, eps, eps_inside, k = inputs
-    _setup_affine(ctx, x, weight, bias, eps, comp.INSIDE if eps_inside else comp.OUTSIDE, k)
+    x, weight, bias, eps, eps_inside, k, impl = inputs
+    _setup_affine(ctx, x, weight, bias, eps, comp.INSIDE if eps_inside else comp.OUTSIDE, k, impl)
 
 
 def _crms_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    z, weight, bias, eps = inputs
-    _setup_affine(ctx, z, weight, bias, eps, comp.CRMS, z.shape[-1])
+    z, weight, bias, eps, impl = inputs
+    _setup_affine(ctx, z, weight, bias, eps, comp.CRMS, z.shape[-1], impl)
 
 
 def _affine_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -146,24 +175,24 @@ def _affine_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | No
 
 
 def _rms_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-    return (*_affine_backward(ctx, grad), None, None, None)
+    return (*_affine_backward(ctx, grad), None, None, None, None)
 
 
 def _crms_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-    return (*_affine_backward(ctx, grad), None)
+    return (*_affine_backward(ctx, grad), None, None)
 
 
 def _scale_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    x, scale, eps = inputs
+    x, scale, eps, impl = inputs
     ctx.save_for_backward(x, scale)
-    ctx.eps, ctx.mode, ctx.k = eps, comp.SCALE, x.shape[-1]
+    ctx.eps, ctx.mode, ctx.k, ctx.impl = eps, comp.SCALE, x.shape[-1], impl
 
 
 def _scale_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     scale = ctx.saved_tensors[1]
     nx, ns = ctx.needs_input_grad[:2]
     dx, _, _, ds = _backward_rms(ctx, grad, None, scale, None, (False, False, ns))
-    return (dx if nx else None), (ds if ns else None), None
+    return (dx if nx else None), (ds if ns else None), None, None
 
 
 rms_norm_op.register_autograd(_rms_backward, setup_context=_rms_setup)
@@ -175,9 +204,10 @@ scale_norm_op.register_autograd(_scale_backward, setup_context=_scale_setup)
 
 
 @torch.library.custom_op("normlab::layer_norm", mutates_args=())
-def layer_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+def layer_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                  impl: str = "auto") -> Tensor:
     """LayerNorm of the last axis (biased variance, eps inside the root)."""
-    ext = _ext(x)
+    ext = _ext(x, impl)
     if ext is not None:
         return ext.ln_fwd(x, weight, bias, eps)
     return comp.layer_norm_forward(x.contiguous(), weight, bias, eps).contiguous()
@@ -185,9 +215,10 @@ def layer_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], e
 
 @torch.library.custom_op("normlab::layer_norm_backward", mutates_args=())
 def layer_norm_backward_op(grad: Tensor, x: Tensor, weight: Optional[Tensor], grad_add: Optional[Tensor],
-                           eps: float, need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+                           eps: float, need_weight: bool, need_bias: bool,
+                           impl: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias) of LayerNorm; unrequested gradients are empty tensors."""
-    ext = _ext(x)
+    ext = _ext(x, impl)
     if ext is None:
         dx, dw, db = comp.layer_norm_backward(grad.contiguous(), x.contiguous(), weight, grad_add, eps,
                                               (need_weight, need_bias))
@@ -199,7 +230,7 @@ def layer_norm_backward_op(grad: Tensor, x: Tensor, weight: Optional[Tensor], gr
 
 
 @layer_norm_backward_op.register_fake
-def _(grad, x, weight, grad_add, eps, need_weight, need_bias):  # type: ignore[no-untyped-def]
+def _(grad, x, weight, grad_add, eps, need_weight, need_bias, impl="auto"):  # type: ignore[no-untyped-def]
     dw = _like(weight) if need_weight and weight is not None else _empty(x)
     db = x.new_empty(x.shape[-1], dtype=compute_dtype(x)) if need_bias else _empty(x)
     return _like(x), dw, db
@@ -209,8 +240,8 @@ layer_norm_op.register_fake(_fake_norm)
 
 
 def _ln_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    x, weight, bias, eps = inputs
-    _setup_affine(ctx, x, weight, bias, eps, _LN, x.shape[-1])
+    x, weight, bias, eps, impl = inputs
+    _setup_affine(ctx, x, weight, bias, eps, _LN, x.shape[-1], impl)
 
 
 def _ln_grads(ctx: Any, grad: Tensor, grad_add: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -218,17 +249,17 @@ def _ln_grads(ctx: Any, grad: Tensor, grad_add: Tensor | None) -> tuple[Tensor, 
     nw, nb = ctx.needs_input_grad[ctx.param_at], ctx.needs_input_grad[ctx.param_at + 1]
     if ctx.mode == _LN:
         dx, dw, db = torch.ops.normlab.layer_norm_backward(grad, x, weight, grad_add, ctx.eps,
-                                                           nw and weight is not None, nb)
+                                                           nw and weight is not None, nb, ctx.impl)
     else:
         dx, dw, db, _ = torch.ops.normlab.rms_family_backward(grad, x, weight, None, grad_add, ctx.eps, ctx.mode,
-                                                              ctx.k, nw and weight is not None, nb, False)
+                                                              ctx.k, nw and weight is not None, nb, False, ctx.impl)
     return dx, (dw if nw else None), (_to_dtype(db, ctx.bias_dtype) if nb else None)
 
 
 def _ln_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     ctx.param_at = 1
     dx, dw, db = _ln_grads(ctx, grad, None)
-    return (dx if ctx.needs_input_grad[0] else None), dw, db, None
+    return (dx if ctx.needs_input_grad[0] else None), dw, db, None, None
 
 
 layer_norm_op.register_autograd(_ln_backward, setup_context=_ln_setup)
@@ -238,8 +269,8 @@ layer_norm_op.register_autograd(_ln_backward, setup_context=_ln_setup)
 
 
 def _add_norm(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
-              mode: int) -> tuple[Tensor, Tensor]:
-    ext = _ext(x)
+              mode: int, impl: str) -> tuple[Tensor, Tensor]:
+    ext = _ext(x, impl)
     if ext is not None:
         return ext.add_norm_fwd(x, residual, weight, bias, eps, mode)
     y, h = comp.add_norm_forward(x.contiguous(), residual.contiguous(), weight, bias, eps, mode)
@@ -248,16 +279,16 @@ def _add_norm(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor |
 
 @torch.library.custom_op("normlab::add_rms_norm", mutates_args=())
 def add_rms_norm_op(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                    eps_inside: bool) -> tuple[Tensor, Tensor]:
+                    eps_inside: bool, impl: str = "auto") -> tuple[Tensor, Tensor]:
     """``h = x + residual``; returns ``(rms_norm(h), h)``: the Pre-LN block's norm and its new residual stream."""
-    return _add_norm(x, residual, weight, bias, eps, comp.INSIDE if eps_inside else comp.OUTSIDE)
+    return _add_norm(x, residual, weight, bias, eps, comp.INSIDE if eps_inside else comp.OUTSIDE, impl)
 
 
 @torch.library.custom_op("normlab::add_layer_norm", mutates_args=())
 def add_layer_norm_op(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                      eps: float) -> tuple[Tensor, Tensor]:
+                      eps: float, impl: str = "auto") -> tuple[Tensor, Tensor]:
     """``h = x + residual``; returns ``(layer_norm(h), h)``."""
-    return _add_norm(x, residual, weight, bias, eps, _LN)
+    return _add_norm(x, residual, weight, bias, eps, _LN, impl)
 
 
 def _fake_add_norm(x: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
@@ -270,8 +301,8 @@ add_layer_norm_op.register_fake(_fake_add_norm)
 
 def _add_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
     x, residual, weight, bias, eps = inputs[:5]
-    mode = _LN if len(inputs) == 5 else (comp.INSIDE if inputs[5] else comp.OUTSIDE)
-    _setup_affine(ctx, output[1], weight, bias, eps, mode, x.shape[-1])  # the backward needs h, not x
+    mode = _LN if len(inputs) == 6 else (comp.INSIDE if inputs[5] else comp.OUTSIDE)
+    _setup_affine(ctx, output[1], weight, bias, eps, mode, x.shape[-1], inputs[-1])  # the backward needs h, not x
     ctx.residual_dtype = residual.dtype
 
 
@@ -280,7 +311,7 @@ def _add_backward(ctx: Any, grad: Tensor, grad_h: Tensor) -> tuple[Tensor | None
     dh, dw, db = _ln_grads(ctx, grad, grad_h)
     nx, nr = ctx.needs_input_grad[:2]
     return ((dh if nx else None), (_to_dtype(dh, ctx.residual_dtype) if nr else None), dw, db, None,
-            *((None,) if ctx.mode != _LN else ()))
+            *((None,) if ctx.mode != _LN else ()), None)
 
 
 add_rms_norm_op.register_autograd(_add_backward, setup_context=_add_setup)
@@ -291,9 +322,10 @@ add_layer_norm_op.register_autograd(_add_backward, setup_context=_add_setup)
 
 
 @torch.library.custom_op("normlab::dyt", mutates_args=())
-def dyt_op(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+def dyt_op(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+           impl: str = "auto") -> Tensor:
     """Dynamic Tanh ``weight * tanh(alpha * x) + bias`` with a one-element ``alpha``; per-channel on the last axis."""
-    ext = _ext(x)
+    ext = _ext(x, impl)
     if ext is not None:
         return ext.dyt_fwd(x, alpha, weight, bias)
     return comp.dyt_forward(x.contiguous(), alpha, weight, bias).contiguous()
@@ -301,9 +333,9 @@ def dyt_op(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Te
 
 @torch.library.custom_op("normlab::dyt_backward", mutates_args=())
 def dyt_backward_op(grad: Tensor, x: Tensor, alpha: Tensor, weight: Optional[Tensor], need_alpha: bool,
-                    need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                    need_weight: bool, need_bias: bool, impl: str = "auto") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dalpha, dweight, dbias) of DyT; unrequested gradients are empty tensors."""
-    ext = _ext(x)
+    ext = _ext(x, impl)
     if ext is None:
         dx, da, dw, db = comp.dyt_backward(grad.contiguous(), x.contiguous(), alpha, weight,
                                            (need_alpha, need_weight, need_bias))
@@ -317,7 +349,7 @@ def dyt_backward_op(grad: Tensor, x: Tensor, alpha: Tensor, weight: Optional[Ten
 
 
 @dyt_backward_op.register_fake
-def _(grad, x, alpha, weight, need_alpha, need_weight, need_bias):  # type: ignore[no-untyped-def]
+def _(grad, x, alpha, weight, need_alpha, need_weight, need_bias, impl="auto"):  # type: ignore[no-untyped-def]
     da = _like(alpha) if need_alpha else _empty(x)
     dw = _like(weight) if need_weight and weight is not None else _empty(x)
     db = x.new_empty(x.shape[-1], dtype=compute_dtype(x)) if need_bias else _empty(x)
@@ -328,17 +360,19 @@ dyt_op.register_fake(_fake_norm)
 
 
 def _dyt_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    x, alpha, weight, bias = inputs
+    x, alpha, weight, bias, impl = inputs
     ctx.save_for_backward(x, alpha, weight)
+    ctx.impl = impl
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
 def _dyt_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     x, alpha, weight = ctx.saved_tensors
-    nx, na, nw, nb = ctx.needs_input_grad
-    dx, da, dw, db = torch.ops.normlab.dyt_backward(grad, x, alpha, weight, na, nw and weight is not None, nb)
+    nx, na, nw, nb = ctx.needs_input_grad[:4]
+    dx, da, dw, db = torch.ops.normlab.dyt_backward(grad, x, alpha, weight, na, nw and weight is not None, nb,
+                                                    ctx.impl)
     return ((dx if nx else None), (da if na else None), (dw if nw else None),
-            (_to_dtype(db, ctx.bias_dtype) if nb else None))
+            (_to_dtype(db, ctx.bias_dtype) if nb else None), None)
 
 
 dyt_op.register_autograd(_dyt_backward, setup_context=_dyt_setup)

@@ -11,6 +11,12 @@ the affine parameters (:meth:`NormBase._init_affine`), the running buffers and t
 constructor argument that differs from its default, and a state-dict ``_version`` with a load hook
 (:meth:`NormBase._upgrade_state_dict`).
 
+**Implementations.** A norm whose class names a fused op in :attr:`NormBase.kernel_op` takes ``impl`` (``"auto"``,
+``"composite"``, ``"cpu"``, ``"triton"``) and its forward is that :mod:`normlab.kernels.ops` function, which computes
+the registered functional op's result with a fused kernel. Precedence: the module's own ``impl`` unless it is
+``"auto"``, then the innermost :func:`normlab.kernels.use_impl` scope, then the kernel of the input's device when one is
+available, else the composite functional op (details in :mod:`normlab.kernels._scope`).
+
 The **norm protocol** is everything that differs between norms, asked of the norm itself so that no tool branches on
 a registry name: :meth:`~NormBase.folded_affine` and :meth:`~NormBase.fold_note` (folding),
 :meth:`~NormBase.recalibration_plan` (how to re-estimate the running statistics), :meth:`~NormBase.batch_stat_view`
@@ -257,6 +263,9 @@ class NormBase(nn.Module):
     repr_always: ClassVar[tuple[str, ...]] = ()
     #: constructor arguments :meth:`extra_repr` never shows (fixed by the class).
     repr_never: ClassVar[tuple[str, ...]] = ()
+    #: the :mod:`normlab.kernels.ops` function with the functional op's signature and fused kernels (``None``: the
+    #: functional op only); such a norm takes an ``impl`` constructor argument.
+    kernel_op: ClassVar[str | None] = None
 
     num_features: int
     channel_dim: int
@@ -269,23 +278,31 @@ class NormBase(nn.Module):
             object.__setattr__(self, "_ctor_args", (args, dict(kwargs)))
         return self
 
-    def __init__(self, num_features: Any = _UNSET, channel_dim: Any = -1, layout: Layout = "any") -> None:
+    def __init__(
+        self, num_features: Any = _UNSET, channel_dim: Any = -1, layout: Layout = "any", impl: str = "auto"
+    ) -> None:
         """``nn.Module`` set-up; given ``num_features``, also :meth:`_setup` (a norm that validates its feature count
         itself, like a test-local one, passes nothing)."""
         super().__init__()
         if num_features is not _UNSET:
-            self._setup(num_features, channel_dim, layout)
+            self._setup(num_features, channel_dim, layout, impl)
 
     # ----- construction helpers -----
-    def _setup(self, num_features: Any, channel_dim: Any, layout: Layout = "any") -> None:
-        """Validate and set ``num_features`` and ``channel_dim``; look up the registered functional op once (at
-        construction, so a compiled forward reads plain attributes)."""
+    def _setup(self, num_features: Any, channel_dim: Any, layout: Layout = "any", impl: str = "auto") -> None:
+        """Validate and set ``num_features``, ``channel_dim`` and ``impl``; look up the registered functional op and
+        the fused op once (at construction, so a compiled forward reads plain attributes)."""
+        from normlab.kernels import _scope, ops
+
         name = self._name()
         self.num_features = check_num_features(name, num_features)
         self.channel_dim = check_layout(name, layout, channel_dim)
+        self.impl = _scope.check_impl(impl, name)
+        if impl != "auto" and self.kernel_op is None:
+            raise ValueError(f"{name}: has no fused kernels; expected impl='auto', got impl={impl!r}")
         op = getattr(getattr(type(self), "norm_spec", None), "functional", None)
         params = list(inspect.signature(op).parameters)[1:] if op is not None else []
         self._op: Callable[..., Tensor] | None = op
+        self._kernel: Callable[..., Tensor] | None = getattr(ops, self.kernel_op) if self.kernel_op else None
         self._op_params = tuple(p for p in params if p != "mask")
         self._op_takes_mask = "mask" in params
 
@@ -372,6 +389,8 @@ class NormBase(nn.Module):
         for name in self.repr_always:
             if name not in values and isinstance(self.__dict__.get(name), _PLAIN):
                 parts.append(f"{name}={self.__dict__[name]!r}")
+        if "impl" not in values and self.__dict__.get("impl", "auto") != "auto":  # set after construction
+            parts.append(f"impl={self.__dict__['impl']!r}")
         return ", ".join(parts)
 
     def _upgrade_state_dict(self, state_dict: dict[str, Any], prefix: str, version: int | None) -> None:
@@ -395,13 +414,17 @@ class NormBase(nn.Module):
         return self.training if name == "training" else getattr(self, name)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """The registered functional op on ``x`` with :meth:`functional_kwargs`; ``mask`` goes to ops that take one
-        (batch statistics) and is ignored by per-token ops, whose statistic never mixes tokens."""
+        """The registered functional op on ``x`` with :meth:`functional_kwargs` (through its fused version with
+        ``impl=self.impl`` when the class has one); ``mask`` goes to ops that take one (batch statistics) and is
+        ignored by per-token ops, whose statistic never mixes tokens."""
         if self._op is None:
             raise NotImplementedError(f"{type(self).__name__} registers no functional op; override forward()")
         kwargs = self.functional_kwargs()
         if self._op_takes_mask:
             kwargs["mask"] = mask
+        kernel = getattr(self, "_kernel", None)  # None also for a module pickled before the kernels existed
+        if kernel is not None:
+            return kernel(x, **kwargs, impl=getattr(self, "impl", "auto"))
         return self._op(x, **kwargs)
 
     def folded_affine(self) -> FoldedAffine:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab.functional.batch_norm import batch_norm
+from normlab.kernels._scope import Impl
 from normlab.nn._base import BatchNormProtocol, NormBase, check_unit
 from normlab.registry import Paper, register_norm
 
@@ -82,6 +83,8 @@ class BatchNorm(BatchNormProtocol, NormBase):
             ``None`` = WORLD. Used only when ``torch.distributed`` is initialised.
         sync_stats: all-reduce the batch statistics over ``process_group`` in training (``SyncBatchNorm``
             semantics, padding-aware). ``False`` keeps per-rank statistics. Default ``True``.
+        impl: ``"auto"`` (default), ``"composite"`` or ``"cpu"``: the training forward/backward of token tensors
+            runs a fused kernel unless ``"composite"`` (:func:`normlab.kernels.use_impl` sets it for a scope).
 
     Shape:
         input ``(N, C, *)`` or ``(B, N, C)``; ``mask`` has the input's shape without the channel axis,
@@ -107,13 +110,16 @@ class BatchNorm(BatchNormProtocol, NormBase):
         sync_stats: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        impl: Impl = "auto",
     ) -> None:
-        super().__init__(num_features, channel_dim)
+        super().__init__(num_features, channel_dim, impl=impl)
         self.eps = eps
         self.momentum = check_unit("batch_norm", "momentum", momentum, optional=True)
         self.process_group, self.sync_stats = process_group, sync_stats
         init_bn_state(self, affine, track_running_stats, device, dtype)
         self.reset_parameters()
+
+    kernel_op = "batch_norm"
 
     running_mean: Tensor | None
     running_var: Tensor | None

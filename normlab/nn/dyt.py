@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.functional.dyt import dyt
+from normlab.kernels._scope import Impl
 from normlab.nn._base import NormBase
 from normlab.registry import Paper, register_norm
 
@@ -39,6 +40,8 @@ class DyT(NormBase):
         affine: learn γ. Default ``True`` (``False``: the DiT variant for affine-free LayerNorms).
         bias: learn β when ``affine``. Default ``True`` (``False``: the LLaMA variant).
         channel_dim: ``-1`` (default) or ``1`` for ``(N, C, H, W)``.
+        impl: ``"auto"`` (default), ``"composite"``, ``"cpu"`` or ``"triton"``: which implementation runs the
+            forward (:func:`normlab.kernels.use_impl` sets it for a scope; this argument, unless ``"auto"``, wins).
 
     Shape:
         input ``(*, C)``; output the same shape and dtype (float16/bfloat16 computed in float32).
@@ -58,14 +61,16 @@ class DyT(NormBase):
         channel_dim: int = -1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        impl: Impl = "auto",
     ) -> None:
-        super().__init__(num_features, channel_dim)
+        super().__init__(num_features, channel_dim, impl=impl)
         self.alpha_init = float(alpha_init)
         self.affine = affine
         self.alpha = nn.Parameter(torch.empty(1, device=device, dtype=dtype))
         self._init_affine(num_features, weight=affine, bias=affine and bias, device=device, dtype=dtype)
         self.reset_parameters()
 
+    kernel_op = "dyt"
     saturates_inf = True  # tanh(±inf) = ±1: an infinite input gives a finite output
 
     def _param_init(self) -> dict[str, float]:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from normlab.functional.layer_norm import layer_norm
+from normlab.kernels._scope import Impl
 from normlab.nn._base import NormBase
 from normlab.registry import Paper, register_norm
 
@@ -41,6 +42,8 @@ class LayerNorm(NormBase):
         affine: learn ``weight`` (γ, init 1). Default: ``True``. ``elementwise_affine`` is accepted as torch's name.
         bias: learn ``bias`` (β, init 0) when ``affine``. Default: ``True``.
         channel_dim: the axis normalized when ``normalized_shape`` is an int. Default ``-1``; ``1`` for NCHW.
+        impl: ``"auto"`` (default), ``"composite"``, ``"cpu"`` or ``"triton"``: which implementation runs the
+            forward (:func:`normlab.kernels.use_impl` sets it for a scope; this argument, unless ``"auto"``, wins).
 
     Shape:
         input ``(*, C)`` (or ``(N, C, *)`` with ``channel_dim=1``); output the same shape.
@@ -63,6 +66,7 @@ class LayerNorm(NormBase):
         elementwise_affine: bool | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        impl: Impl = "auto",
     ) -> None:
         if elementwise_affine is not None:
             affine = elementwise_affine
@@ -82,12 +86,14 @@ class LayerNorm(NormBase):
         dims = shape_or_int if isinstance(shape_or_int, tuple) else (shape_or_int,)
         if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
             raise ValueError(f"layer_norm: expected normalized_shape of positive ints, got {normalized_shape!r}")
-        super().__init__(int(torch.Size(dims).numel()), channel_dim)
+        super().__init__(int(torch.Size(dims).numel()), channel_dim, impl=impl)
         self.normalized_shape = shape_or_int
         self.eps = eps
         self.affine = affine
         self._init_affine(dims, weight=affine, bias=affine and bias, device=device, dtype=dtype)
         self.reset_parameters()
+
+    kernel_op = "layer_norm"
 
     @classmethod
     def torch_twin(cls, num_features: int, **kwargs: Any) -> nn.Module | None:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.functional.power_norm import BackwardDivisor, group_scaling, power_norm
+from normlab.kernels._scope import Impl
 from normlab.nn._base import (
     BatchStatView,
     FoldedAffine,
@@ -116,6 +117,8 @@ class PowerNorm(NormBase):
         backward_divisor: ``"batch"`` (code) or ``"forward"`` (paper), see above.
         channel_dim: must be ``-1``.
         process_group: ``torch.distributed`` group to sync over (``None`` = WORLD). ``sync_stats=False`` opts out.
+        impl: ``"auto"`` (default), ``"composite"`` or ``"cpu"``: the training step runs fused kernels unless
+            ``"composite"`` (:func:`normlab.kernels.use_impl` sets it for a scope).
 
     Shape:
         input ``(B, N, C)`` or ``(N, C)`` (any ``(*, C)``); ``mask`` ``(B, N)`` / ``(N,)``, True/1 = valid token.
@@ -144,8 +147,9 @@ class PowerNorm(NormBase):
         sync_stats: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        impl: Impl = "auto",
     ) -> None:
-        super().__init__(num_features, channel_dim, "token")
+        super().__init__(num_features, channel_dim, "token", impl=impl)
         op = "power_norm"
         if group_num is not None and (
             isinstance(group_num, bool) or not isinstance(group_num, int) or group_num < 1 or num_features % group_num
@@ -167,6 +171,8 @@ class PowerNorm(NormBase):
         C = (num_features,)  # noqa: N806
         self._init_stats([("running_phi", C, 1.0), ("ema_gz", C, 0.0), ("iters", (), 0)], device=device, dtype=dtype)
         self.reset_parameters()
+
+    kernel_op = "power_norm"
 
     running_phi: Tensor
     ema_gz: Tensor

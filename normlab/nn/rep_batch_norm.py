@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.functional.rep_batch_norm import prep_batch_norm, prep_lambda, rep_batch_norm
+from normlab.kernels._scope import Impl
 from normlab.nn._base import (
     BatchNormProtocol,
     BatchStatView,
@@ -89,6 +90,8 @@ class RepBatchNorm(BatchNormProtocol, NormBase):
         channel_dim: ``-1`` (default, tokens ``(*, C)``) or ``1`` for ``(N, C, *)``.
         process_group: ``torch.distributed`` group whose ranks share statistics in training (``None`` = WORLD).
         sync_stats: all-reduce the statistics when ``torch.distributed`` is initialised. Default ``True``.
+        impl: ``"auto"`` (default), ``"composite"`` or ``"cpu"``: the training forward/backward of token tensors
+            runs a fused kernel unless ``"composite"`` (:func:`normlab.kernels.use_impl` sets it for a scope).
 
     Shape:
         input ``(B, N, C)`` / ``(N, C)`` (or ``(N, C, *)``); ``mask`` the input's shape without the channel axis.
@@ -114,8 +117,9 @@ class RepBatchNorm(BatchNormProtocol, NormBase):
         sync_stats: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        impl: Impl = "auto",
     ) -> None:
-        super().__init__(num_features, channel_dim)
+        super().__init__(num_features, channel_dim, impl=impl)
         self.eps = eps
         self.momentum = check_unit("rep_batch_norm", "momentum", momentum, optional=True)
         self.alpha_init, self.weight_init = float(alpha_init), float(weight_init)
@@ -123,6 +127,8 @@ class RepBatchNorm(BatchNormProtocol, NormBase):
         self.alpha = nn.Parameter(torch.empty(1, device=device, dtype=dtype))
         init_bn_state(self, affine, True, device, dtype)
         self.reset_parameters()
+
+    kernel_op = "rep_batch_norm"
 
     running_mean: Tensor
     running_var: Tensor

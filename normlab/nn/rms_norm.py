@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from normlab.functional.rms_norm import crms_norm, partial_size, resolve_eps, rms_norm, scale_norm
+from normlab.kernels._scope import Impl
 from normlab.nn._base import NormBase
 from normlab.registry import Paper, register_norm
 
@@ -63,6 +64,8 @@ class RMSNorm(NormBase):
         bias: learn an offset ``bias`` (init 0), as the official code's ``bias=True``. Default ``False``.
         channel_dim: channel axis. Default ``-1``.
         unit_offset: the gain is ``1 + weight`` (``weight`` init 0), Gemma's RMSNorm. Default ``False``.
+        impl: ``"auto"`` (default), ``"composite"``, ``"cpu"`` or ``"triton"``: which implementation runs the
+            forward (:func:`normlab.kernels.use_impl` sets it for a scope; this argument, unless ``"auto"``, wins).
 
     Shape:
         input ``(*, C)``; output the same shape and dtype (float16/bfloat16 statistics in float32).
@@ -84,8 +87,9 @@ class RMSNorm(NormBase):
         unit_offset: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        impl: Impl = "auto",
     ) -> None:
-        super().__init__(num_features, channel_dim)
+        super().__init__(num_features, channel_dim, impl=impl)
         self.unit_offset = unit_offset
         self._eps_inside = _eps_inside(self._name(), eps_placement)
         self.eps = resolve_eps(eps, self._eps_inside)
@@ -95,6 +99,7 @@ class RMSNorm(NormBase):
         self.reset_parameters()
 
     repr_always = ("eps",)
+    kernel_op = "rms_norm"
 
     def _param_init(self) -> dict[str, float]:
         return {"weight": 0.0 if self.unit_offset else 1.0, "bias": 0.0}
@@ -228,6 +233,7 @@ class CRMSNorm(NormBase):
         affine: learn a gain ``weight`` of width ``d-1``. Default ``True``.
         bias: learn an offset. Default ``False``.
         channel_dim: default ``-1``.
+        impl: implementation, as :class:`RMSNorm`'s.
 
     Example:
         >>> CRMSNorm(3, affine=False)(torch.tensor([1.0, -2.0, 3.0]))
@@ -244,12 +250,15 @@ class CRMSNorm(NormBase):
         channel_dim: int = -1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        impl: Impl = "auto",
     ) -> None:
-        super().__init__(num_features, channel_dim)
+        super().__init__(num_features, channel_dim, impl=impl)
         self.eps = eps
         self.affine = affine
         self._init_affine(num_features, weight=affine, bias=bias, device=device, dtype=dtype)
         self.reset_parameters()
+
+    kernel_op = "crms_norm"
 
 
 @register_norm(
@@ -274,6 +283,7 @@ class ScaleNorm(NormBase):
         num_features: channel count ``C`` (sets the initial ``g = sqrt(C)``).
         eps: lower clamp of the norm. Default ``1e-5``.
         channel_dim: default ``-1``.
+        impl: implementation, as :class:`RMSNorm`'s.
 
     Example:
         >>> ScaleNorm(4)(torch.ones(4)).detach()
@@ -288,11 +298,14 @@ class ScaleNorm(NormBase):
         channel_dim: int = -1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        impl: Impl = "auto",
     ) -> None:
-        super().__init__(num_features, channel_dim)
+        super().__init__(num_features, channel_dim, impl=impl)
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(1, device=device, dtype=dtype))
         self.reset_parameters()
+
+    kernel_op = "scale_norm"
 
     # _version 2 renamed the learned scalar g from ``scale`` to ``weight``, the name every other norm uses.
     _version = 2

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from normlab.functional.unified_norm import unified_norm
+from normlab.kernels._scope import Impl
 from normlab.nn._base import (
     BatchStatView,
     FoldedAffine,
@@ -85,6 +86,8 @@ class UnifiedNorm(NormBase):
         affine: learn ``weight`` (init 1) and ``bias`` (init 0). Default ``True``.
         channel_dim: must be ``-1``.
         process_group: ``torch.distributed`` group (``None`` = WORLD); ``sync_stats`` to opt out.
+        impl: ``"auto"`` (default), ``"composite"`` or ``"cpu"``: the training step runs fused kernels unless
+            ``"composite"`` (:func:`normlab.kernels.use_impl` sets it for a scope).
 
     Shape:
         input ``(B, N, C)`` or ``(N, C)``; ``mask`` ``(B, N)`` / ``(N,)``, True/1 = valid. Output: input's shape
@@ -111,8 +114,9 @@ class UnifiedNorm(NormBase):
         sync_stats: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        impl: Impl = "auto",
     ) -> None:
-        super().__init__(num_features, channel_dim, "token")
+        super().__init__(num_features, channel_dim, "token", impl=impl)
         op = "unified_norm"
         kf, kb = _window_sizes(window_size)
         self.window_size = (kf, kb)
@@ -128,6 +132,8 @@ class UnifiedNorm(NormBase):
             device=device, dtype=dtype,
         )
         self.reset_parameters()
+
+    kernel_op = "unified_norm"
 
     running_var: Tensor
     ema_gz: Tensor

@@ -1,4 +1,5 @@
-"""Smoke test of the speed benchmark's quick mode: rows and env record with the right schema (no timing asserts)."""
+"""Smoke test of the speed benchmark's quick mode: rows (backends, dtypes, limits) and env record with the right
+schema (no timing asserts)."""
 
 from __future__ import annotations
 
@@ -33,10 +34,22 @@ def test_quick_run_writes_rows_for_every_norm(tmp_path: Path, capsys: pytest.Cap
     for r in rows:
         assert r["status"] == "ok", r
         assert r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"] and r["pass"] in ("fwd", "fwd+bwd")
+        assert (r["ratio_to_clone_p50"] is None) == (r["pass"] != "fwd"), r
     ln = [r for r in rows if r["variant"] == "torch.LayerNorm"]
     assert all(r["ratio_to_torch_layernorm_p50"] == 1.0 for r in ln)
-    assert "torch" in json.loads((out / "env.json").read_text())
-    assert "x torch LN" in capsys.readouterr().out
+    keys = {(r["variant"], r["backend"], r["pass"], r["dtype"]) for r in rows}
+    for dtype in ("fp32", "bf16"):
+        assert {("clone", "limit", "fwd", dtype), ("copy_", "limit", "fwd", dtype)} <= keys
+        for backend in ("cpu", "composite"):  # every norm with kernels, and the fused add + norm ops, on both
+            for name in ("rms_norm", "dyt", "batch_norm", "rep_batch_norm", "add_rms_norm"):
+                assert {(name, backend, p, dtype) for p in ("fwd", "fwd+bwd")} <= keys, (name, backend)
+        assert ("power_norm", "composite", "fwd+bwd", dtype) in keys
+    bn = [r for r in rows if r["variant"] == "batch_norm"]
+    assert all(r["baseline"] == "torch.BatchNorm1d" and r["ratio_to_baseline_p50"] is not None for r in bn)
+    env = json.loads((out / "env.json").read_text())
+    assert "torch" in env and env["kernel_backends_cpu"] and len(env["load_average_at_start"]) == 3
+    assert all(r["load_1min"] >= 0 for r in rows)
+    assert "x torch LN" in capsys.readouterr().out and (out / "table.txt").exists()
     with pytest.raises(FileExistsError):
         mod.main(["--quick", "--out", str(out)])  # type: ignore[attr-defined]
 
@@ -61,8 +74,8 @@ def test_failing_variants_become_error_rows_and_the_sweep_goes_on(
     mod = _load()
     real = mod._variants  # type: ignore[attr-defined]
 
-    def variants(c: int) -> list[object]:
-        vs = [v for v in real(c) if v.name in ("torch.LayerNorm", "layer_norm")]
+    def variants(c: int, dtype: torch.dtype) -> list[object]:
+        vs = [v for v in real(c, dtype) if v.name in ("torch.LayerNorm", "layer_norm")]
         return [
             *vs,
             mod.Variant("unbuildable", None, lambda x: x, error="ValueError: no token layout"),  # type: ignore[attr-defined]
@@ -71,8 +84,8 @@ def test_failing_variants_become_error_rows_and_the_sweep_goes_on(
         ]
 
     monkeypatch.setattr(mod, "_variants", variants)
-    rows = mod.run([(16, 8)], 3, tmp_path / "run")  # type: ignore[attr-defined]
-    by = {(r["variant"], r["pass"]): r for r in rows}
+    rows = mod.run([(16, 8)], 3, tmp_path / "run", {"fp32": torch.float32})  # type: ignore[attr-defined]
+    by = {(r["variant"], r["pass"]): r for r in rows if r["backend"] != "cpu"}
     assert by[("unbuildable", "fwd")]["error"] == "ValueError: no token layout"
     assert by[("setup_fails", "fwd+bwd")]["status"] == "error" and "RuntimeError" in by[("setup_fails", "fwd")]["error"]
     assert any(r["status"] == "error" and "boom" in r["error"] for r in rows if r["variant"] == "fails_mid_sweep")
@@ -90,12 +103,12 @@ def test_torch_variants_compute_what_their_normlab_counterparts_do() -> None:
     mod = _load()
     c = 8
     base = torch.randn(1, 16, c)
-    variants = {v.name: v for v in mod._variants(c)}  # type: ignore[attr-defined]
+    variants = {(v.name, v.backend): v for v in mod._variants(c)}  # type: ignore[attr-defined]
     paired = [v for v in variants.values() if v.same_as is not None]
     names = {v.name for v in paired}
     assert {"torch.GroupNorm", "torch.InstanceNorm1d", "torch.BatchNorm1d", "torch.LayerNorm"} <= names
     for v in paired:
-        ours = variants[v.same_as]
+        ours = variants[(v.same_as, "composite")]
         expected = ours.module.train()(ours.make_input(base))
         got = v.to_tokens(v.module.train()(v.make_input(base)))
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda s, v=v: f"{v.name}: {s}")

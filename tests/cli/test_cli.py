@@ -92,6 +92,8 @@ def test_env_json(capsys: pytest.CaptureFixture[str]) -> None:
     info = json.loads(capsys.readouterr().out)
     assert info["torch"].startswith("2.") and info["python"].count(".") == 2
     assert {"git_sha", "cpu", "cuda", "normlab"} <= set(info)
+    # Which backend each kernel op runs (issue 13): "op=backend" for every op in normlab.kernels.OPS.
+    assert info["kernel_backends_cpu"].split() == [f"{op}={b}" for op, b in normlab.kernels.backends("cpu").items()]
 
 
 def test_unknown_subcommand_exits_2() -> None:
