@@ -15,8 +15,8 @@ autograd, so it compiles with ``torch.compile(fullgraph=True)`` and exports with
 are C++ (ATen's vectorised types, ``at::parallel_for`` over rows, float32 statistics for float16/bfloat16,
 deterministic parameter-gradient reductions), compiled on first use and cached; without a compiler the ops run
 their composite implementation and one warning says so. The Triton kernels (:mod:`normlab.kernels._triton`) are the
-CUDA implementation of the token-norm ops when Triton is installed. Feature detection lives here only; nothing is read from
-the environment at import.
+CUDA implementation of the token-norm ops when Triton is installed. Feature detection lives here only; nothing is
+read from the environment at import.
 """
 
 from __future__ import annotations
