@@ -259,3 +259,21 @@ def test_opcheck_every_batch_statistic_op_on_both_bodies(scope: str) -> None:
         opcheck(torch.ops.normlab.unified_norm_apply.default,
                 (x, inv, torch.ones(C), w, b, torch.zeros(2, C), torch.zeros(C), 1, False, 0.9, 4000, 12.0),
                 test_utils=static)
+
+
+def test_results_do_not_depend_on_the_thread_count() -> None:
+    """Fixed row blocks, summed in block order: bitwise the same with 1 and 2 threads (the kernels are built with
+    OpenMP, so at::parallel_for really splits the work)."""
+    x = torch.randn(8, 40, C) * 2 + 1
+    mask = torch.rand(8, 40) > 0.2
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(_run("cpu", x, mask, True)[0][:3] + list(_run("cpu", x, mask, True)[1]))
+            results[-1] += _power_steps("cpu", x, mask, 1, "batch")
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
