@@ -161,15 +161,23 @@ def _message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _calls(v: Variant, base: torch.Tensor) -> dict[str, Callable[[], object]]:
-    """The forward and forward+backward closures of one variant (raises if the variant cannot run)."""
+def _calls(v: Variant, base: torch.Tensor,
+           shared: dict[tuple[object, ...], torch.Tensor] | None = None) -> dict[str, Callable[[], object]]:
+    """The forward and forward+backward closures of one variant (raises if the variant cannot run). Variants with
+    the same input layout share one input, one grad-requiring copy and one incoming gradient through ``shared`` (at
+    2048x4096 one tensor is 32 MB and there are ~50 variants)."""
     m = v.module
     assert m is not None
     m.train()
+    shared = {} if shared is None else shared
     x = v.make_input(base).detach()
-    xg = x.clone().requires_grad_(True)
+    key = (tuple(x.shape), tuple(x.stride()), x.dtype)
+    x = shared.setdefault(("x", *key), x)
+    xg = shared.setdefault(("xg", *key), x.clone().requires_grad_(True))
     with torch.no_grad():
-        grad = torch.randn_like(m(x))
+        y = m(x)
+    grad = shared.setdefault(("grad", tuple(y.shape), y.dtype), torch.randn_like(y))
+    del y
 
     def fwd() -> object:
         with torch.no_grad():
@@ -210,11 +218,12 @@ def _sample(variants: list[Variant], base: torch.Tensor, reps: int,
     """Build, warm up and time every variant, round-robin; failures go to ``errors`` and the sweep goes on."""
     calls: dict[Key, Callable[[], object]] = {}
     owner: dict[Key, Variant] = {}
+    shared: dict[tuple[object, ...], torch.Tensor] = {}
     for v in variants:
         try:
             if v.error is not None:
                 raise RuntimeError(v.error)
-            fns = _calls(v, base)
+            fns = _calls(v, base, shared)
         except Exception as exc:
             for passes in v.passes:
                 errors[(v.name, v.backend, passes)] = v.error or _message(exc)
@@ -252,6 +261,7 @@ def run(shapes: list[tuple[int, int]], reps: int, out_dir: Path,
     env["load_average_at_start"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     atomic_write_json(out_dir / "env.json", env)
     rows: list[dict[str, object]] = []
+    done = 0
     for (t, c), (dname, dtype) in [(sh, d) for sh in shapes for d in (dtypes or DTYPES).items()]:
         shape = f"{t}x{c}"
         errors: dict[Key, str] = {}
@@ -272,8 +282,9 @@ def run(shapes: list[tuple[int, int]], reps: int, out_dir: Path,
         for key, msg in errors.items():
             print(f"error {shape} {dname} {key}: {msg}", file=sys.stderr)
             rows.append(_row(shape, dname, key, reps, status="error", error=msg))
+        append_jsonl(out_dir / "rows.jsonl", rows[done:])  # per group: a run cut short keeps what it measured
+        done = len(rows)
         print(f"done {shape} {dname}", file=sys.stderr)
-    append_jsonl(out_dir / "rows.jsonl", rows)
     return rows
 
 

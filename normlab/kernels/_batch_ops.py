@@ -21,6 +21,12 @@ from normlab.kernels._custom_ops import _ext
 __all__: list[str] = []
 
 
+def _or_empty(t: Tensor, needed: bool, x: Tensor) -> Tensor:
+    """``t``, or a new empty tensor for a gradient that was not requested (a custom op's outputs may not alias each
+    other, so never one shared empty tensor)."""
+    return t if needed else x.new_empty(0)
+
+
 def _bn_ext(x: Tensor, impl: str) -> Any:
     ext = _ext(x, impl)
     return ext if ext is not None and hasattr(ext, "bn_fwd") else None  # no Triton batch-statistic kernels
@@ -88,16 +94,14 @@ def batch_norm_train_backward_op(
         return tuple(ext.bn_bwd(grad, x, mask, mean, var, weight, alpha, eps, need_weight, need_bias,  # type: ignore[return-value]
                                 need_alpha))
     dx, dw, db, da = _composite_backward(grad.contiguous(), x.contiguous(), mask, mean, var, weight, alpha, eps)
-    empty = x.new_empty(0)
-    return dx.contiguous(), dw if need_weight else empty, db if need_bias else empty, da if need_alpha else empty
+    return dx.contiguous(), _or_empty(dw, need_weight, x), _or_empty(db, need_bias, x), _or_empty(da, need_alpha, x)
 
 
 @batch_norm_train_backward_op.register_fake
 def _(grad, x, mask, mean, var, weight, alpha, eps, need_weight, need_bias, need_alpha, impl="auto"):  # type: ignore[no-untyped-def]
     ct, c = compute_dtype(x), x.shape[-1]
-    empty = x.new_empty(0)
-    return (x.new_empty(x.shape), x.new_empty(c, dtype=ct) if need_weight else empty,
-            x.new_empty(c, dtype=ct) if need_bias else empty, x.new_empty(1, dtype=ct) if need_alpha else empty)
+    return (x.new_empty(x.shape), _or_empty(x.new_empty(c, dtype=ct), need_weight, x),
+            _or_empty(x.new_empty(c, dtype=ct), need_bias, x), _or_empty(x.new_empty(1, dtype=ct), need_alpha, x))
 
 
 def _setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from normlab.functional._checks import compute_dtype
 from normlab.functional.power_norm import group_scaling
-from normlab.kernels._batch_ops import _bn_ext
+from normlab.kernels._batch_ops import _bn_ext, _or_empty
 
 __all__: list[str] = []
 
@@ -92,16 +92,14 @@ def power_norm_apply_backward_op(grad: Tensor, x: Tensor, inv_fwd: Tensor, inv_b
         return tuple(ext.pn_bwd(grad, x, inv_fwd, inv_bwd, weight, u, alpha_bkw, groups, gs_eps,  # type: ignore[return-value]
                                 need_weight, need_bias))
     dx, s, dw, db = _composite_backward(grad, x, inv_fwd, inv_bwd, weight, u, alpha_bkw, groups, gs_eps)
-    empty = x.new_empty(0)
-    return dx.contiguous(), s, dw if need_weight else empty, db if need_bias else empty
+    return dx.contiguous(), s, _or_empty(dw, need_weight, x), _or_empty(db, need_bias, x)
 
 
 @power_norm_apply_backward_op.register_fake
 def _(grad, x, inv_fwd, inv_bwd, weight, u, alpha_bkw, groups, gs_eps, need_weight, need_bias, impl="auto"):  # type: ignore[no-untyped-def]
     ct, c = compute_dtype(x), x.shape[-1]
-    empty = x.new_empty(0)
-    return (x.new_empty(x.shape), x.new_empty(c, dtype=ct), x.new_empty(c, dtype=ct) if need_weight else empty,
-            x.new_empty(c, dtype=ct) if need_bias else empty)
+    return (x.new_empty(x.shape), x.new_empty(c, dtype=ct), _or_empty(x.new_empty(c, dtype=ct), need_weight, x),
+            _or_empty(x.new_empty(c, dtype=ct), need_bias, x))
 
 
 def _setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from normlab.kernels import ops
+from normlab.kernels import ops, use_impl
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}
 C = 37  # a vector body plus a scalar tail
@@ -234,3 +234,46 @@ def test_unified_norm_kernel_matches_composite(dtype: torch.dtype, masked: bool,
     mask = _mask(3, 7) if masked else None
     _close(_unified_steps("cpu", x, mask, warmup, filtration), _unified_steps("composite", x, mask, warmup, filtration),
            TOL[dtype])
+
+
+@pytest.mark.parametrize("scope", ["auto", "composite"])
+def test_opcheck_every_batch_statistic_op_on_both_bodies(scope: str) -> None:
+    """The ops' fused bodies (``auto``) and composite bodies (the ``composite`` scope, which a compiled graph's op
+    reads when it runs; also what CUDA inputs and machines without a compiler run)."""
+    x = torch.randn(12, C, requires_grad=True)
+    w, b = torch.randn(C, requires_grad=True), torch.randn(C, requires_grad=True)
+    mask = torch.rand(12) > 0.3
+    mask[:2] = True
+    inv = torch.rand(C) + 0.5
+    g = torch.randn(12, C)
+    static = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
+    with use_impl(scope):  # type: ignore[arg-type]
+        opcheck(torch.ops.normlab.batch_norm_train.default, (x, mask, w, b, torch.tensor([0.5], requires_grad=True),
+                                                             1e-5))
+        opcheck(torch.ops.normlab.batch_norm_train.default, (x, None, None, None, None, 1e-5))
+        opcheck(torch.ops.normlab.power_norm_stats.default, (x.detach(), mask, 1, 1e-5))
+        opcheck(torch.ops.normlab.power_norm_apply.default, (x, inv, inv, w, b, torch.zeros(C), 0.9, 12.0, 1, 1e-5),
+                test_utils=static)
+        opcheck(torch.ops.normlab.unified_norm_sums.default, (g, x.detach()))
+        opcheck(torch.ops.normlab.unified_norm_dx.default, (g, x.detach(), inv, inv))
+        opcheck(torch.ops.normlab.unified_norm_apply.default,
+                (x, inv, torch.ones(C), w, b, torch.zeros(2, C), torch.zeros(C), 1, False, 0.9, 4000, 12.0),
+                test_utils=static)
+
+
+def test_results_do_not_depend_on_the_thread_count() -> None:
+    """Fixed row blocks, summed in block order: bitwise the same with 1 and 2 threads (the kernels are built with
+    OpenMP, so at::parallel_for really splits the work)."""
+    x = torch.randn(8, 40, C) * 2 + 1
+    mask = torch.rand(8, 40) > 0.2
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(_run("cpu", x, mask, True)[0][:3] + list(_run("cpu", x, mask, True)[1]))
+            results[-1] += _power_steps("cpu", x, mask, 1, "batch")
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

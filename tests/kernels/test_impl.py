@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,22 +15,6 @@ from normlab.kernels import _custom_ops, current_impl, use_impl
 
 TOKEN_NORMS = [normlab.LayerNorm, normlab.RMSNorm, normlab.SRMSNorm, normlab.PartialRMSNorm, normlab.CRMSNorm,
                normlab.ScaleNorm, normlab.DyT]
-
-
-_OUTER: list[str] = []
-
-
-@pytest.fixture(autouse=True)
-def _default_scope() -> Iterator[None]:
-    """These tests start from the default, whatever scope the session runs in (tests/conftest.py)."""
-    _OUTER.append(current_impl())
-    with use_impl("auto"):
-        yield
-
-
-def test_the_session_runs_in_the_scope_the_environment_names() -> None:
-    # The scope tests/conftest.py puts every test in (seen by the fixture above before it resets it).
-    assert _OUTER[-1] == os.environ.get("NORMLAB_TEST_IMPL", "auto")
 
 
 def _ran_custom_op(m: torch.nn.Module, x: torch.Tensor) -> bool:
