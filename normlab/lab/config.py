@@ -127,6 +127,9 @@ class SuiteConfig:
             (:data:`SCALE_KEYS`; ``model`` is merged into the model table) applied over the file by
             :func:`apply_scale`; ``default`` is the file as written.
         scale: which preset the settings are (recorded by :func:`apply_scale`; a suite file leaves it ``default``).
+        impl: the implementation every arm's norms run (``"auto"``: the fused kernels where available;
+            ``"composite"``: the plain PyTorch ops; see :func:`normlab.kernels.use_impl`). ``--set impl=composite``
+            gives the numbers of a build without kernels; the two agree to float32 rounding, not bit for bit.
     """
 
     name: str = "suite"
@@ -154,6 +157,7 @@ class SuiteConfig:
     claims: list[ClaimConfig] = field(default_factory=list)
     scales: dict[str, dict[str, Any]] = field(default_factory=dict)
     scale: str = "default"
+    impl: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         """The suite as a TOML-shaped dict (``arms`` flat); :func:`parse_suite` of it gives back an equal config."""

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from normlab.kernels import use_impl
 from normlab.lab.config import ArmConfig, SuiteConfig
 from normlab.lab.dist import DistInfo, all_reduce_sum
 from normlab.lab.health import HealthMonitor
@@ -264,8 +265,9 @@ def train_arm(run: ArmRun) -> str:
     try:
         model, opt = _build(run)
         health = HealthMonitor(model, run.dist)
-        state = _start(run, model, opt, health)
-        _train(run, model, opt, state, health)
+        with use_impl(run.cfg.impl):  # type: ignore[arg-type]  # validated against IMPLS
+            state = _start(run, model, opt, health)
+            _train(run, model, opt, state, health)
     except _Diverged as exc:
         status, message = "diverged", str(exc)
     except Exception as exc:  # an arm that raises becomes an error row; the sweep goes on

@@ -119,6 +119,14 @@ def _scale(key: str, value: Any) -> str | None:
     return None if value in SCALES else f"scale: expected one of {SCALES}, got {value!r}"
 
 
+def _impl(key: str, value: Any) -> str | None:
+    from normlab.kernels import IMPLS
+
+    if value not in IMPLS:
+        return f"{key}: expected one of {list(IMPLS)} (see normlab.kernels.use_impl), got {value!r}"
+    return None
+
+
 def _scales(key: str, value: Any) -> str | None:
     """The ``[scales.*]`` presets: names, keys and each setting's own validator (model keys are checked when a
     preset is applied, against the task's model config)."""
@@ -166,6 +174,7 @@ VALIDATORS: dict[str, Validator] = {
     "model": _table,
     "scales": _scales,
     "scale": _scale,
+    "impl": _impl,
 }
 
 

@@ -267,3 +267,35 @@ def test_ddp_code_path_world_size_one(tmp_path: Path, tiny: dict[str, Any]) -> N
         torch_dist.destroy_process_group()
     assert result.statuses == {("bn", 0): "ok"}
     _check_complete(tmp_path / "ddp", cfg)
+
+
+@pytest.mark.parametrize("impl", ["auto", "composite"])
+def test_arms_run_their_norms_under_the_suites_impl(
+    tmp_path: Path, tiny: dict[str, Any], monkeypatch: pytest.MonkeyPatch, impl: str
+) -> None:
+    import normlab.nn.rms_norm as rms_module
+    from normlab.kernels import current_impl
+
+    seen: list[str] = []
+    forward = rms_module.RMSNorm.forward
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(current_impl())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(rms_module.RMSNorm, "forward", spy)
+    tiny.update(steps=2, eval_every=2, warmup_steps=1, seeds=[0], diagnostics_at=[], impl=impl)
+    tiny["arms"] = [{"name": "rms", "norm": "rms_norm"}]
+    cfg = parse_suite(tiny)
+    result = run_suite(cfg, tmp_path / "run", progress=False)
+    assert set(result.statuses.values()) == {"ok"}
+    assert seen and set(seen) == {impl}  # training and evaluation steps alike
+    assert json.loads((tmp_path / "run" / "env.json").read_text())["config"]["impl"] == impl
+
+
+def test_an_unknown_impl_is_refused_by_name(tiny: dict[str, Any]) -> None:
+    from normlab.lab.config import SuiteError
+
+    tiny["impl"] = "fast"
+    with pytest.raises(SuiteError, match=r"impl: expected one of \['auto', 'composite', 'cpu', 'triton'\].*'fast'"):
+        parse_suite(tiny)
