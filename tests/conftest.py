@@ -38,6 +38,15 @@ def _session_impl() -> Iterator[None]:
         yield
 
 
+@pytest.fixture
+def composite_norms() -> Iterator[None]:
+    """For tests whose claim is bit-for-bit equality with normlab's math, i.e. its composite ops (use it with
+    ``pytestmark = pytest.mark.usefixtures("composite_norms")``): the fused kernels that ``"auto"`` picks agree with
+    them to float32 rounding, not bitwise (tests/kernels states their tolerances)."""
+    with use_impl("composite"):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

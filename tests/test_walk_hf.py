@@ -15,19 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-import normlab.kernels
 from normlab import walk_hf
 from normlab.nn import LayerNorm, RMSNorm
 from normlab.walk import iter_norms, norm_protocol, normlab_form, spec_of, to_normlab
 from tests._extras import require
 
-
-@pytest.fixture(autouse=True)
-def _composite_norms():
-    """Bit-for-bit claims are about normlab's math, i.e. its composite ops; the fused kernels (the default "auto")
-    agree with them to float32 rounding, not bitwise (tests/kernels states their tolerances)."""
-    with normlab.kernels.use_impl("composite"):
-        yield
+pytestmark = pytest.mark.usefixtures("composite_norms")  # bit-for-bit claims: see tests/conftest.py
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -32,6 +32,8 @@ from normlab.walk import iter_norms
 from tests._extras import require
 from tests.surgery._stream_models import gpt2, logits, text_ids, trained_decoder
 
+pytestmark = pytest.mark.usefixtures("composite_norms")  # bit-exact claims: see tests/conftest.py
+
 FOLD_RTOL = 2e-5
 
 

@@ -16,20 +16,13 @@ import pytest
 import torch
 from torch import nn
 
-import normlab.kernels
 from normlab.nn import DyT, LayerNorm, RMSNorm
 from normlab.nn.batch_norm import BatchNorm
 from normlab.surgery import swap_norms
 from normlab.walk import iter_norms
 from tests._extras import require
 
-
-@pytest.fixture(autouse=True)
-def _composite_norms():
-    """Bit-for-bit claims are about normlab's math, i.e. its composite ops; the fused kernels (the default "auto")
-    agree with them to float32 rounding, not bitwise (tests/kernels states their tolerances)."""
-    with normlab.kernels.use_impl("composite"):
-        yield
+pytestmark = pytest.mark.usefixtures("composite_norms")  # bit-for-bit claims: see tests/conftest.py
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
