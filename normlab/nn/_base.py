@@ -147,6 +147,9 @@ class BatchNormProtocol:
     BatchNorm family's protocol: fold, recalibration, the monitored statistics and cross-rank sync."""
 
     channel_dim: int
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
     syncs_batch_stats: ClassVar[bool] = True
 
     def folded_affine(self) -> FoldedAffine:

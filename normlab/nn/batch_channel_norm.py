@@ -23,12 +23,8 @@ __all__ = ["BatchChannelNorm"]
 
 
 @register_norm(
-    "batch_channel_norm",
-    functional=batch_channel_norm,
-    layout="channel_first",
-    has_running_stats=True,
-    batch_dependent=True,
-    foldable=False,
+    "batch_channel_norm", functional=batch_channel_norm, layout="channel_first",
+    has_running_stats=True, batch_dependent=True, foldable=False,
     aliases=("bcn", "bc_norm", "bcnorm"),
     paper=Paper("Micro-Batch Training with Batch-Channel Normalization and Weight Standardization",
                 "https://arxiv.org/abs/1903.10520"),

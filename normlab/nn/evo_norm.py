@@ -42,12 +42,8 @@ class _EvoNorm(NormBase):
 
 
 @register_norm(
-    "evo_norm_b0",
-    functional=evo_norm_b0,
-    layout="channel_first",
-    has_running_stats=True,
-    batch_dependent=True,
-    foldable=False,
+    "evo_norm_b0", functional=evo_norm_b0, layout="channel_first",
+    has_running_stats=True, batch_dependent=True, foldable=False,
     aliases=("evonorm_b0", "evonormb0"),
     paper=_PAPER,
     samples=({"bessel": True, "eps": 1e-3}, {"affine": False}),
@@ -114,10 +110,7 @@ class EvoNormB0(_EvoNorm):
 
 
 @register_norm(
-    "evo_norm_s0",
-    functional=evo_norm_s0,
-    layout="channel_first",
-    aliases=("evonorm_s0", "evonorms0"),
+    "evo_norm_s0", functional=evo_norm_s0, layout="channel_first", aliases=("evonorm_s0", "evonorms0"),
     paper=_PAPER,
     samples=({"num_groups": 2}, {"num_groups": 1, "affine": False}),
     description="x * sigmoid(v*x) / group std, affine; per sample, no state",

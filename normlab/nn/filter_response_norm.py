@@ -14,10 +14,7 @@ __all__ = ["FilterResponseNorm"]
 
 
 @register_norm(
-    "filter_response_norm",
-    functional=filter_response_norm,
-    layout="channel_first",
-    aliases=("frn", "frn_tlu"),
+    "filter_response_norm", functional=filter_response_norm, layout="channel_first", aliases=("frn", "frn_tlu"),
     paper=Paper("Filter Response Normalization Layer: Eliminating Batch Dependence in the Training of Deep Neural "
                 "Networks", "https://arxiv.org/abs/1911.09737"),
     samples=({"tlu": False}, {"eps": 1e-4, "affine": False}),

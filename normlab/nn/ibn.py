@@ -22,12 +22,8 @@ _OFFICIAL_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 @register_norm(
-    "ibn",
-    functional=ibn,
-    layout="channel_first",
-    has_running_stats=True,
-    batch_dependent=True,
-    foldable=False,
+    "ibn", functional=ibn, layout="channel_first",
+    has_running_stats=True, batch_dependent=True, foldable=False,
     aliases=("ibn_a", "instance_batch_norm"),
     paper=Paper("Two at Once: Enhancing Learning and Generalization Capacities via IBN-Net",
                 "https://arxiv.org/abs/1807.09441"),

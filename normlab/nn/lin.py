@@ -56,10 +56,7 @@ class _LayerInstanceNorm(NormBase):
 
 
 @register_norm(
-    "lin",
-    functional=lin,
-    layout="channel_first",
-    aliases=("iln", "layer_instance_norm"),
+    "lin", functional=lin, layout="channel_first", aliases=("iln", "layer_instance_norm"),
     paper=_PAPER,
     samples=({"variant": "tf"}, {"rho_init": 0.5, "affine": False}),
     description="per-channel mix rho*IN + (1-rho)*LN, learnt affine (U-GAT-IT)",
@@ -112,9 +109,7 @@ class LIN(_LayerInstanceNorm):
 
 
 @register_norm(
-    "ada_lin",
-    functional=ada_lin,
-    layout="channel_first",
+    "ada_lin", functional=ada_lin, layout="channel_first",
     aliases=("adalin", "ada_iln", "adaptive_layer_instance_norm"),
     paper=_PAPER,
     samples=({"variant": "tf"}, {"rho_init": 0.3}),

@@ -15,13 +15,8 @@ __all__ = ["OnlineNorm"]
 
 
 @register_norm(
-    "online_norm",
-    functional=online_norm,
-    layout="channel_first",
-    has_running_stats=True,
-    batch_dependent=False,
-    foldable=False,
-    custom_backward=True,
+    "online_norm", functional=online_norm, layout="channel_first",
+    has_running_stats=True, batch_dependent=False, foldable=False, custom_backward=True,
     aliases=("onlinenorm", "on"),
     paper=Paper("Online Normalization for Training Neural Networks", "https://arxiv.org/abs/1905.05894"),
     samples=({"ecm": "ls"}, {"ecm": None, "alpha_fwd": 0.5, "alpha_bkw": 0.75}, {"affine": False}),

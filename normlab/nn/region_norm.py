@@ -17,11 +17,8 @@ _RN_L = ("sa_weight", "gamma_weight", "gamma_bias", "beta_weight", "beta_bias")
 
 
 @register_norm(
-    "region_norm",
-    functional=region_norm,
-    layout="channel_first",
-    batch_dependent=True,
-    foldable=False,
+    "region_norm", functional=region_norm, layout="channel_first",
+    batch_dependent=True, foldable=False,
     aliases=("rn", "rn_b", "rn_l"),
     paper=Paper("Region Normalization for Image Inpainting", "https://arxiv.org/abs/1911.10375"),
     samples=({"learnable": True}, {"statistics": "instance"}, {"learnable": True, "threshold": 0.5}),
