@@ -36,6 +36,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
+from normlab.functional._checks import check_no_mask
 from normlab.registry import Layout
 
 __all__ = [
@@ -146,6 +147,9 @@ class BatchNormProtocol:
     BatchNorm family's protocol: fold, recalibration, the monitored statistics and cross-rank sync."""
 
     channel_dim: int
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
     syncs_batch_stats: ClassVar[bool] = True
 
     def folded_affine(self) -> FoldedAffine:
@@ -266,6 +270,9 @@ class NormBase(nn.Module):
     #: the :mod:`normlab.kernels.ops` function with the functional op's signature and fused kernels (``None``: the
     #: functional op only); such a norm takes an ``impl`` constructor argument.
     kernel_op: ClassVar[str | None] = None
+    #: the statistics pool over positions and the op takes no padding mask, so :meth:`forward` refuses a ``mask``
+    #: (a per-token op ignores one: its statistic never mixes tokens).
+    rejects_mask: ClassVar[bool] = False
 
     num_features: int
     channel_dim: int
@@ -314,7 +321,9 @@ class NormBase(nn.Module):
     def _init_affine(
         self, shape: int | tuple[int, ...], *, weight: bool, bias: bool, device: Any = None, dtype: Any = None
     ) -> None:
-        """Register ``weight`` and ``bias`` parameters of ``shape`` (``None`` where switched off)."""
+        """Register ``weight`` and ``bias`` parameters of ``shape`` (``None`` where switched off); ``affine`` records
+        whether there is a learnt ``weight``, as torch's norms do."""
+        self.affine = weight
         dims = (shape,) if isinstance(shape, int) else tuple(shape)
         for name, on in (("weight", weight), ("bias", bias)):
             self.register_parameter(name, nn.Parameter(torch.empty(dims, device=device, dtype=dtype)) if on else None)
@@ -416,9 +425,11 @@ class NormBase(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """The registered functional op on ``x`` with :meth:`functional_kwargs` (through its fused version with
         ``impl=self.impl`` when the class has one); ``mask`` goes to ops that take one (batch statistics) and is
-        ignored by per-token ops, whose statistic never mixes tokens."""
+        ignored by per-token ops, whose statistic never mixes tokens; refused where :attr:`rejects_mask` says so."""
         if self._op is None:
             raise NotImplementedError(f"{type(self).__name__} registers no functional op; override forward()")
+        if self.rejects_mask:
+            check_no_mask(mask, self._name())
         kwargs = self.functional_kwargs()
         if self._op_takes_mask:
             kwargs["mask"] = mask

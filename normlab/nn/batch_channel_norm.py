@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from normlab.functional._checks import check_no_mask
 from normlab.functional.batch_channel_norm import batch_channel_norm
 from normlab.nn._base import (
     BatchStatView,
@@ -24,12 +23,8 @@ __all__ = ["BatchChannelNorm"]
 
 
 @register_norm(
-    "batch_channel_norm",
-    functional=batch_channel_norm,
-    layout="channel_first",
-    has_running_stats=True,
-    batch_dependent=True,
-    foldable=False,
+    "batch_channel_norm", functional=batch_channel_norm, layout="channel_first",
+    has_running_stats=True, batch_dependent=True, foldable=False,
     aliases=("bcn", "bc_norm", "bcnorm"),
     paper=Paper("Micro-Batch Training with Batch-Channel Normalization and Weight Standardization",
                 "https://arxiv.org/abs/1903.10520"),
@@ -84,31 +79,17 @@ class BatchChannelNorm(NormBase):
     """
 
     def __init__(
-        self,
-        num_features: int,
-        *,
-        num_groups: int | None = None,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        estimate: bool = False,
-        moving_speed: float = 0.1,
-        channel_dim: int = 1,
-        process_group: object = None,
-        sync_stats: bool = True,
-        device: torch.device | str | None = None,
+        self, num_features: int, *, num_groups: int | None = None, eps: float = 1e-5, momentum: float | None = 0.1,
+        affine: bool = True, estimate: bool = False, moving_speed: float = 0.1, channel_dim: int = 1,
+        process_group: object = None, sync_stats: bool = True, device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._setup(num_features, channel_dim, "channel_first")
+        super().__init__(num_features, channel_dim, "channel_first")
         self.num_groups = resolve_num_groups(num_groups, num_features, "batch_channel_norm")
-        self.eps = eps
+        self.eps, self.estimate = eps, estimate
         self.momentum = check_unit("batch_channel_norm", "momentum", momentum, optional=True)
-        self.affine = affine
-        self.estimate = estimate
         self.moving_speed = check_unit("batch_channel_norm", "moving_speed", moving_speed)
-        self.process_group = process_group
-        self.sync_stats = sync_stats
+        self.process_group, self.sync_stats = process_group, sync_stats
         self._init_affine(num_features, weight=affine, bias=affine, device=device, dtype=dtype)
         for name in ("group_weight", "group_bias"):
             self.register_parameter(
@@ -124,13 +105,10 @@ class BatchChannelNorm(NormBase):
     group_bias: nn.Parameter | None
     syncs_batch_stats = True
     repr_always = ("num_groups",)
+    rejects_mask = True
 
     def _param_init(self) -> dict[str, float]:
         return {"weight": 1.0, "bias": 0.0, "group_weight": 1.0, "group_bias": 0.0}
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        check_no_mask(mask, "batch_channel_norm")
-        return super().forward(x)
 
     def recalibration_plan(self) -> RecalibrationPlan | None:
         """The BN part's: ``momentum = 1`` writes the batch mean and unbiased variance. In the estimated mode the

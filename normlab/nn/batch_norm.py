@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab.functional.batch_norm import batch_norm
@@ -39,19 +39,14 @@ def bn_stats(num_features: int) -> list[tuple[str, tuple[int, ...], float]]:
 def init_bn_state(m: NormBase, affine: bool, track_running_stats: bool, device: Any, dtype: Any) -> None:
     """BatchNorm's state under torch's names, so state dicts load both ways: per-channel ``weight`` / ``bias`` when
     ``affine`` and ``running_mean`` / ``running_var`` / ``num_batches_tracked`` (``None`` without tracking)."""
-    setattr(m, "affine", affine)  # noqa: B010 - plain attributes NormBase does not declare
-    setattr(m, "track_running_stats", track_running_stats)  # noqa: B010
+    setattr(m, "track_running_stats", track_running_stats)  # noqa: B010 - a plain attribute NormBase does not declare
     m._init_affine(m.num_features, weight=affine, bias=affine, device=device, dtype=dtype)
     m._init_stats(bn_stats(m.num_features), track=track_running_stats, device=device, dtype=dtype)
 
 
 @register_norm(
-    "batch_norm",
-    functional=batch_norm,
-    layout="any",
-    has_running_stats=True,
-    batch_dependent=True,
-    foldable=True,
+    "batch_norm", functional=batch_norm, layout="any",
+    has_running_stats=True, batch_dependent=True, foldable=True,
     aliases=("bn", "batchnorm1d", "batchnorm2d", "batchnorm3d"),
     paper=Paper(
         "Batch Normalization: Accelerating Deep Network Training by Reducing Internal Covariate Shift",
@@ -98,19 +93,9 @@ class BatchNorm(BatchNormProtocol, NormBase):
     """
 
     def __init__(
-        self,
-        num_features: int,
-        *,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        channel_dim: int = 1,
-        process_group: Any = None,
-        sync_stats: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        impl: Impl = "auto",
+        self, num_features: int, *, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+        track_running_stats: bool = True, channel_dim: int = 1, process_group: Any = None, sync_stats: bool = True,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None, impl: Impl = "auto",
     ) -> None:
         super().__init__(num_features, channel_dim, impl=impl)
         self.eps = eps
@@ -120,10 +105,6 @@ class BatchNorm(BatchNormProtocol, NormBase):
         self.reset_parameters()
 
     kernel_op = "batch_norm"
-
-    running_mean: Tensor | None
-    running_var: Tensor | None
-    num_batches_tracked: Tensor | None
 
     @classmethod
     def torch_twin(cls, num_features: int, **kwargs: Any) -> nn.Module | None:

@@ -16,10 +16,7 @@ __all__ = ["DyT"]
 
 
 @register_norm(
-    "dyt",
-    functional=dyt,
-    layout="any",
-    aliases=("dynamic_tanh",),
+    "dyt", functional=dyt, layout="any", aliases=("dynamic_tanh",),
     paper=Paper("Transformers without Normalization", "https://arxiv.org/abs/2503.10622"),
     samples=({"bias": False}, {"affine": False}, {"alpha_init": 0.8}, {"channel_dim": 1}),
     description="gamma * tanh(alpha * x) + beta with one scalar alpha (init 0.5); no statistics",
@@ -52,20 +49,12 @@ class DyT(NormBase):
     """
 
     def __init__(
-        self,
-        num_features: int,
-        *,
-        alpha_init: float = 0.5,
-        affine: bool = True,
-        bias: bool = True,
-        channel_dim: int = -1,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        self, num_features: int, *, alpha_init: float = 0.5, affine: bool = True, bias: bool = True,
+        channel_dim: int = -1, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
         impl: Impl = "auto",
     ) -> None:
         super().__init__(num_features, channel_dim, impl=impl)
         self.alpha_init = float(alpha_init)
-        self.affine = affine
         self.alpha = nn.Parameter(torch.empty(1, device=device, dtype=dtype))
         self._init_affine(num_features, weight=affine, bias=affine and bias, device=device, dtype=dtype)
         self.reset_parameters()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from normlab.functional._checks import check_no_mask
 from normlab.functional.evo_norm import evo_norm_b0, evo_norm_s0
 from normlab.nn._base import BatchStatView, NormBase, RecalibrationPlan, check_unit
 from normlab.nn.group_norm import resolve_num_groups
@@ -28,19 +27,29 @@ def _centred(x: Tensor) -> Tensor:
     return x - x.mean([d for d in range(x.dim()) if d != 1], keepdim=True)
 
 
+class _EvoNorm(NormBase):
+    """What B0 and S0 share: the learnt per-channel ``v`` (init 1) beside the affine, and no padding mask (their
+    statistics pool over positions)."""
+
+    rejects_mask = True
+
+    def _init_v_affine(self, affine: bool, device: torch.device | str | None, dtype: torch.dtype | None) -> None:
+        self.v = torch.nn.Parameter(torch.empty(self.num_features, device=device, dtype=dtype))
+        self._init_affine(self.num_features, weight=affine, bias=affine, device=device, dtype=dtype)
+
+    def _param_init(self) -> dict[str, float]:
+        return {"v": 1.0, "weight": 1.0, "bias": 0.0}
+
+
 @register_norm(
-    "evo_norm_b0",
-    functional=evo_norm_b0,
-    layout="channel_first",
-    has_running_stats=True,
-    batch_dependent=True,
-    foldable=False,
+    "evo_norm_b0", functional=evo_norm_b0, layout="channel_first",
+    has_running_stats=True, batch_dependent=True, foldable=False,
     aliases=("evonorm_b0", "evonormb0"),
     paper=_PAPER,
     samples=({"bessel": True, "eps": 1e-3}, {"affine": False}),
     description="x / max(batch std, v*x + instance std), affine; running batch variance at eval",
 )
-class EvoNormB0(NormBase):
+class EvoNormB0(_EvoNorm):
     r"""EvoNorm-B0: a batch-dependent normalization-activation layer with a running variance.
 
     Paper: Liu, Brock, Simonyan, Le, https://arxiv.org/abs/2004.02967 (Table 1, B0).
@@ -78,36 +87,17 @@ class EvoNormB0(NormBase):
     """
 
     def __init__(
-        self,
-        num_features: int,
-        *,
-        eps: float = 1e-5,
-        momentum: float = 0.1,
-        bessel: bool = False,
-        affine: bool = True,
-        channel_dim: int = 1,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        self, num_features: int, *, eps: float = 1e-5, momentum: float = 0.1, bessel: bool = False, affine: bool = True,
+        channel_dim: int = 1, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._setup(num_features, channel_dim, "channel_first")
-        self.eps = eps
+        super().__init__(num_features, channel_dim, "channel_first")
+        self.eps, self.bessel = eps, bessel
         self.momentum = check_unit("evo_norm_b0", "momentum", momentum)
-        self.bessel = bessel
-        self.affine = affine
-        self.v = torch.nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
-        self._init_affine(num_features, weight=affine, bias=affine, device=device, dtype=dtype)
+        self._init_v_affine(affine, device, dtype)
         self._init_stats([("running_var", (num_features,), 1.0)], device=device, dtype=dtype)
         self.reset_parameters()
 
     running_var: Tensor
-
-    def _param_init(self) -> dict[str, float]:
-        return {"v": 1.0, "weight": 1.0, "bias": 0.0}
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        check_no_mask(mask, "evo_norm_b0")
-        return super().forward(x)
 
     def recalibration_plan(self) -> RecalibrationPlan | None:
         """``momentum = 1`` makes the update ``running_var ← s²`` (times ``n/(n−1)`` with ``bessel``)."""
@@ -120,15 +110,12 @@ class EvoNormB0(NormBase):
 
 
 @register_norm(
-    "evo_norm_s0",
-    functional=evo_norm_s0,
-    layout="channel_first",
-    aliases=("evonorm_s0", "evonorms0"),
+    "evo_norm_s0", functional=evo_norm_s0, layout="channel_first", aliases=("evonorm_s0", "evonorms0"),
     paper=_PAPER,
     samples=({"num_groups": 2}, {"num_groups": 1, "affine": False}),
     description="x * sigmoid(v*x) / group std, affine; per sample, no state",
 )
-class EvoNormS0(NormBase):
+class EvoNormS0(_EvoNorm):
     r"""EvoNorm-S0: a batch-independent normalization-activation layer (group std and a SiLU-like gate).
 
     Paper: Liu, Brock, Simonyan, Le, https://arxiv.org/abs/2004.02967 (Table 1, S0).
@@ -158,30 +145,13 @@ class EvoNormS0(NormBase):
     """
 
     def __init__(
-        self,
-        num_features: int,
-        *,
-        num_groups: int | None = None,
-        eps: float = 1e-5,
-        affine: bool = True,
-        channel_dim: int = 1,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        self, num_features: int, *, num_groups: int | None = None, eps: float = 1e-5, affine: bool = True,
+        channel_dim: int = 1, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._setup(num_features, channel_dim, "channel_first")
+        super().__init__(num_features, channel_dim, "channel_first")
         self.num_groups = resolve_num_groups(num_groups, num_features, "evo_norm_s0")
         self.eps = eps
-        self.affine = affine
-        self.v = torch.nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
-        self._init_affine(num_features, weight=affine, bias=affine, device=device, dtype=dtype)
+        self._init_v_affine(affine, device, dtype)
         self.reset_parameters()
 
     repr_always = ("num_groups",)
-
-    def _param_init(self) -> dict[str, float]:
-        return {"v": 1.0, "weight": 1.0, "bias": 0.0}
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        check_no_mask(mask, "evo_norm_s0")
-        return super().forward(x)

@@ -4,9 +4,8 @@ https://arxiv.org/abs/1911.09737): a per-sample, per-channel normalization by th
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from normlab.functional._checks import check_no_mask
 from normlab.functional.filter_response_norm import filter_response_norm
 from normlab.nn._base import NormBase
 from normlab.registry import Paper, register_norm
@@ -15,10 +14,7 @@ __all__ = ["FilterResponseNorm"]
 
 
 @register_norm(
-    "filter_response_norm",
-    functional=filter_response_norm,
-    layout="channel_first",
-    aliases=("frn", "frn_tlu"),
+    "filter_response_norm", functional=filter_response_norm, layout="channel_first", aliases=("frn", "frn_tlu"),
     paper=Paper("Filter Response Normalization Layer: Eliminating Batch Dependence in the Training of Deep Neural "
                 "Networks", "https://arxiv.org/abs/1911.09737"),
     samples=({"tlu": False}, {"eps": 1e-4, "affine": False}),
@@ -53,30 +49,17 @@ class FilterResponseNorm(NormBase):
     """
 
     def __init__(
-        self,
-        num_features: int,
-        *,
-        eps: float = 1e-6,
-        affine: bool = True,
-        tlu: bool = True,
-        channel_dim: int = 1,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        self, num_features: int, *, eps: float = 1e-6, affine: bool = True, tlu: bool = True, channel_dim: int = 1,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._setup(num_features, channel_dim, "channel_first")
-        self.eps = eps
-        self.affine = affine
-        self.tlu = tlu
+        super().__init__(num_features, channel_dim, "channel_first")
+        self.eps, self.tlu = eps, tlu
         self._init_affine(num_features, weight=affine, bias=affine, device=device, dtype=dtype)
         self.tau = nn.Parameter(torch.empty(num_features, device=device, dtype=dtype)) if tlu else None
         self.reset_parameters()
 
     tau: nn.Parameter | None
+    rejects_mask = True
 
     def _param_init(self) -> dict[str, float]:
         return {"weight": 1.0, "bias": 0.0, "tau": 0.0}
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        check_no_mask(mask, "filter_response_norm")
-        return super().forward(x)

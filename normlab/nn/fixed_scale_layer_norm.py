@@ -16,10 +16,7 @@ __all__ = ["FakeLayerNorm"]
 
 
 @register_norm(
-    "fixed_scale_layer_norm",
-    functional=fixed_scale_layer_norm,
-    layout="token",
-    aliases=("fake_layer_norm", "fake_ln"),
+    "fixed_scale_layer_norm", functional=fixed_scale_layer_norm, layout="token", aliases=("fake_layer_norm", "fake_ln"),
     paper=Paper("Transformers Don't Need LayerNorm at Inference Time", "https://arxiv.org/abs/2507.02559"),
     samples=({"fixed": True, "sigma": 1.7}, {"fixed": True, "bias": False}, {"affine": False, "fixed": True}),
     description="LayerNorm whose per-token std is switched to a fixed scalar σ̄ (LN removal by fine-tuning)",
@@ -88,7 +85,6 @@ class FakeLayerNorm(NormBase):
         self._setup(n, channel_dim, "token")
         self.normalized_shape = n
         self.eps = eps
-        self.affine = affine
         self.fixed = fixed
         self.momentum = check_unit("fixed_scale_layer_norm", "momentum", momentum, optional=True)
         self._init_affine(n, weight=affine, bias=affine and bias, device=device, dtype=dtype)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normlab.functional._checks import check_no_mask, check_num_groups
+from normlab.functional._checks import check_num_groups
 from normlab.functional.group_norm import group_norm, instance_norm
 from normlab.nn._base import NormBase
 from normlab.nn.batch_norm import bn_torch_twin, init_bn_state
@@ -96,9 +96,7 @@ class GroupNorm(NormBase):
         g = k["num_groups"] or default_num_groups(num_features)
         return nn.GroupNorm(g, num_features, eps=k["eps"], affine=k["affine"])
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        check_no_mask(mask, "group_norm")
-        return super().forward(x)
+    rejects_mask = True
 
 
 @register_norm(
@@ -134,15 +132,8 @@ class InstanceNorm(NormBase):
     """
 
     def __init__(
-        self,
-        num_features: int,
-        *,
-        eps: float = 1e-5,
-        momentum: float = 0.1,
-        affine: bool = False,
-        track_running_stats: bool = False,
-        channel_dim: int = 1,
-        device: torch.device | str | None = None,
+        self, num_features: int, *, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
+        track_running_stats: bool = False, channel_dim: int = 1, device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(num_features, channel_dim)
@@ -164,8 +155,6 @@ class InstanceNorm(NormBase):
             return self.training or not self.track_running_stats
         return super()._functional_arg(name)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        check_no_mask(mask, "instance_norm")
-        # num_batches_tracked stays 0, as in torch.nn.InstanceNorm*d (its momentum is never cumulative).
-        return super().forward(x)
+    # The forward leaves num_batches_tracked at 0, as torch.nn.InstanceNorm*d does (its momentum is never cumulative).
+    rejects_mask = True
 

@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from normlab.functional._checks import check_no_mask
 from normlab.functional.ibn import ibn
 from normlab.nn._base import BatchStatView, NormBase, RecalibrationPlan, bn_recalibration_plan, check_unit
 from normlab.nn.batch_norm import bn_stats
@@ -23,12 +22,8 @@ _OFFICIAL_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 @register_norm(
-    "ibn",
-    functional=ibn,
-    layout="channel_first",
-    has_running_stats=True,
-    batch_dependent=True,
-    foldable=False,
+    "ibn", functional=ibn, layout="channel_first",
+    has_running_stats=True, batch_dependent=True, foldable=False,
     aliases=("ibn_a", "instance_batch_norm"),
     paper=Paper("Two at Once: Enhancing Learning and Generalization Capacities via IBN-Net",
                 "https://arxiv.org/abs/1807.09441"),
@@ -77,21 +72,11 @@ class IBN(NormBase):
     """
 
     def __init__(
-        self,
-        num_features: int,
-        *,
-        ratio: float = 0.5,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        channel_dim: int = 1,
-        process_group: Any = None,
-        sync_stats: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        self, num_features: int, *, ratio: float = 0.5, eps: float = 1e-5, momentum: float | None = 0.1,
+        affine: bool = True, channel_dim: int = 1, process_group: Any = None, sync_stats: bool = True,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._setup(num_features, channel_dim, "channel_first")
+        super().__init__(num_features, channel_dim, "channel_first")
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
             raise TypeError(f"ibn: expected ratio to be a float in (0, 1), got {type(ratio).__name__}")
         h = int(num_features * ratio)
@@ -100,13 +85,9 @@ class IBN(NormBase):
                 f"ibn: ratio={ratio!r} with num_features={num_features} gives {h} InstanceNorm and "
                 f"{num_features - h} BatchNorm channels; expected at least 1 channel in each half"
             )
-        self.ratio = ratio
-        self.instance_channels = h
-        self.eps = eps
+        self.ratio, self.instance_channels, self.eps = ratio, h, eps
         self.momentum = check_unit("ibn", "momentum", momentum, optional=True)
-        self.affine = affine
-        self.process_group = process_group
-        self.sync_stats = sync_stats
+        self.process_group, self.sync_stats = process_group, sync_stats
         self._init_affine(num_features, weight=affine, bias=affine, device=device, dtype=dtype)
         self._init_stats(bn_stats(num_features - h), device=device, dtype=dtype)
         self.reset_parameters()
@@ -115,10 +96,7 @@ class IBN(NormBase):
     running_var: Tensor
     num_batches_tracked: Tensor
     syncs_batch_stats = True
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        check_no_mask(mask, "ibn")
-        return super().forward(x)
+    rejects_mask = True
 
     def recalibration_plan(self) -> RecalibrationPlan | None:
         """The BN half's: ``momentum = 1`` writes its batch mean and unbiased variance."""

@@ -14,9 +14,7 @@ __all__ = ["IdentityNorm", "identity"]
 
 
 @register_norm(
-    "identity",
-    functional=identity,
-    layout="any",
+    "identity", functional=identity, layout="any",
     foldable=True,
     aliases=("none", "no_norm"),
     samples=({"channel_dim": 1},),

@@ -18,10 +18,7 @@ __all__ = ["LayerNorm"]
 
 
 @register_norm(
-    "layer_norm",
-    functional=layer_norm,
-    layout="any",
-    aliases=("ln", "layernorm2d"),
+    "layer_norm", functional=layer_norm, layout="any", aliases=("ln", "layernorm2d"),
     paper=Paper("Layer Normalization", "https://arxiv.org/abs/1607.06450"),
     samples=({"bias": False}, {"affine": False}, {"channel_dim": 1}),
     description="per-token mean/variance; optional bias; channel_dim for NCHW",
@@ -56,17 +53,9 @@ class LayerNorm(NormBase):
     """
 
     def __init__(
-        self,
-        normalized_shape: int | tuple[int, ...] | list[int],
-        *,
-        eps: float = 1e-5,
-        affine: bool = True,
-        bias: bool = True,
-        channel_dim: int = -1,
-        elementwise_affine: bool | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        impl: Impl = "auto",
+        self, normalized_shape: int | tuple[int, ...] | list[int], *, eps: float = 1e-5, affine: bool = True,
+        bias: bool = True, channel_dim: int = -1, elementwise_affine: bool | None = None,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None, impl: Impl = "auto",
     ) -> None:
         if elementwise_affine is not None:
             affine = elementwise_affine
@@ -89,7 +78,6 @@ class LayerNorm(NormBase):
         super().__init__(int(torch.Size(dims).numel()), channel_dim, impl=impl)
         self.normalized_shape = shape_or_int
         self.eps = eps
-        self.affine = affine
         self._init_affine(dims, weight=affine, bias=affine and bias, device=device, dtype=dtype)
         self.reset_parameters()
 

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normlab.functional._checks import check_no_mask
 from normlab.functional.lin import ada_lin, lin
 from normlab.nn._base import NormBase
 from normlab.registry import Paper, register_norm
@@ -48,22 +47,16 @@ class _LayerInstanceNorm(NormBase):
         self.rho = nn.Parameter(torch.empty(num_features, **factory))
 
     repr_always = ("rho_init",)
+    rejects_mask = True
 
     def clip_rho_(self, low: float = 0.0, high: float = 1.0) -> None:
         """Clamp ``ρ`` into ``[low, high]`` in place (the official ``RhoClipper``; call after each optimizer step)."""
         with torch.no_grad():
             self.rho.clamp_(low, high)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        check_no_mask(mask, self._name())
-        return super().forward(x)
-
 
 @register_norm(
-    "lin",
-    functional=lin,
-    layout="channel_first",
-    aliases=("iln", "layer_instance_norm"),
+    "lin", functional=lin, layout="channel_first", aliases=("iln", "layer_instance_norm"),
     paper=_PAPER,
     samples=({"variant": "tf"}, {"rho_init": 0.5, "affine": False}),
     description="per-channel mix rho*IN + (1-rho)*LN, learnt affine (U-GAT-IT)",
@@ -102,21 +95,12 @@ class LIN(_LayerInstanceNorm):
     _rho_defaults = {"pytorch": 0.0, "tf": 0.0}
 
     def __init__(
-        self,
-        num_features: int,
-        *,
-        variant: str = "pytorch",
-        rho_init: float | None = None,
-        eps: float = 1e-5,
-        affine: bool = True,
-        channel_dim: int = 1,
-        device: torch.device | str | None = None,
+        self, num_features: int, *, variant: str = "pytorch", rho_init: float | None = None, eps: float = 1e-5,
+        affine: bool = True, channel_dim: int = 1, device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._setup(num_features, channel_dim, "channel_first")
+        super().__init__(num_features, channel_dim, "channel_first")
         self._setup_mix(num_features, variant, rho_init, eps, device=device, dtype=dtype)
-        self.affine = affine
         self._init_affine(num_features, weight=affine, bias=affine, device=device, dtype=dtype)
         self.reset_parameters()
 
@@ -125,9 +109,7 @@ class LIN(_LayerInstanceNorm):
 
 
 @register_norm(
-    "ada_lin",
-    functional=ada_lin,
-    layout="channel_first",
+    "ada_lin", functional=ada_lin, layout="channel_first",
     aliases=("adalin", "ada_iln", "adaptive_layer_instance_norm"),
     paper=_PAPER,
     samples=({"variant": "tf"}, {"rho_init": 0.3}),
@@ -167,18 +149,10 @@ class AdaLIN(_LayerInstanceNorm):
     _rho_defaults = {"pytorch": 0.9, "tf": 1.0}
 
     def __init__(
-        self,
-        num_features: int,
-        *,
-        variant: str = "pytorch",
-        rho_init: float | None = None,
-        eps: float = 1e-5,
-        channel_dim: int = 1,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        self, num_features: int, *, variant: str = "pytorch", rho_init: float | None = None, eps: float = 1e-5,
+        channel_dim: int = 1, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._setup(num_features, channel_dim, "channel_first")
+        super().__init__(num_features, channel_dim, "channel_first")
         self._setup_mix(num_features, variant, rho_init, eps, device=device, dtype=dtype)
         self.smoothing = variant == "tf"
         self.reset_parameters()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from normlab.functional._checks import check_no_mask
 from normlab.functional.online_norm import ECMS, online_norm
 from normlab.nn._base import NormBase, RecalibrationPlan, check_unit
 from normlab.registry import Paper, register_norm
@@ -16,13 +15,8 @@ __all__ = ["OnlineNorm"]
 
 
 @register_norm(
-    "online_norm",
-    functional=online_norm,
-    layout="channel_first",
-    has_running_stats=True,
-    batch_dependent=False,
-    foldable=False,
-    custom_backward=True,
+    "online_norm", functional=online_norm, layout="channel_first",
+    has_running_stats=True, batch_dependent=False, foldable=False, custom_backward=True,
     aliases=("onlinenorm", "on"),
     paper=Paper("Online Normalization for Training Neural Networks", "https://arxiv.org/abs/1905.05894"),
     samples=({"ecm": "ls"}, {"ecm": None, "alpha_fwd": 0.5, "alpha_bkw": 0.75}, {"affine": False}),
@@ -78,27 +72,16 @@ class OnlineNorm(NormBase):
     """
 
     def __init__(
-        self,
-        num_features: int,
-        *,
-        alpha_fwd: float = 0.999,
-        alpha_bkw: float = 0.99,
-        eps: float = 1e-5,
-        affine: bool = True,
-        ecm: str | None = "ac",
-        channel_dim: int = 1,
-        device: torch.device | str | None = None,
+        self, num_features: int, *, alpha_fwd: float = 0.999, alpha_bkw: float = 0.99, eps: float = 1e-5,
+        affine: bool = True, ecm: str | None = "ac", channel_dim: int = 1, device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._setup(num_features, channel_dim, "channel_first")
+        super().__init__(num_features, channel_dim, "channel_first")
         if ecm not in ECMS:
             raise ValueError(f"online_norm: expected ecm in {ECMS}, got {ecm!r}")
         self.alpha_fwd = check_unit("online_norm", "alpha_fwd", alpha_fwd)
         self.alpha_bkw = check_unit("online_norm", "alpha_bkw", alpha_bkw)
-        self.eps = eps
-        self.affine = affine
-        self.ecm = ecm
+        self.eps, self.ecm = eps, ecm
         self._init_affine(num_features, weight=affine, bias=affine, device=device, dtype=dtype)
         c = (num_features,)
         self._init_stats([("running_mean", c, 0.0), ("running_var", c, 1.0), ("control_u", c, 0.0),
@@ -110,10 +93,7 @@ class OnlineNorm(NormBase):
     control_u: Tensor
     control_v: Tensor
     saturates_inf = True  # with the default ecm="ac"
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        check_no_mask(mask, "online_norm")
-        return super().forward(x)
+    rejects_mask = True
 
     def recalibration_plan(self) -> RecalibrationPlan | None:
         """``None``: the streams are per-sample EMAs, not batch statistics a pass could write (see the class)."""

@@ -12,15 +12,8 @@ from torch import Tensor, nn
 
 from normlab.functional.power_norm import BackwardDivisor, group_scaling, power_norm
 from normlab.kernels._scope import Impl
-from normlab.nn._base import (
-    BatchStatView,
-    FoldedAffine,
-    NormBase,
-    RecalibrationPlan,
-    check_int,
-    check_unit,
-    quadratic_mean_affine,
-)
+from normlab.nn._base import NormBase, RecalibrationPlan, check_int, check_unit
+from normlab.nn._quadratic_mean import QuadraticMeanProtocol
 from normlab.registry import Paper, register_norm
 
 __all__ = ["GroupScaling", "PowerNorm"]
@@ -57,13 +50,8 @@ class GroupScaling(nn.Module):
 
 
 @register_norm(
-    "power_norm",
-    functional=power_norm,
-    layout="token",
-    has_running_stats=True,
-    batch_dependent=True,
-    foldable=True,
-    custom_backward=True,
+    "power_norm", functional=power_norm, layout="token",
+    has_running_stats=True, batch_dependent=True, foldable=True, custom_backward=True,
     paper=_PAPER,
     aliases=("pn", "mask_power_norm", "powernorm"),
     samples=(
@@ -75,7 +63,7 @@ class GroupScaling(nn.Module):
     ),
     description="relaxed zero-mean batch norm: GroupScaling + running quadratic mean, approximate backward",
 )
-class PowerNorm(NormBase):
+class PowerNorm(QuadraticMeanProtocol, NormBase):
     r"""PowerNorm for Transformer token tensors, official ``MaskPowerNorm`` semantics, with padding masks.
 
     Paper: Shen et al., ICML 2020, https://arxiv.org/abs/2003.07845.
@@ -132,21 +120,10 @@ class PowerNorm(NormBase):
     """
 
     def __init__(
-        self,
-        num_features: int,
-        *,
-        eps: float = 1e-5,
-        alpha_fwd: float = 0.9,
-        alpha_bkw: float = 0.9,
-        warmup_iters: int = 10000,
-        group_num: int | None = 1,
-        affine: bool = True,
-        backward_divisor: BackwardDivisor = "batch",
-        channel_dim: int = -1,
-        process_group: Any = None,
-        sync_stats: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        self, num_features: int, *, eps: float = 1e-5, alpha_fwd: float = 0.9, alpha_bkw: float = 0.9,
+        warmup_iters: int = 10000, group_num: int | None = 1, affine: bool = True,
+        backward_divisor: BackwardDivisor = "batch", channel_dim: int = -1, process_group: Any = None,
+        sync_stats: bool = True, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
         impl: Impl = "auto",
     ) -> None:
         super().__init__(num_features, channel_dim, "token", impl=impl)
@@ -163,7 +140,7 @@ class PowerNorm(NormBase):
         self.eps, self.alpha_fwd = eps, check_unit(op, "alpha_fwd", alpha_fwd)
         self.alpha_bkw = check_unit(op, "alpha_bkw", alpha_bkw)
         self.warmup_iters = check_int(op, "warmup_iters", warmup_iters)
-        self.group_num, self.affine = group_num, affine
+        self.group_num = group_num
         self.backward_divisor: BackwardDivisor = backward_divisor
         self.process_group, self.sync_stats = process_group, sync_stats
         self.group_scaling = GroupScaling(group_num) if group_num is not None else None
@@ -177,21 +154,16 @@ class PowerNorm(NormBase):
     running_phi: Tensor
     ema_gz: Tensor
     iters: Tensor
-    syncs_batch_stats = True
+    running_stat = "running_phi"
 
     def _functional_arg(self, name: str) -> Any:
         if name == "group_scaling_eps":  # GroupScaling's fixed eps (the functional's default)
             return self.group_scaling.eps if self.group_scaling is not None else GroupScaling().eps
         return super()._functional_arg(name)
 
-    def restart_warmup(self) -> None:
-        """Set ``iters`` to 0 so the warm-up runs again (e.g. before fine-tuning a loaded checkpoint)."""
-        self.iters.zero_()
-
-    def folded_affine(self) -> FoldedAffine:
-        """``scale = weight / sqrt(running_phi + eps)``, ``shift = bias``, ``keep`` = the GroupScaling module
-        that must stay before the folded linear layer (``None`` when ``group_num=None``)."""
-        return quadratic_mean_affine(self, self.running_phi, keep=self.group_scaling)
+    def _kept(self) -> nn.Module | None:
+        """GroupScaling stays before the folded per-channel stage (``None`` when ``group_num=None``)."""
+        return self.group_scaling
 
     def recalibration_plan(self) -> RecalibrationPlan | None:
         """Step t = 1 <= warmup_iters: normalise by the batch quadratic mean; alpha_fwd = 0 makes the update
@@ -200,10 +172,6 @@ class PowerNorm(NormBase):
             [(self.running_phi, 1.0)], overrides=[(self, "alpha_fwd", 0.0), (self, "warmup_iters", 1)],
             counters=[(self.iters, 0)], keep=[self.ema_gz],
         )
-
-    def batch_stat_view(self) -> BatchStatView | None:
-        """The quadratic mean of the GroupScaling output (no mean)."""
-        return BatchStatView(self.running_phi, None, self.eps, self.channel_dim, self.group_scaling)
 
     def _upgrade_state_dict(self, state_dict: dict[str, Any], prefix: str, version: int | None) -> None:
         # The official MaskPowerNorm stores running_phi / ema_gz as (1, C, 1, 1); accept those checkpoints.

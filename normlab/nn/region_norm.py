@@ -17,11 +17,8 @@ _RN_L = ("sa_weight", "gamma_weight", "gamma_bias", "beta_weight", "beta_bias")
 
 
 @register_norm(
-    "region_norm",
-    functional=region_norm,
-    layout="channel_first",
-    batch_dependent=True,
-    foldable=False,
+    "region_norm", functional=region_norm, layout="channel_first",
+    batch_dependent=True, foldable=False,
     aliases=("rn", "rn_b", "rn_l"),
     paper=Paper("Region Normalization for Image Inpainting", "https://arxiv.org/abs/1911.10375"),
     samples=({"learnable": True}, {"statistics": "instance"}, {"learnable": True, "threshold": 0.5}),
@@ -75,20 +72,11 @@ class RegionNorm(NormBase):
     """
 
     def __init__(
-        self,
-        num_features: int,
-        *,
-        learnable: bool = False,
-        threshold: float = 0.8,
-        statistics: str = "batch",
-        eps: float = 1e-5,
-        kernel_size: int = 7,
-        channel_dim: int = 1,
-        device: torch.device | str | None = None,
+        self, num_features: int, *, learnable: bool = False, threshold: float = 0.8, statistics: str = "batch",
+        eps: float = 1e-5, kernel_size: int = 7, channel_dim: int = 1, device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._setup(num_features, channel_dim, "channel_first")
+        super().__init__(num_features, channel_dim, "channel_first")
         if statistics not in STATISTICS:
             raise ValueError(f"region_norm: expected statistics in {STATISTICS}, got {statistics!r}")
         if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:

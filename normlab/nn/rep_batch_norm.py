@@ -55,12 +55,8 @@ def _build_norm1(
 
 
 @register_norm(
-    "rep_batch_norm",
-    functional=rep_batch_norm,
-    layout="any",
-    has_running_stats=True,
-    batch_dependent=True,
-    foldable=True,
+    "rep_batch_norm", functional=rep_batch_norm, layout="any",
+    has_running_stats=True, batch_dependent=True, foldable=True,
     paper=_PAPER,
     aliases=("repbn",),
     samples=({"alpha_init": 0.0, "weight_init": 0.0}, {"channel_dim": 1}, {"momentum": None}, {"affine": False}),
@@ -104,19 +100,9 @@ class RepBatchNorm(BatchNormProtocol, NormBase):
     """
 
     def __init__(
-        self,
-        num_features: int,
-        *,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        alpha_init: float = 1.0,
-        weight_init: float = 1.0,
-        affine: bool = True,
-        channel_dim: int = -1,
-        process_group: Any = None,
-        sync_stats: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        self, num_features: int, *, eps: float = 1e-5, momentum: float | None = 0.1, alpha_init: float = 1.0,
+        weight_init: float = 1.0, affine: bool = True, channel_dim: int = -1, process_group: Any = None,
+        sync_stats: bool = True, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
         impl: Impl = "auto",
     ) -> None:
         super().__init__(num_features, channel_dim, impl=impl)
@@ -144,12 +130,8 @@ class RepBatchNorm(BatchNormProtocol, NormBase):
 
 
 @register_norm(
-    "prep_batch_norm",
-    functional=prep_batch_norm,
-    layout="token",
-    has_running_stats=True,
-    batch_dependent=True,
-    foldable=True,
+    "prep_batch_norm", functional=prep_batch_norm, layout="token",
+    has_running_stats=True, batch_dependent=True, foldable=True,
     paper=_PAPER,
     aliases=("prepbn", "linear_norm", "progressive_rep_batch_norm"),
     samples=({"total_steps": 4}, {"total_steps": 0}, {"norm1": "rms_norm"}),
@@ -205,18 +187,9 @@ class PRepBatchNorm(NormBase):
     """
 
     def __init__(
-        self,
-        num_features: int,
-        *,
-        total_steps: int = 300000,
-        warmup_steps: int = 0,
-        r0: float = 1.0,
-        decrement_every: int = 1,
-        norm1: str | Callable[..., nn.Module] = "layer_norm",
-        norm1_eps: float | None = None,
-        channel_dim: int = -1,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        self, num_features: int, *, total_steps: int = 300000, warmup_steps: int = 0, r0: float = 1.0,
+        decrement_every: int = 1, norm1: str | Callable[..., nn.Module] = "layer_norm", norm1_eps: float | None = None,
+        channel_dim: int = -1, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
         **norm2_kwargs: Any,
     ) -> None:
         super().__init__(num_features, channel_dim, "token")

@@ -31,10 +31,7 @@ def _eps_inside(op: str, eps_placement: str) -> bool:
 
 
 @register_norm(
-    "rms_norm",
-    functional=rms_norm,
-    layout="any",
-    aliases=("rms",),
+    "rms_norm", functional=rms_norm, layout="any", aliases=("rms",),
     paper=_RMS_PAPER,
     samples=(
         {"eps_placement": "outside"}, {"bias": True}, {"affine": False}, {"channel_dim": 1}, {"unit_offset": True},
@@ -76,25 +73,15 @@ class RMSNorm(NormBase):
     """
 
     def __init__(
-        self,
-        num_features: int,
-        *,
-        eps: float | None = None,
-        eps_placement: Literal["inside", "outside"] = "inside",
-        affine: bool = True,
-        bias: bool = False,
-        channel_dim: int = -1,
-        unit_offset: bool = False,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        impl: Impl = "auto",
+        self, num_features: int, *, eps: float | None = None, eps_placement: Literal["inside", "outside"] = "inside",
+        affine: bool = True, bias: bool = False, channel_dim: int = -1, unit_offset: bool = False,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None, impl: Impl = "auto",
     ) -> None:
         super().__init__(num_features, channel_dim, impl=impl)
         self.unit_offset = unit_offset
         self._eps_inside = _eps_inside(self._name(), eps_placement)
         self.eps = resolve_eps(eps, self._eps_inside)
         self.eps_placement = eps_placement
-        self.affine = affine
         self._init_affine(num_features, weight=affine, bias=bias, device=device, dtype=dtype)
         self.reset_parameters()
 
@@ -124,10 +111,7 @@ class RMSNorm(NormBase):
 
 
 @register_norm(
-    "prms_norm",
-    functional=rms_norm,
-    layout="any",
-    aliases=("prms", "partial_rms_norm"),
+    "prms_norm", functional=rms_norm, layout="any", aliases=("prms", "partial_rms_norm"),
     paper=_RMS_PAPER,
     samples=({"p": 0.5}, {"p": 0.3, "k_rounding": "floor"}, {"eps_placement": "outside"}),
     description="RMSNorm whose RMS is estimated from the first ceil(p*C) channels (p=6.25%)",
@@ -166,10 +150,7 @@ class PartialRMSNorm(RMSNorm):
 
 
 @register_norm(
-    "srms_norm",
-    functional=rms_norm,
-    layout="any",
-    aliases=("srms", "simple_rms_norm"),
+    "srms_norm", functional=rms_norm, layout="any", aliases=("srms", "simple_rms_norm"),
     paper=Paper(
         "TransNormerLLM: A Faster and Better Large Language Model with Improved TransNormer",
         "https://arxiv.org/abs/2307.14995",
@@ -205,10 +186,7 @@ class SRMSNorm(RMSNorm):
 
 
 @register_norm(
-    "crms_norm",
-    functional=crms_norm,
-    layout="any",
-    aliases=("crms", "compressed_rms_norm"),
+    "crms_norm", functional=crms_norm, layout="any", aliases=("crms", "compressed_rms_norm"),
     paper=Paper(
         "Pre-RMSNorm and Pre-CRMSNorm Transformers: Equivalent and Efficient Pre-LN Transformers",
         "https://arxiv.org/abs/2305.14858",
@@ -241,20 +219,11 @@ class CRMSNorm(NormBase):
     """
 
     def __init__(
-        self,
-        num_features: int,
-        *,
-        eps: float = 1e-5,
-        affine: bool = True,
-        bias: bool = False,
-        channel_dim: int = -1,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        impl: Impl = "auto",
+        self, num_features: int, *, eps: float = 1e-5, affine: bool = True, bias: bool = False, channel_dim: int = -1,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None, impl: Impl = "auto",
     ) -> None:
         super().__init__(num_features, channel_dim, impl=impl)
         self.eps = eps
-        self.affine = affine
         self._init_affine(num_features, weight=affine, bias=bias, device=device, dtype=dtype)
         self.reset_parameters()
 
@@ -262,10 +231,7 @@ class CRMSNorm(NormBase):
 
 
 @register_norm(
-    "scale_norm",
-    functional=scale_norm,
-    layout="any",
-    aliases=("scalenorm",),
+    "scale_norm", functional=scale_norm, layout="any", aliases=("scalenorm",),
     paper=Paper(
         "Transformers without Tears: Improving the Normalization of Self-Attention", "https://arxiv.org/abs/1910.05895"
     ),
@@ -291,14 +257,8 @@ class ScaleNorm(NormBase):
     """
 
     def __init__(
-        self,
-        num_features: int,
-        *,
-        eps: float = 1e-5,
-        channel_dim: int = -1,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        impl: Impl = "auto",
+        self, num_features: int, *, eps: float = 1e-5, channel_dim: int = -1, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None, impl: Impl = "auto",
     ) -> None:
         super().__init__(num_features, channel_dim, impl=impl)
         self.eps = eps

@@ -12,15 +12,8 @@ from torch import Tensor
 
 from normlab.functional.unified_norm import unified_norm
 from normlab.kernels._scope import Impl
-from normlab.nn._base import (
-    BatchStatView,
-    FoldedAffine,
-    NormBase,
-    RecalibrationPlan,
-    check_int,
-    check_unit,
-    quadratic_mean_affine,
-)
+from normlab.nn._base import NormBase, RecalibrationPlan, check_int, check_unit
+from normlab.nn._quadratic_mean import QuadraticMeanProtocol
 from normlab.registry import Paper, register_norm
 
 __all__ = ["UnifiedNorm"]
@@ -37,19 +30,14 @@ def _window_sizes(window_size: Any) -> tuple[int, int]:
 
 
 @register_norm(
-    "unified_norm",
-    functional=unified_norm,
-    layout="token",
-    has_running_stats=True,
-    batch_dependent=True,
-    foldable=True,
-    custom_backward=True,
+    "unified_norm", functional=unified_norm, layout="token",
+    has_running_stats=True, batch_dependent=True, foldable=True, custom_backward=True,
     paper=Paper("Unified Normalization for Accelerating and Stabilizing Transformers", "https://arxiv.org/abs/2208.01313"),
     aliases=("un", "un1d"),
     samples=({"outlier_filtration": True}, {"window_size": (3, 2)}, {"warmup_iters": 0}, {"affine": False}),
     description="batch 2nd moment, window geometric mean, outlier filter, smoothed backward; folds at eval",
 )
-class UnifiedNorm(NormBase):
+class UnifiedNorm(QuadraticMeanProtocol, NormBase):
     r"""Unified Normalization (UN1d) for Transformer token tensors, with padding masks.
 
     Paper: Yang et al., ACM MM 2022, https://arxiv.org/abs/2208.01313. No mean is subtracted (official code).
@@ -100,21 +88,10 @@ class UnifiedNorm(NormBase):
     """
 
     def __init__(
-        self,
-        num_features: int,
-        *,
-        window_size: int | tuple[int, int] = 4,
-        warmup_iters: int = 4000,
-        outlier_filtration: bool = False,
-        eps: float = 1e-5,
-        momentum: float = 0.9,
-        affine: bool = True,
-        channel_dim: int = -1,
-        process_group: Any = None,
-        sync_stats: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        impl: Impl = "auto",
+        self, num_features: int, *, window_size: int | tuple[int, int] = 4, warmup_iters: int = 4000,
+        outlier_filtration: bool = False, eps: float = 1e-5, momentum: float = 0.9, affine: bool = True,
+        channel_dim: int = -1, process_group: Any = None, sync_stats: bool = True,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None, impl: Impl = "auto",
     ) -> None:
         super().__init__(num_features, channel_dim, "token", impl=impl)
         op = "unified_norm"
@@ -122,7 +99,7 @@ class UnifiedNorm(NormBase):
         self.window_size = (kf, kb)
         self.warmup_iters = check_int(op, "warmup_iters", warmup_iters)
         self.outlier_filtration = outlier_filtration
-        self.eps, self.momentum, self.affine = eps, check_unit(op, "momentum", momentum), affine
+        self.eps, self.momentum = eps, check_unit(op, "momentum", momentum)
         self.process_group, self.sync_stats = process_group, sync_stats
         self._init_affine(num_features, weight=affine, bias=affine, device=device, dtype=dtype)
         C = num_features  # noqa: N806
@@ -141,15 +118,7 @@ class UnifiedNorm(NormBase):
     buffer_x2: Tensor
     buffer_gz: Tensor
     skip_counter: Tensor
-    syncs_batch_stats = True
-
-    def restart_warmup(self) -> None:
-        """Set ``iters`` to 0 so the warm-up runs again (the official README's advice before fine-tuning)."""
-        self.iters.zero_()
-
-    def folded_affine(self) -> FoldedAffine:
-        """``scale = weight / sqrt(running_var + eps)``, ``shift = bias`` (float64; no mean term)."""
-        return quadratic_mean_affine(self, self.running_var)
+    running_stat = "running_var"
 
     def recalibration_plan(self) -> RecalibrationPlan | None:
         """Step t = 1 <= window: the statistic is the batch second moment (no window mean, no outlier filter,
@@ -158,7 +127,3 @@ class UnifiedNorm(NormBase):
             [(self.running_var, 1.0)], overrides=[(self, "momentum", 0.0), (self, "outlier_filtration", False)],
             counters=[(self.iters, 0)], keep=[self.buffer_x2, self.buffer_gz, self.ema_gz, self.skip_counter],
         )
-
-    def batch_stat_view(self) -> BatchStatView | None:
-        """The second moment of the input (no mean)."""
-        return BatchStatView(self.running_var, None, self.eps, self.channel_dim)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from normlab import CRMSNorm, DyT, LayerNorm, RMSNorm, ScaleNorm, create_norm
+from normlab import CRMSNorm, DyT, LayerNorm, RMSNorm, ScaleNorm, create_norm, list_norms
 
 
 def test_channel_dim_must_be_an_int() -> None:
@@ -20,6 +20,20 @@ def test_inf_policy() -> None:
     y = create_norm("layer_norm", 4)(x)
     assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()  # inf poisons its own token only
     assert DyT(4)(x)[0, 1].item() == pytest.approx(1.0)  # tanh's limit: the documented exception (saturates_inf)
+
+
+# Norms whose statistics pool over positions with no padding support: a mask would be silently wrong, so it raises.
+_REJECT_MASK = {"ada_lin", "batch_channel_norm", "evo_norm_b0", "evo_norm_s0", "filter_response_norm", "group_norm",
+                "ibn", "instance_norm", "lin", "online_norm"}
+
+
+def test_norms_that_pool_over_positions_refuse_a_mask() -> None:
+    rejecting = {s.name for s in list_norms() if getattr(s.cls, "rejects_mask", False)}
+    assert rejecting == _REJECT_MASK
+    x, mask = torch.randn(2, 4, 3, 3), torch.ones(2, 3, 3, dtype=torch.bool)
+    for name in sorted(rejecting):
+        with pytest.raises(ValueError, match=rf"^{name}: statistics pool over positions.* mask of size \[2, 3, 3\]"):
+            create_norm(name, 4)(x, mask=mask)
 
 
 def test_per_token_norms_ignore_mask() -> None:
