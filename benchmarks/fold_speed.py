@@ -23,36 +23,26 @@ which exist before the forward starts. ``null`` if this torch build's profiler d
     python benchmarks/fold_speed.py                 # both models, batch 1 and 8
     python benchmarks/fold_speed.py --quick         # tiny models, 3 repetitions (a smoke run)
 
-The script sets ``OMP_WAIT_POLICY=PASSIVE`` unless it is already set (see the comment at the imports).
+The script sets ``OMP_WAIT_POLICY=PASSIVE`` unless it is already set (see ``benchmarks/_common.py``).
 
 Rows (JSONL, long format) and ``env.json`` go to ``--out`` (default ``benchmarks/results/fold_speed-<time>``).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# 2026-11: on this shared 2-core machine, 2 intra-op threads with OpenMP's default spin-waiting made a ViT-S forward
-# 12x slower (1.5 s instead of 0.13 s) whenever another process held a core: every parallel region waited for the
-# descheduled thread. Passive waiting removes that. It must be set before torch starts OpenMP, hence before the import;
-# env.json records the value in force.
-_TORCH_PRELOADED = "torch" in sys.modules  # then the setting below comes too late (e.g. under pytest)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
+import _common as bench  # noqa: E402  (before torch: it sets OMP_WAIT_POLICY, see there)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from normlab._env import collect_env  # noqa: E402
-from normlab._io import append_jsonl, atomic_write_json  # noqa: E402  (the lab's row and env.json writers)
 from normlab.models import DecoderLM, TransformerConfig, ViTEncoder  # noqa: E402
 from normlab.surgery import fold_norms  # noqa: E402
 
@@ -166,37 +156,16 @@ def _cases(spec: dict[str, Any], batch: int, vocab: int) -> tuple[list[Case], Te
     return cases, x, tokens
 
 
-def _time(model: nn.Module, x: Tensor, inner: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        _forward(model, x)
-    return (time.perf_counter() - t0) * 1e3 / inner
-
-
-def _pct(values: list[float] | np.ndarray) -> tuple[float, float, float]:
-    p20, p50, p80 = np.percentile(np.asarray(values), [20, 50, 80])
-    return float(p20), float(p50), float(p80)
-
-
 def run_case_set(
     model_name: str, spec: dict[str, Any], batch: int, reps: int, vocab: int, sample_ms: float = 50.0
 ) -> list[dict[str, Any]]:
     """Time every variant of one (model, batch) interleaved; one row per variant."""
     with torch.inference_mode():
         cases, x, tokens = _cases(spec, batch, vocab)
-        ok = [c for c in cases if c.model is not None]
-        inner: dict[str, int] = {}
-        for c in ok:  # warm up, then aim at >= sample_ms per sample
-            assert c.model is not None
-            _time(c.model, x, 1)
-            inner[c.variant] = max(1, int(round(sample_ms / max(_time(c.model, x, 1), 1e-3))))
-        samples: dict[str, list[float]] = {c.variant: [] for c in ok}
-        for rep in range(reps):
-            k = rep % max(len(ok), 1)
-            for c in ok[k:] + ok[:k]:  # rotate the order every repetition
-                assert c.model is not None
-                samples[c.variant].append(_time(c.model, x, inner[c.variant]))
-        peak = {c.variant: _peak_alloc_bytes(c.model, x) for c in ok if c.model is not None}
+        ok = {c.variant: c.model for c in cases if c.model is not None}
+        calls = {k: (lambda m=m: _forward(m, x)) for k, m in ok.items()}
+        samples, inner = bench.interleaved(calls, reps, sample_ms)
+        peak = {k: _peak_alloc_bytes(m, x) for k, m in ok.items()}
     rows: list[dict[str, Any]] = []
     base = {"model": model_name, "batch": batch, "tokens": tokens, "device": "cpu", "dtype": "float32"}
     for c in cases:
@@ -205,13 +174,13 @@ def run_case_set(
             continue
         ms = np.asarray(samples[c.variant])
         row = base | {"variant": c.variant, "folded": c.variant.endswith("+fold"), "n_folded": c.n_folded}
-        row |= dict(zip(("p20_ms", "p50_ms", "p80_ms"), (round(v, 4) for v in _pct(ms))))
+        row |= bench.summary(ms, "{p}_ms", 4)
         row["samples_ms"] = [round(float(v), 6) for v in ms]
         refs = (("ratio_to_identity", LIMIT, False), ("layer_norm_over_this", "layer_norm", True))
         for key, ref_name, invert in refs:
             if ref_name in samples:
                 r = np.asarray(samples[ref_name]) / ms if invert else ms / np.asarray(samples[ref_name])
-                row |= {f"{key}_{p}": round(v, 4) for p, v in zip(("p20", "p50", "p80"), _pct(r))}
+                row |= bench.summary(r, key + "_{p}", 4)
         row |= {
             "param_bytes": sum(p.numel() * p.element_size() for p in c.model.parameters()),
             "buffer_bytes": sum(b.numel() * b.element_size() for b in c.model.buffers()),
@@ -246,32 +215,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reps", type=int, default=15, help="interleaved repetitions per (model, batch)")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--models", nargs="+", default=None, help=f"subset of {sorted(MODELS)}")
-    p.add_argument("--vocab", type=int, default=256, help="decoder vocabulary (GPT-2: 50257)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="tiny models, batch 1 and 2, 3 repetitions")
-    p.add_argument("--out", type=Path, default=None, help="result dir (must not exist)")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    models = QUICK_MODELS if args.quick else {k: MODELS[k] for k in (args.models or MODELS)}
-    batches = [1, 2] if args.quick else args.batches
-    reps = 3 if args.quick else args.reps
-    out = args.out or Path("benchmarks/results") / f"fold_speed-{time.strftime('%Y%m%d-%H%M%S')}"
-    out.mkdir(parents=True, exist_ok=False)
-    config = {"models": models, "batches": batches, "reps": reps, "vocab": args.vocab, "variants": VARIANTS}
-    env = collect_env() | {"argv": sys.argv, "threads": torch.get_num_threads(), "config": config, "seed": 0}
-    env |= {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch_imported_before_script": _TORCH_PRELOADED}
-    atomic_write_json(out / "env.json", env)
-    rows: list[dict[str, Any]] = []
-    for name, spec in models.items():
-        for batch in batches:
-            print(f"timing {name} batch {batch} ...", file=sys.stderr, flush=True)
-            case_rows = run_case_set(name, spec, batch, reps, args.vocab, 5.0 if args.quick else 50.0)
-            append_jsonl(out / "rows.jsonl", case_rows)  # each (model, batch) on disk as soon as it is timed
-            rows += case_rows
+    out, rows = bench.model_sweep(argv, __doc__, "fold_speed", MODELS, QUICK_MODELS, VARIANTS, run_case_set, vocab=256,
+                                vocab_help="decoder vocabulary (GPT-2: 50257)")
     print(format_table(rows))
     print(f"\nrows: {out / 'rows.jsonl'}")
     return 0

@@ -19,26 +19,19 @@ gives each variant's p50 and those ratios.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-# 2026-11-23: with OpenMP's default spin-waiting, 2-thread ops slow down many-fold whenever another
-# process holds a core (seen on the shared 2-core machine); passive waiting makes ratios comparable.
-# It must be set before torch is imported; env.json records the value in force.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import numpy as np  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
+import _common as bench  # noqa: E402  (before torch: it sets OMP_WAIT_POLICY, see there)
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import normlab  # noqa: E402
-from normlab._env import collect_env  # noqa: E402
-from normlab._io import append_jsonl, atomic_write_json  # noqa: E402  (the lab's row and env.json writers)
+from normlab._io import append_jsonl  # noqa: E402  (the lab's row writer)
 from normlab.kernels import ops  # noqa: E402
 
 SHAPES = [(512, 768), (8192, 1024), (2048, 4096)]
@@ -150,17 +143,6 @@ def _variants(c: int, dtype: torch.dtype = torch.float32) -> list[Variant]:
     return out
 
 
-def _time(fn: Callable[[], object], inner: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - t0) * 1e3 / inner
-
-
-def _message(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
 def _calls(v: Variant, base: torch.Tensor,
            shared: dict[tuple[object, ...], torch.Tensor] | None = None) -> dict[str, Callable[[], object]]:
     """The forward and forward+backward closures of one variant (raises if the variant cannot run). Variants with
@@ -201,14 +183,6 @@ def _row(shape: str, dtype: str, key: Key, reps: int, **fields: object) -> dict[
             "reps": reps}
 
 
-def _ratios(ms: list[float], base: list[float] | None, prefix: str) -> dict[str, float | None]:
-    """Percentiles of the per-repetition ratio (both measured in the same round), or ``None`` without a base."""
-    if base is None:
-        return {f"{prefix}_p{q}": None for q in (20, 50, 80)}
-    r = np.array(ms) / np.array(base)
-    return {f"{prefix}_p{q}": round(float(np.percentile(r, q)), 3) for q in (20, 50, 80)}
-
-
 def _torch_key(name: str, passes: str) -> Key:
     return (name, "torch", passes)
 
@@ -226,28 +200,12 @@ def _sample(variants: list[Variant], base: torch.Tensor, reps: int,
             fns = _calls(v, base, shared)
         except Exception as exc:
             for passes in v.passes:
-                errors[(v.name, v.backend, passes)] = v.error or _message(exc)
+                errors[(v.name, v.backend, passes)] = v.error or bench.message(exc)
             continue
         for passes, fn in fns.items():
             calls[(v.name, v.backend, passes)] = fn
             owner[(v.name, v.backend, passes)] = v
-    # Warm up and pick an inner count so a sample lasts ~20 ms.
-    inner: dict[Key, int] = {}
-    for key, fn in list(calls.items()):
-        try:
-            fn()
-            inner[key] = max(1, int(20.0 / max(_time(fn, 1), 1e-3)))
-        except Exception as exc:
-            errors[key] = _message(exc)
-            del calls[key]
-    samples: dict[Key, list[float]] = {k: [] for k in calls}
-    for _ in range(reps):
-        for key, fn in list(calls.items()):
-            try:
-                samples[key].append(_time(fn, inner[key]))
-            except Exception as exc:
-                errors[key] = _message(exc)
-                del calls[key], samples[key]
+    samples, inner = bench.interleaved(calls, reps, 20.0, rotate=False, errors=errors)  # ~20 ms per sample
     return samples, inner, owner
 
 
@@ -256,10 +214,8 @@ def run(shapes: list[tuple[int, int]], reps: int, out_dir: Path,
     """Time every variant at every shape and dtype. A variant that fails (to build, warm up or run) becomes a row
     with ``status="error"`` and the message, and the sweep goes on without it."""
     out_dir.mkdir(parents=True, exist_ok=False)
-    env = collect_env() | {"argv": sys.argv, "reps": reps, "shapes": shapes, "threads": torch.get_num_threads()}
-    env["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
-    env["load_average_at_start"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    atomic_write_json(out_dir / "env.json", env)
+    bench.write_env(out_dir, reps=reps, shapes=shapes,
+                    load_average_at_start=os.getloadavg() if hasattr(os, "getloadavg") else None)
     rows: list[dict[str, object]] = []
     done = 0
     for (t, c), (dname, dtype) in [(sh, d) for sh in shapes for d in (dtypes or DTYPES).items()]:
@@ -269,14 +225,14 @@ def run(shapes: list[tuple[int, int]], reps: int, out_dir: Path,
         load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None  # 1-min load after this group
         for key, ms in samples.items():
             name, backend, passes = key
-            p20, p50, p80 = np.percentile(ms, [20, 50, 80])
+            baseline = owner[key].baseline
+            ln, base = samples.get(_torch_key(LN, passes)), samples.get(_torch_key(baseline, passes))
+            clone = samples.get(("clone", "limit", "fwd")) if passes == "fwd" else None
             rows.append(_row(
-                shape, dname, key, reps, p20_ms=round(float(p20), 4), p50_ms=round(float(p50), 4),
-                p80_ms=round(float(p80), 4),
-                **_ratios(ms, samples.get(_torch_key(LN, passes)), "ratio_to_torch_layernorm"),
-                baseline=owner[key].baseline,
-                **_ratios(ms, samples.get(_torch_key(owner[key].baseline, passes)), "ratio_to_baseline"),
-                **_ratios(ms, samples.get(("clone", "limit", "fwd")) if passes == "fwd" else None, "ratio_to_clone"),
+                shape, dname, key, reps, **bench.summary(ms, "{p}_ms", 4),
+                **bench.ratio_summary(ms, ln, "ratio_to_torch_layernorm_{p}", 3), baseline=baseline,
+                **bench.ratio_summary(ms, base, "ratio_to_baseline_{p}", 3),
+                **bench.ratio_summary(ms, clone, "ratio_to_clone_{p}", 3),
                 inner=inner[key], load_1min=load, status="ok",
             ))
         for key, msg in errors.items():
@@ -311,14 +267,9 @@ def format_table(rows: list[dict[str, object]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--quick", action="store_true", help="one small shape, 3 repetitions")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=None, help="result dir (must not exist)")
-    args = p.parse_args(argv)
+    args = bench.parser(__doc__, quick="one small shape, 3 repetitions").parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = args.out or Path("benchmarks/results") / f"norm_speed-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = args.out or bench.default_out("norm_speed")
     rows = run(QUICK_SHAPES if args.quick else SHAPES, 3 if args.quick else args.reps, out)
     table = format_table(rows)
     (out / "table.txt").write_text(table + "\n")

@@ -22,25 +22,20 @@ Rows (JSONL) and ``env.json`` go to ``--out`` (default ``benchmarks/results/surg
 
 from __future__ import annotations
 
-import argparse
-import copy
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-_TORCH_PRELOADED = "torch" in sys.modules
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see fold_speed.py: spin-waiting threads on a shared machine
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
+import _common as bench  # noqa: E402  (before torch: it sets OMP_WAIT_POLICY, see there)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from normlab._env import collect_env  # noqa: E402
-from normlab._io import append_jsonl, atomic_write_json, atomic_write_text  # noqa: E402
+from normlab._io import atomic_write_text  # noqa: E402
 from normlab.surgery import (  # noqa: E402
     calibrate_sigma,
     convert_to_crms_norm,
@@ -114,18 +109,6 @@ def _variants(model: nn.Module, x: dict[str, Tensor]) -> dict[str, tuple[nn.Modu
     return out
 
 
-def _time(model: nn.Module, x: dict[str, Tensor], inner: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        _out(model, x)
-    return (time.perf_counter() - t0) * 1e3 / inner
-
-
-def _pct(values: Any) -> tuple[float, float, float]:
-    p20, p50, p80 = np.percentile(np.asarray(values), [20, 50, 80])
-    return float(p20), float(p50), float(p80)
-
-
 def run_case_set(name: str, spec: dict[str, Any], batch: int, reps: int, vocab: int,
                  sample_ms: float = 50.0) -> list[dict[str, Any]]:
     """Time every variant of one (model, batch), interleaved; one row per variant."""
@@ -133,17 +116,8 @@ def run_case_set(name: str, spec: dict[str, Any], batch: int, reps: int, vocab: 
         model, make = _build(spec, vocab)
         x = make(batch)
         cases = _variants(model, x)
-        ok = {k: v[0] for k, v in cases.items() if v[0] is not None}
-        inner = {}
-        for k, m in ok.items():
-            _time(m, x, 1)
-            inner[k] = max(1, int(round(sample_ms / max(_time(m, x, 1), 1e-3))))
-        samples: dict[str, list[float]] = {k: [] for k in ok}
-        names = list(ok)
-        for rep in range(reps):
-            r = rep % len(names)
-            for k in names[r:] + names[:r]:
-                samples[k].append(_time(ok[k], x, inner[k]))
+        calls = {k: (lambda m=v[0]: _out(m, x)) for k, v in cases.items() if v[0] is not None}
+        samples, inner = bench.interleaved(calls, reps, sample_ms)
     base = {"model": name, "batch": batch, "tokens": spec["seq"], "device": "cpu", "dtype": "float32"}
     rows = []
     for variant in VARIANTS:
@@ -154,8 +128,7 @@ def run_case_set(name: str, spec: dict[str, Any], batch: int, reps: int, vocab: 
         ms = np.asarray(samples[variant])
         ratio = ms / np.asarray(samples["original"])
         row = base | {"variant": variant, "status": "ok", "max_rel_err": err, "reps": reps, "inner": inner[variant]}
-        row |= dict(zip(("p20_ms", "p50_ms", "p80_ms"), (round(v, 4) for v in _pct(ms))))
-        row |= {f"ratio_to_original_{p}": round(v, 4) for p, v in zip(("p20", "p50", "p80"), _pct(ratio))}
+        row |= bench.summary(ms, "{p}_ms", 4) | bench.summary(ratio, "ratio_to_original_{p}", 4)
         row["param_bytes"] = sum(p.numel() * p.element_size() for p in m.parameters())
         row["samples_ms"] = [round(float(v), 6) for v in ms]
         rows.append(row)
@@ -177,33 +150,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reps", type=int, default=15, help="interleaved repetitions per (model, batch)")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--models", nargs="+", default=None, help=f"subset of {sorted(MODELS)}")
-    p.add_argument("--vocab", type=int, default=50257, help="GPT-2 vocabulary (256: the blocks dominate)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="tiny models, batch 1 and 2, 3 repetitions")
-    p.add_argument("--out", type=Path, default=None, help="result dir (must not exist)")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    models = QUICK_MODELS if args.quick else {k: MODELS[k] for k in (args.models or MODELS)}
-    batches = [1, 2] if args.quick else args.batches
-    reps = 3 if args.quick else args.reps
-    vocab = 320 if args.quick else args.vocab
-    out = args.out or Path("benchmarks/results") / f"surgery_speed-{time.strftime('%Y%m%d-%H%M%S')}"
-    out.mkdir(parents=True, exist_ok=False)
-    config = {"models": models, "batches": batches, "reps": reps, "vocab": vocab, "variants": VARIANTS}
-    env = collect_env() | {"argv": sys.argv, "threads": torch.get_num_threads(), "config": config, "seed": 0}
-    env |= {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch_imported_before_script": _TORCH_PRELOADED}
-    atomic_write_json(out / "env.json", env)
-    rows: list[dict[str, Any]] = []
-    for name, spec in models.items():
-        for batch in batches:
-            print(f"timing {name} batch {batch} ...", file=sys.stderr, flush=True)
-            case_rows = run_case_set(name, copy.deepcopy(spec), batch, reps, vocab, 5.0 if args.quick else 50.0)
-            append_jsonl(out / "rows.jsonl", case_rows)
-            rows += case_rows
+    out, rows = bench.model_sweep(argv, __doc__, "surgery_speed", MODELS, QUICK_MODELS, VARIANTS, run_case_set,
+                                  vocab=50257, vocab_help="GPT-2 vocabulary (256: the blocks dominate)",
+                                  quick_vocab=320)
     table = format_table(rows)
     atomic_write_text(out / "table.txt", table + "\n")
     print(table)

@@ -19,7 +19,9 @@ from torch import Tensor, nn
 
 __all__ = [
     "Batch",
+    "Batches",
     "BlockCapture",
+    "Layers",
     "LossFn",
     "Row",
     "as_batches",
@@ -33,6 +35,8 @@ __all__ = [
 Row = dict[str, Any]
 Batch = Tensor | Mapping[str, Any]
 LossFn = Callable[[Any, Mapping[str, Any]], Tensor]
+Batches = Batch | Iterable[Batch]  # one batch or several
+Layers = Sequence[nn.Module] | str | None  # the blocks, an attribute path to them, or None: discovered
 
 # Where common Hugging Face architectures keep their block list (BERT/RoBERTa, LLaMA/Mistral/Qwen, GPT-2,
 # OPT, GPT-NeoX/Pythia, T5 encoders, ViT); the first attribute path that resolves to a ModuleList wins.
@@ -63,7 +67,7 @@ def _resolve(model: nn.Module, path: str) -> Any:
     return obj
 
 
-def find_layers(model: nn.Module, layers: Sequence[nn.Module] | str | None = None) -> list[nn.Module]:
+def find_layers(model: nn.Module, layers: Layers = None) -> list[nn.Module]:
     """The model's blocks in forward order.
 
     Args:
@@ -103,7 +107,7 @@ def find_layers(model: nn.Module, layers: Sequence[nn.Module] | str | None = Non
     )
 
 
-def as_batches(batches: Batch | Iterable[Batch]) -> list[dict[str, Any]]:
+def as_batches(batches: Batches) -> list[dict[str, Any]]:
     """Normalise one batch or an iterable of batches to a list of keyword dicts for ``model(**batch)``.
 
     A batch is a token-id tensor ``(B, N)`` or a mapping such as ``{"input_ids", "attention_mask", "labels"}``

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from normlab.diagnostics._capture import (
-    Batch,
+    Batches,
     BlockCapture,
+    Layers,
     LossFn,
     Row,
     as_batches,
@@ -46,10 +47,10 @@ DEFAULT_METRICS = (*REPRESENTATION_METRICS, "attention_entropy")
 
 def collect(
     model: nn.Module,
-    batches: Batch | Iterable[Batch],
+    batches: Batches,
     metrics: Sequence[str] | None = None,
     *,
-    layers: Sequence[nn.Module] | str | None = None,
+    layers: Layers = None,
     loss_fn: LossFn | None = None,
     max_gap: int = 1,
     top_k: int = 3,
@@ -130,7 +131,7 @@ def _chosen_metrics(model: Any, metrics: Sequence[str] | None) -> tuple[str, ...
     return chosen
 
 
-def _discover_blocks(model: nn.Module, layers: Sequence[nn.Module] | str | None) -> list[nn.Module] | None:
+def _discover_blocks(model: nn.Module, layers: Layers) -> list[nn.Module] | None:
     """The blocks named by ``layers``, or discovered; ``None`` when discovery finds none (the forward metrics then
     fall back to ``output_hidden_states``). A ``layers`` that names no block raises."""
     try:

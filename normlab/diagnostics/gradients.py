@@ -11,15 +11,16 @@ Gromov et al. 2024 (https://arxiv.org/abs/2403.17887).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from normlab.diagnostics._capture import (
-    Batch,
+    Batches,
     BlockCapture,
+    Layers,
     LossFn,
     MeanAcc,
     Row,
@@ -56,7 +57,7 @@ def _param_rows_from(
 
 
 def param_grad_rows(
-    model: nn.Module, *, layers: Sequence[nn.Module] | str | None = None, per_parameter: bool = True
+    model: nn.Module, *, layers: Layers = None, per_parameter: bool = True
 ) -> list[Row]:
     """Per-block parameter gradient norms from the ``.grad`` fields left by your own ``loss.backward()``.
 
@@ -75,9 +76,9 @@ def param_grad_rows(
 
 def gradient_rows(
     model: nn.Module,
-    batches: Batch | Iterable[Batch],
+    batches: Batches,
     *,
-    layers: Sequence[nn.Module] | str | None = None,
+    layers: Layers = None,
     loss_fn: LossFn | None = None,
     per_parameter: bool = True,
     activations: bool = True,
@@ -141,11 +142,7 @@ def _activation_stats(g: Tensor | None, mask: Tensor) -> list[tuple[str, float]]
 
 
 def activation_grad_rows(
-    model: nn.Module,
-    batches: Batch | Iterable[Batch],
-    *,
-    layers: Sequence[nn.Module] | str | None = None,
-    loss_fn: LossFn | None = None,
+    model: nn.Module, batches: Batches, *, layers: Layers = None, loss_fn: LossFn | None = None
 ) -> list[Row]:
     """Only the ``activation_grad_norm`` rows of :func:`gradient_rows`."""
     rows = gradient_rows(model, batches, layers=layers, loss_fn=loss_fn, per_parameter=False)
@@ -154,11 +151,7 @@ def activation_grad_rows(
 
 @torch.no_grad()
 def layer_skip_rows(
-    model: nn.Module,
-    batches: Batch | Iterable[Batch],
-    *,
-    layers: Sequence[nn.Module] | str | None = None,
-    loss_fn: LossFn | None = None,
+    model: nn.Module, batches: Batches, *, layers: Layers = None, loss_fn: LossFn | None = None
 ) -> list[Row]:
     """D2: the loss change when block ℓ is replaced by the identity (``x_{ℓ+1} := x_ℓ``), one block at a time.
 

@@ -35,6 +35,20 @@ def _save(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
+def _finish_lines(fig: Any, ax: Any, path: Path, *, xlabel: str, ylabel: str, title: str, log_y: bool,
+                  legend_size: int) -> None:
+    """Labels, the optional log scale, grid and legend of a line plot, then :func:`_save`."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size, ncol=2)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def plot_curves(
     series: dict[str, dict[int, list[float]]],
     path: Path,
@@ -76,15 +90,7 @@ def plot_curves(
         bottom = min(lows)
         if math.isfinite(top) and math.isfinite(bottom) and top > bottom:
             ax.set_ylim(bottom - 0.02 * (top - bottom), top)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    if log_y:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    _save(fig, path)
+    _finish_lines(fig, ax, path, xlabel="step", ylabel=ylabel, title=title, log_y=log_y, legend_size=8)
 
 
 def plot_throughput(values: Mapping[str, Sequence[float]], path: Path, *, unit: str) -> None:
@@ -127,12 +133,5 @@ def plot_per_layer_arms(
             label = f"{arm} (step {step})"
             ax.plot(layers, [by_step[step][ell] for ell in layers], style, color=color, marker="o", markersize=3,
                     label=label, linewidth=1.4)
-    ax.set_xlabel("layer (0 = embedding output)")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} per layer, mean over seeds")
-    if log_y:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    _save(fig, path)
+    _finish_lines(fig, ax, path, xlabel="layer (0 = embedding output)", ylabel=metric,
+                  title=f"{metric} per layer, mean over seeds", log_y=log_y, legend_size=7)

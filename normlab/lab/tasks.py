@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from normlab._env import Requirement
 from normlab.data.images import REQUIREMENTS as IMAGE_REQUIREMENTS
 from normlab.lab.dist import DistInfo, all_reduce_sum
+from normlab.models import CNNConfig, DecoderLM, DigitsCNN, TransformerConfig
 
 if TYPE_CHECKING:  # config imports this module for the task table
     from normlab.lab.config import SuiteConfig
@@ -55,10 +56,14 @@ class Task:
         self.dist = dist
         self.device = device
 
+    # The model config dataclass (``from_dict``, ``to_dict``) and the model class that :meth:`build` makes of it.
+    config_class: Any = None
+    model_class: Any = None
+
     @classmethod
-    def model_config_class(cls) -> Any:  # pragma: no cover - abstract
+    def model_config_class(cls) -> Any:
         """The model config dataclass (``from_dict``, ``to_dict``) of the task's model."""
-        raise NotImplementedError
+        return cls.config_class
 
     @classmethod
     def model_defaults(cls, cfg: SuiteConfig) -> dict[str, Any]:
@@ -81,8 +86,9 @@ class Task:
         return cls.build(cls.model_config_class().from_dict(model_cfg))
 
     @classmethod
-    def build(cls, model_cfg: Any) -> nn.Module:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def build(cls, model_cfg: Any) -> nn.Module:
+        """The model of a model config (an instance of :attr:`config_class`); default: :attr:`model_class` of it."""
+        return cls.model_class(model_cfg)
 
     @classmethod
     def smoke_batch(cls, cfg: SuiteConfig, model_cfg: Any) -> Batch:  # pragma: no cover - abstract
@@ -92,8 +98,9 @@ class Task:
     def sample(self, rng: np.random.Generator, batch_size: int) -> Batch:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def units(self, batch: Batch) -> int:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def units(self, batch: Batch) -> int:
+        """The throughput units in a training batch; default: its samples (the first tensor's leading size)."""
+        return int(next(iter(batch.values())).shape[0])
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         return model(**batch).loss
@@ -126,11 +133,31 @@ class Task:
         """Extra eval metrics computed once, at the last step (after :meth:`evaluate`); default none."""
         return {}
 
-    def diagnostics_batch(self) -> Batch:  # pragma: no cover - abstract
-        raise NotImplementedError
+    # This rank's validation batches on the CPU, as the defaults below read them (set by the subclass).
+    _val: list[Any]
 
-    def _eval_batches(self) -> list[Batch]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def diagnostics_batch(self) -> Batch:
+        """The batch the diagnostics run on; default: the first validation batch."""
+        return self._to_device(self._val[0])
+
+    def _eval_batches(self) -> list[Batch]:
+        """This rank's validation batches on the device; default: those of ``self._val``."""
+        return [self._to_device(b) for b in self._val]
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _rank_batches(self, **tensors: Tensor) -> list[Batch]:
+        """This rank's slice of the validation ``tensors`` (all of one length), cut into ``eval_batch_size``
+        batches keyed by the argument names."""
+        mine = {k: t[self.dist.rank :: self.dist.world_size] for k, t in tensors.items()}
+        n, bs = len(next(iter(mine.values()))), self.cfg.eval_batch_size
+        return [{k: t[i : i + bs] for k, t in mine.items()} for i in range(0, n, bs)]
+
+    def _draw(self, rng: np.random.Generator, batch_size: int, x: Tensor, labels: Tensor) -> Batch:
+        """A training batch of ``batch_size`` images ``x`` and their ``labels``, drawn with replacement by ``rng``."""
+        idx = torch.from_numpy(rng.integers(0, len(labels), size=batch_size))
+        return {"x": x[idx].to(self.device), "labels": labels[idx].to(self.device)}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -163,6 +190,8 @@ class LMTask(Task):
 
     unit = "tokens/s"
     independent_model_keys = ("norm", "placement", "mlp", "qk_norm")
+    config_class = TransformerConfig
+    model_class = DecoderLM
 
     def __init__(self, cfg: SuiteConfig, dist: DistInfo, device: torch.device) -> None:
         super().__init__(cfg, dist, device)
@@ -175,11 +204,6 @@ class LMTask(Task):
         self._val = [mine[i : i + cfg.eval_batch_size] for i in range(0, len(mine), cfg.eval_batch_size)]
         self._diag = windows[: min(8, total)]
 
-    @classmethod
-    def model_config_class(cls) -> Any:
-        from normlab.models.config import TransformerConfig
-
-        return TransformerConfig
 
     @classmethod
     def model_defaults(cls, cfg: SuiteConfig) -> dict[str, Any]:
@@ -195,12 +219,6 @@ class LMTask(Task):
         if model_cfg.max_seq_len < cfg.seq_len:
             return [f"max_seq_len={model_cfg.max_seq_len} is shorter than seq_len={cfg.seq_len}"]
         return []
-
-    @classmethod
-    def build(cls, model_cfg: Any) -> nn.Module:
-        from normlab.models import DecoderLM
-
-        return DecoderLM(model_cfg)
 
     @classmethod
     def smoke_batch(cls, cfg: SuiteConfig, model_cfg: Any) -> Batch:
@@ -235,44 +253,23 @@ class DigitsTask(Task):
     unit = "samples/s"
     eval_metrics = ("val_loss", "val_acc")
     requirements = IMAGE_REQUIREMENTS
+    config_class = CNNConfig
+    model_class = DigitsCNN
 
     def __init__(self, cfg: SuiteConfig, dist: DistInfo, device: torch.device) -> None:
         super().__init__(cfg, dist, device)
         from normlab.data.images import load_digits_split
 
         self.data = load_digits_split(val_fraction=cfg.val_fraction)
-        x, y = self.data.x_val[dist.rank :: dist.world_size], self.data.y_val[dist.rank :: dist.world_size]
-        bs = cfg.eval_batch_size
-        self._val = [{"x": x[i : i + bs], "labels": y[i : i + bs]} for i in range(0, len(x), bs)]
+        self._val = self._rank_batches(x=self.data.x_val, labels=self.data.y_val)
 
-    @classmethod
-    def model_config_class(cls) -> Any:
-        from normlab.models.cnn import CNNConfig
-
-        return CNNConfig
-
-    @classmethod
-    def build(cls, model_cfg: Any) -> nn.Module:
-        from normlab.models.cnn import DigitsCNN
-
-        return DigitsCNN(model_cfg)
 
     @classmethod
     def smoke_batch(cls, cfg: SuiteConfig, model_cfg: Any) -> Batch:
         return {"x": torch.rand(2, model_cfg.in_channels, 8, 8), "labels": torch.tensor([0, 1])}
 
     def sample(self, rng: np.random.Generator, batch_size: int) -> Batch:
-        idx = torch.from_numpy(rng.integers(0, len(self.data.y_train), size=batch_size))
-        return {"x": self.data.x_train[idx].to(self.device), "labels": self.data.y_train[idx].to(self.device)}
-
-    def units(self, batch: Batch) -> int:
-        return int(batch["x"].shape[0])
-
-    def _eval_batches(self) -> list[Batch]:
-        return [{k: v.to(self.device) for k, v in b.items()} for b in self._val]
-
-    def diagnostics_batch(self) -> Batch:
-        return {k: v.to(self.device) for k, v in self._val[0].items()}
+        return self._draw(rng, batch_size, self.data.x_train, self.data.y_train)
 
 
 # The task modules subclass Task, so they are imported after it.

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from normlab.data.inpainting import REQUIREMENTS
 from normlab.lab.dist import DistInfo, all_reduce_sum
 from normlab.lab.tasks import Batch, Task
+from normlab.models.inpainting import InpaintingConfig, InpaintingGenerator
 
 if TYPE_CHECKING:
     from normlab.lab.config import SuiteConfig
@@ -74,28 +75,15 @@ class InpaintingTask(Task):
     requirements = REQUIREMENTS
     independent_model_keys = ("norm", "later_norm")
     patch_size = 32
+    config_class = InpaintingConfig
+    model_class = InpaintingGenerator
 
     def __init__(self, cfg: SuiteConfig, dist: DistInfo, device: torch.device) -> None:
         super().__init__(cfg, dist, device)
         from normlab.data.inpainting import load_inpainting_split
 
         self.data = load_inpainting_split(self.patch_size, train_fraction=1.0 - cfg.val_fraction)
-        x = self.data.val_images[dist.rank :: dist.world_size]
-        m = self.data.val_masks[dist.rank :: dist.world_size]
-        bs = cfg.eval_batch_size
-        self._val = [{"image": x[i : i + bs], "mask": m[i : i + bs]} for i in range(0, len(x), bs)]
-
-    @classmethod
-    def model_config_class(cls) -> Any:
-        from normlab.models.inpainting import InpaintingConfig
-
-        return InpaintingConfig
-
-    @classmethod
-    def build(cls, model_cfg: Any) -> nn.Module:
-        from normlab.models.inpainting import InpaintingGenerator
-
-        return InpaintingGenerator(model_cfg)
+        self._val = self._rank_batches(image=self.data.val_images, mask=self.data.val_masks)
 
     @classmethod
     def suite_problems(cls, cfg: SuiteConfig) -> list[str]:
@@ -118,18 +106,9 @@ class InpaintingTask(Task):
         mask = random_masks(rng, batch_size, self.patch_size)
         return {"image": image.to(self.device), "mask": mask.to(self.device)}
 
-    def units(self, batch: Batch) -> int:
-        return int(batch["image"].shape[0])
-
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         out = model(batch["image"], batch["mask"], target=batch["image"])
         return out.loss
-
-    def _eval_batches(self) -> list[Batch]:
-        return [{k: v.to(self.device) for k, v in b.items()} for b in self._val]
-
-    def diagnostics_batch(self) -> Batch:
-        return {k: v.to(self.device) for k, v in self._val[0].items()}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:

@@ -184,10 +184,27 @@ class _ShiftTask(Task):
         return cls.model_config_class().from_dict({**cls.model_defaults(cfg), **cfg.model})
 
     @classmethod
-    def arm_problems(cls, cfg: Any, model_cfg: Any) -> list[str]:
+    def valid_protocol(cls, cfg: Any) -> Any | None:
+        """:meth:`protocol`, or ``None`` where the suite's model table is invalid (reported elsewhere)."""
         try:
-            base = cls.protocol(cfg)
+            return cls.protocol(cfg)
         except (TypeError, ValueError):
+            return None
+
+    @classmethod
+    def claim_metrics(cls, cfg: Any) -> tuple[str, ...]:
+        p = cls.valid_protocol(cfg)
+        return cls.eval_metrics if p is None else (*cls.eval_metrics, *cls.protocol_metrics(p))
+
+    @classmethod
+    def protocol_metrics(cls, p: Any) -> list[str]:  # pragma: no cover - abstract
+        """The eval metrics the protocol ``p`` adds to :attr:`eval_metrics`."""
+        raise NotImplementedError
+
+    @classmethod
+    def arm_problems(cls, cfg: Any, model_cfg: Any) -> list[str]:
+        base = cls.valid_protocol(cfg)
+        if base is None:
             return []  # the base table's own problems are reported elsewhere
         return [f"{k}: the protocol is suite-wide; set it in [model], not in an arm (arm {getattr(model_cfg, k)!r}, "
                 f"suite {getattr(base, k)!r})" for k in cls.protocol_keys if getattr(model_cfg, k) != getattr(base, k)]
@@ -200,6 +217,7 @@ class TTATask(_ShiftTask):
     """Source training on clean digits; the TTA grid at the last step (see the module docstring)."""
 
     protocol_keys = _TTA_PROTOCOL
+    config_class = ShiftCNNConfig
 
     def __init__(self, cfg: Any, dist: Any, device: torch.device) -> None:
         super().__init__(cfg, dist, device)
@@ -208,15 +226,7 @@ class TTATask(_ShiftTask):
         self.x_train, self.x_test = _float(self.data.x_train), _float(self.data.x_test)
 
     @classmethod
-    def model_config_class(cls) -> Any:
-        return ShiftCNNConfig
-
-    @classmethod
-    def claim_metrics(cls, cfg: Any) -> tuple[str, ...]:
-        try:
-            p = cls.protocol(cfg)
-        except (TypeError, ValueError):
-            return cls.eval_metrics
+    def protocol_metrics(cls, p: Any) -> list[str]:
         names = [f"layers_{m}" for m in p.methods]
         for m in p.methods:
             for s in p.severities:
@@ -224,7 +234,7 @@ class TTATask(_ShiftTask):
                     for b in p.test_batch_sizes:
                         base = f"err_{m}_{label_tag(lab)}_b{b}_s{s}"
                         names += [base] + [f"{base}_{c}" for c in p.corruptions]
-        return (*cls.eval_metrics, *names)
+        return names
 
     @classmethod
     def build(cls, model_cfg: Any) -> nn.Module:
@@ -240,8 +250,7 @@ class TTATask(_ShiftTask):
     eval_metrics = ("val_loss", "val_acc")
 
     def sample(self, rng: np.random.Generator, batch_size: int) -> Batch:
-        idx = torch.from_numpy(rng.integers(0, len(self.data.y_train), size=batch_size))
-        return {"x": self.x_train[idx].to(self.device), "labels": self.data.y_train[idx].to(self.device)}
+        return self._draw(rng, batch_size, self.x_train, self.data.y_train)
 
     def _eval_batches(self) -> list[Batch]:
         bs = self.cfg.eval_batch_size
@@ -341,6 +350,7 @@ class FederatedTask(_ShiftTask):
     """FedAvg / FedBN / FedWon over corruption-domain clients (see the module docstring)."""
 
     protocol_keys = _FED_PROTOCOL
+    config_class = FedConfig
     eval_metrics = ("val_loss", "val_acc")
 
     def __init__(self, cfg: Any, dist: Any, device: torch.device) -> None:
@@ -353,24 +363,13 @@ class FederatedTask(_ShiftTask):
         self.test_x = [_float(self.data.domains[c, p.severity][0]) for c in p.corruptions]
 
     @classmethod
-    def model_config_class(cls) -> Any:
-        return FedConfig
-
-    @classmethod
-    def claim_metrics(cls, cfg: Any) -> tuple[str, ...]:
-        try:
-            p = cls.protocol(cfg)
-        except (TypeError, ValueError):
-            return cls.eval_metrics
-        return (*cls.eval_metrics, "acc_mean", *[f"acc_{c}" for c in p.corruptions])
+    def protocol_metrics(cls, p: Any) -> list[str]:
+        return ["acc_mean", *[f"acc_{c}" for c in p.corruptions]]
 
     @classmethod
     def suite_problems(cls, cfg: Any) -> list[str]:
-        try:
-            p = cls.protocol(cfg)
-        except (TypeError, ValueError):
-            return []
-        if cfg.steps % p.local_steps:
+        p = cls.valid_protocol(cfg)
+        if p is not None and cfg.steps % p.local_steps:
             return [f"steps: expected a multiple of local_steps={p.local_steps} (whole rounds), got {cfg.steps}"]
         return []
 

@@ -125,6 +125,7 @@ class DigitsResNetTask(Task):
     eval_metrics: tuple[str, ...] = ("val_loss", "val_acc")
     requirements = IMAGE_REQUIREMENTS
     independent_model_keys = ("norm", "conv", "trainable", "gamma_init")
+    config_class = VisionResNetConfig
 
     def __init__(self, cfg: SuiteConfig, dist: DistInfo, device: torch.device) -> None:
         super().__init__(cfg, dist, device)
@@ -134,21 +135,12 @@ class DigitsResNetTask(Task):
         self.size, self.channels = model_cfg.image_size, model_cfg.in_channels
         data = load_digits_split(val_fraction=cfg.val_fraction)
         self.x_train, self.y_train = self._images(data.x_train), data.y_train
-        x_val, y_val = self._images(data.x_val), data.y_val
-        self._val = self._split(x_val[dist.rank :: dist.world_size], y_val[dist.rank :: dist.world_size])
+        self._val = self._rank_batches(x=self._images(data.x_val), labels=data.y_val)
 
     def _images(self, x: Tensor) -> Tensor:
         """``(N, 1, 8, 8)`` in [0, 1] -> ``(N, C, S, S)`` centred at 0 (bilinear enlargement)."""
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         return (x.clamp(0.0, 1.0) - 0.5).expand(-1, self.channels, -1, -1).contiguous()
-
-    def _split(self, x: Tensor, y: Tensor) -> list[Batch]:
-        bs = self.cfg.eval_batch_size
-        return [{"x": x[i : i + bs], "labels": y[i : i + bs]} for i in range(0, len(x), bs)]
-
-    @classmethod
-    def model_config_class(cls) -> Any:
-        return VisionResNetConfig
 
     @classmethod
     def model_defaults(cls, cfg: SuiteConfig) -> dict[str, Any]:
@@ -209,17 +201,7 @@ class DigitsResNetTask(Task):
             attach_agc(optimizer, agc_parameters(model), clipping=vc.agc_clipping)
 
     def sample(self, rng: np.random.Generator, batch_size: int) -> Batch:
-        idx = torch.from_numpy(rng.integers(0, len(self.y_train), size=batch_size))
-        return {"x": self.x_train[idx].to(self.device), "labels": self.y_train[idx].to(self.device)}
-
-    def units(self, batch: Batch) -> int:
-        return int(batch["x"].shape[0])
-
-    def _eval_batches(self) -> list[Batch]:
-        return [{k: v.to(self.device) for k, v in b.items()} for b in self._val]
-
-    def diagnostics_batch(self) -> Batch:
-        return {k: v.to(self.device) for k, v in self._val[0].items()}
+        return self._draw(rng, batch_size, self.x_train, self.y_train)
 
 
 def appearance_shift(x: Tensor, seed: int = 0) -> Tensor:
@@ -250,7 +232,7 @@ class StyleShiftTask(DigitsResNetTask):
         loss_sum = correct = count = 0.0
         try:
             for batch in self._shifted:
-                b = {k: v.to(self.device) for k, v in batch.items()}
+                b = self._to_device(batch)
                 res = model(**b)
                 n = float(b["x"].shape[0])
                 loss_sum += float(res.loss) * n

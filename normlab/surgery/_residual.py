@@ -113,24 +113,13 @@ def _gpt2(class_name: str) -> Callable[[nn.Module], bool]:
     return lambda m: _hf_type(m) == "gpt2" and type(m).__name__ == class_name
 
 
+# One line per part of the stream: the family, the embeddings and blocks, the attention, the MLP, the end.
 _GPT2 = StreamMap(
-    family="gpt2",
-    matches=_gpt2("GPT2LMHeadModel"),
-    refuse=_gpt2_refuse,
-    base="transformer",
-    token_embedding="wte",
-    position_embedding="wpe",
-    blocks="h",
-    attn_norm="ln_1",
-    attn_readers=("attn.c_attn",),
-    value=("attn.c_attn", 2, 3),
-    attn_writer=("attn.c_proj",),
-    mlp_norm="ln_2",
-    mlp_readers=("mlp.c_fc",),
-    mlp_writer=("mlp.c_proj",),
-    final_norm="ln_f",
-    head="lm_head",
-    stream_dropout=("drop", "block.attn.resid_dropout", "block.mlp.dropout"),
+    family="gpt2", matches=_gpt2("GPT2LMHeadModel"), refuse=_gpt2_refuse,
+    base="transformer", token_embedding="wte", position_embedding="wpe", blocks="h",
+    attn_norm="ln_1", attn_readers=("attn.c_attn",), value=("attn.c_attn", 2, 3), attn_writer=("attn.c_proj",),
+    mlp_norm="ln_2", mlp_readers=("mlp.c_fc",), mlp_writer=("mlp.c_proj",),
+    final_norm="ln_f", head="lm_head", stream_dropout=("drop", "block.attn.resid_dropout", "block.mlp.dropout"),
 )
 
 STREAM_MAPS: tuple[StreamMap, ...] = (
@@ -138,24 +127,13 @@ STREAM_MAPS: tuple[StreamMap, ...] = (
     dataclasses.replace(_GPT2, family="gpt2-classifier", head="score", matches=_gpt2("GPT2ForSequenceClassification")),
     dataclasses.replace(_GPT2, family="gpt2-base", base="", head=None, matches=_gpt2("GPT2Model")),
     StreamMap(
-        family="normlab-decoder",
-        matches=_is_decoder_lm,
-        refuse=_decoder_refuse,
-        base="",
-        token_embedding="embed",
-        position_embedding="pos_embed",
-        blocks="blocks",
-        attn_norm="attn_in_norm",
-        attn_readers=("attn.q_proj", "attn.k_proj", "attn.v_proj"),
-        value=("attn.v_proj", 0, 1),
-        attn_writer=("attn.out_proj",),
-        mlp_norm="mlp_in_norm",
-        mlp_readers=("mlp.fc1", "mlp.gate_proj", "mlp.up_proj"),
+        family="normlab-decoder", matches=_is_decoder_lm, refuse=_decoder_refuse,
+        base="", token_embedding="embed", position_embedding="pos_embed", blocks="blocks",
+        attn_norm="attn_in_norm", attn_readers=("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+        value=("attn.v_proj", 0, 1), attn_writer=("attn.out_proj",), attn_width_from_input=True,
+        mlp_norm="mlp_in_norm", mlp_readers=("mlp.fc1", "mlp.gate_proj", "mlp.up_proj"),
         mlp_writer=("mlp.fc2", "mlp.down_proj"),
-        final_norm="final_norm",
-        head="lm_head",
-        stream_dropout=("drop", "block.drop"),
-        attn_width_from_input=True,
+        final_norm="final_norm", head="lm_head", stream_dropout=("drop", "block.drop"),
     ),
 )
 

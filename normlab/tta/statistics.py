@@ -160,7 +160,28 @@ def train_mode_forward(module: nn.Module, *args: Any, restore_stats: bool = Fals
             m._buffers[k] = b
 
 
-class AlphaBN(_Layer):
+class _SourceBlend(_Layer):
+    """α-BN and RBN: the test batch's moments over every axis but the channel axis, which :meth:`_normalize` blends
+    with the source running statistics (:func:`_blend`); :meth:`_check` first rejects a batch too small for them."""
+
+    def __call__(self, module: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
+        x, mask = args[0], find_mask(args, kwargs)
+        self._check(x, mask)
+        cd = self.channel_dim % x.dim()
+        xc = x.to(compute_dtype(x))
+        flat, valid = batch_rows(xc, cd, mask)
+        return self._normalize(module, _view(module), x, xc, cd, flat, *weighted_moments(flat, valid, 0))
+
+    def _check(self, x: Tensor, mask: Tensor | None) -> None:
+        check_values_per_channel(x, self.channel_dim, mask, self.method, self.name)
+
+    def _normalize(self, module: nn.Module, view: BatchStatView, x: Tensor, xc: Tensor, cd: int, flat: Tensor,
+                   count: Tensor, mean: Tensor, var: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """The output from the batch's rows ``flat`` (``xc`` channel-last) and their weighted moments."""
+        raise NotImplementedError
+
+
+class AlphaBN(_SourceBlend):
     """α-BN: normalize with ``(1-α)·source + α·test`` statistics, the test variance unbiased (the benchmark's
     ``AlphaBatchNorm`` gets it from a ``momentum=1`` BatchNorm's running variance); source weight, bias and eps."""
 
@@ -170,14 +191,8 @@ class AlphaBN(_Layer):
         super().__init__(name, module)
         self.alpha = alpha
 
-    def __call__(self, module: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
-        x, mask = args[0], find_mask(args, kwargs)
-        check_values_per_channel(x, self.channel_dim, mask, self.method, self.name)
-        view = _view(module)
-        cd = self.channel_dim % x.dim()
-        xc = x.to(compute_dtype(x))
-        flat, valid = batch_rows(xc, cd, mask)
-        count, mean, var = weighted_moments(flat, valid, 0)
+    def _normalize(self, module: nn.Module, view: BatchStatView, x: Tensor, xc: Tensor, cd: int, flat: Tensor,
+                   count: Tensor, mean: Tensor, var: Tensor) -> Tensor:
         unbiased = var * (count / (count - 1.0))
         assert view.running_mean is not None
         mix_mean = _blend(self.alpha, view.running_mean, mean)
@@ -187,7 +202,7 @@ class AlphaBN(_Layer):
         return y.movedim(1, cd).to(x.dtype)
 
 
-class RobustBN(_Layer):
+class RobustBN(_SourceBlend):
     """RoTTA's robust BN: ``μ ← (1-a)·μ + a·μ_B``, ``σ² ← (1-a)·σ² + a·σ²_B`` (biased batch variance) in the running
     buffers, starting from the source statistics, and normalization with the updated values."""
 
@@ -197,19 +212,16 @@ class RobustBN(_Layer):
         super().__init__(name, module)
         self.momentum = momentum
 
-    def __call__(self, module: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
-        x, mask = args[0], find_mask(args, kwargs)
-        cd = self.channel_dim % x.dim()
-        if values_per_channel(x, cd, mask, f"{self.method}: layer {self.name!r}") < 1:
+    def _check(self, x: Tensor, mask: Tensor | None) -> None:
+        if values_per_channel(x, self.channel_dim % x.dim(), mask, f"{self.method}: layer {self.name!r}") < 1:
             raise ValueError(f"{self.method}: layer {self.name!r} got no valid value per channel (input of size "
                              f"{list(x.shape)}); expected at least 1")
-        view = _view(module)
+
+    def _normalize(self, module: nn.Module, view: BatchStatView, x: Tensor, xc: Tensor, cd: int, flat: Tensor,
+                   count: Tensor, mean: Tensor, var: Tensor) -> Tensor:
         assert view.running_mean is not None
-        xc = x.to(compute_dtype(x))
-        flat, valid = batch_rows(xc, cd, mask)
-        _, b_mean, b_var = weighted_moments(flat, valid, 0)
-        mean = _blend(self.momentum, view.running_mean, b_mean)
-        var = _blend(self.momentum, view.running_var, b_var)
+        mean = _blend(self.momentum, view.running_mean, mean)
+        var = _blend(self.momentum, view.running_var, var)
         with torch.no_grad():
             view.running_mean.copy_(mean)
             view.running_var.copy_(var)

@@ -4,14 +4,14 @@ asserts)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
+
+from tests.benchmarks._scripts import load_script
 
 KEYS = {
     "model", "batch", "tokens", "device", "dtype", "variant", "folded", "n_folded", "p20_ms", "p50_ms", "p80_ms",
@@ -22,13 +22,7 @@ KEYS = {
 
 
 def _load() -> ModuleType:
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "fold_speed.py"
-    spec = importlib.util.spec_from_file_location("fold_speed", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fold_speed"] = mod  # dataclasses look their module up here
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("fold_speed")
 
 
 def test_quick_run_writes_rows_with_the_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

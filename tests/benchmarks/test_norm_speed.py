@@ -3,25 +3,18 @@ schema (no timing asserts)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from normlab.registry import list_norms
+from tests.benchmarks._scripts import load_script
 
 
 def _load() -> object:
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "norm_speed.py"
-    spec = importlib.util.spec_from_file_location("norm_speed", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["norm_speed"] = mod  # dataclasses look their module up here
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("norm_speed")
 
 
 def test_quick_run_writes_rows_for_every_norm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

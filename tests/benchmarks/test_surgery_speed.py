@@ -4,9 +4,7 @@ the ratio summaries recomputable from the raw per-repetition times (no timing as
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -14,16 +12,11 @@ import numpy as np
 import pytest
 
 from tests._extras import require
+from tests.benchmarks._scripts import load_script
 
 
 def _load() -> ModuleType:
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "surgery_speed.py"
-    spec = importlib.util.spec_from_file_location("surgery_speed", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["surgery_speed"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("surgery_speed")
 
 
 def test_quick_run_writes_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
