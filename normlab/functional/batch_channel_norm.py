@@ -20,14 +20,8 @@ __all__ = ["batch_channel_norm"]
 
 
 def _estimated_bn(
-    xs: Tensor,
-    x_shape: list[int],
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    num_batches_tracked: Tensor | None,
-    training: bool,
-    moving_speed: float,
-    eps: float,
+    xs: Tensor, x_shape: list[int], running_mean: Tensor | None, running_var: Tensor | None,
+    num_batches_tracked: Tensor | None, training: bool, moving_speed: float, eps: float,
 ) -> Tensor:
     """The official ``EstBN``: normalise with the estimates, moved first (in training, without gradient) by
     ``moving_speed`` towards the batch mean and the batch's mean square deviation from the **old** mean estimate."""
@@ -54,24 +48,11 @@ def _estimated_bn(
 
 
 def batch_channel_norm(
-    x: Tensor,
-    num_features: int,
-    num_groups: int,
-    running_mean: Tensor | None = None,
-    running_var: Tensor | None = None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    group_weight: Tensor | None = None,
-    group_bias: Tensor | None = None,
-    training: bool = False,
-    momentum: float | None = 0.1,
-    eps: float = 1e-5,
-    num_batches_tracked: Tensor | None = None,
-    estimate: bool = False,
-    moving_speed: float = 0.1,
-    channel_dim: int = 1,
-    process_group: Any = None,
-    sync_stats: bool = True,
+    x: Tensor, num_features: int, num_groups: int, running_mean: Tensor | None = None,
+    running_var: Tensor | None = None, weight: Tensor | None = None, bias: Tensor | None = None,
+    group_weight: Tensor | None = None, group_bias: Tensor | None = None, training: bool = False,
+    momentum: float | None = 0.1, eps: float = 1e-5, num_batches_tracked: Tensor | None = None, estimate: bool = False,
+    moving_speed: float = 0.1, channel_dim: int = 1, process_group: Any = None, sync_stats: bool = True,
 ) -> Tensor:
     """BCN: ``CN(BN(x))``. BN per channel (``weight``/``bias`` of size ``C``; batch statistics, or with ``estimate``
     the estimated ones); CN per sample over each group of ``C/num_groups`` channels and all positions (biased),

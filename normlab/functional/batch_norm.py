@@ -73,12 +73,7 @@ def masked_moments(flat: Tensor, mask: Tensor | None, group: Any | None = None) 
 
 @torch.no_grad()
 def update_running_stats(
-    running_mean: Tensor,
-    running_var: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    count: Tensor,
-    momentum: float | None,
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: Tensor, momentum: float | None,
     num_batches_tracked: Tensor | None,
 ) -> None:
     """torch.nn.BatchNorm's update: EMA with ``momentum`` (cumulative average when ``None``), unbiased variance."""
@@ -104,18 +99,9 @@ def _ema_(buf: Tensor, new: Tensor, factor: float) -> None:
 
 
 def batch_statistics(
-    flat: Tensor,
-    mask: Tensor | None,
-    *,
-    x_shape: list[int],
-    training: bool,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    momentum: float | None,
-    num_batches_tracked: Tensor | None,
-    process_group: Any = None,
-    sync_stats: bool = True,
-    op: str = "batch_norm",
+    flat: Tensor, mask: Tensor | None, *, x_shape: list[int], training: bool, running_mean: Tensor | None,
+    running_var: Tensor | None, momentum: float | None, num_batches_tracked: Tensor | None, process_group: Any = None,
+    sync_stats: bool = True, op: str = "batch_norm",
 ) -> tuple[Tensor, Tensor]:
     """The ``(mean, var)`` a BatchNorm-type norm normalizes ``flat`` (T, C) with, in ``flat``'s dtype.
 
@@ -139,17 +125,8 @@ def batch_statistics(
 
 
 def _native(
-    xs: Tensor,
-    flat: Tensor,
-    cd: int,
-    mean: Tensor | None,
-    var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    training: bool,
-    momentum: float,
-    eps: float,
-    /,
+    xs: Tensor, flat: Tensor, cd: int, mean: Tensor | None, var: Tensor | None, weight: Tensor | None,
+    bias: Tensor | None, training: bool, momentum: float, eps: float, /,
 ) -> Tensor:
     """torch's BatchNorm kernel on a contiguous layout: ``(N, C, *)`` as is, token tensors as their ``(T, C)`` rows.
 
@@ -182,20 +159,10 @@ def divide_by_running(
 
 
 def batch_norm(
-    x: Tensor,
-    num_features: int,
-    running_mean: Tensor | None = None,
-    running_var: Tensor | None = None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    training: bool = False,
-    momentum: float | None = 0.1,
-    eps: float = 1e-5,
-    channel_dim: int = 1,
-    mask: Tensor | None = None,
-    num_batches_tracked: Tensor | None = None,
-    process_group: Any = None,
-    sync_stats: bool = True,
+    x: Tensor, num_features: int, running_mean: Tensor | None = None, running_var: Tensor | None = None,
+    weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False, momentum: float | None = 0.1,
+    eps: float = 1e-5, channel_dim: int = 1, mask: Tensor | None = None, num_batches_tracked: Tensor | None = None,
+    process_group: Any = None, sync_stats: bool = True,
 ) -> Tensor:
     """BatchNorm over every axis but ``channel_dim``; with ``mask``, batch statistics use valid positions only.
 

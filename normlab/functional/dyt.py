@@ -14,11 +14,7 @@ __all__ = ["dyt"]
 
 
 def dyt(
-    x: Tensor,
-    num_features: int,
-    alpha: Tensor,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
+    x: Tensor, num_features: int, alpha: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
     channel_dim: int = -1,
 ) -> Tensor:
     """``weight * tanh(alpha * x) + bias`` with a scalar ``alpha`` and per-channel ``weight``/``bias``."""

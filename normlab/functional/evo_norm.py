@@ -16,16 +16,8 @@ __all__ = ["evo_norm_b0", "evo_norm_s0"]
 
 
 def evo_norm_b0(
-    x: Tensor,
-    num_features: int,
-    v: Tensor,
-    running_var: Tensor | None = None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    training: bool = False,
-    momentum: float = 0.1,
-    eps: float = 1e-5,
-    bessel: bool = False,
+    x: Tensor, num_features: int, v: Tensor, running_var: Tensor | None = None, weight: Tensor | None = None,
+    bias: Tensor | None = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5, bessel: bool = False,
     channel_dim: int = 1,
 ) -> Tensor:
     """EvoNorm-B0: ``y = x / max(sqrt(s²_c + eps), v·x + sqrt(t²_{n,c} + eps)) · γ + β`` (paper Table 1, B0).
@@ -58,14 +50,8 @@ def evo_norm_b0(
 
 
 def evo_norm_s0(
-    x: Tensor,
-    num_features: int,
-    num_groups: int,
-    v: Tensor,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float = 1e-5,
-    channel_dim: int = 1,
+    x: Tensor, num_features: int, num_groups: int, v: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
+    eps: float = 1e-5, channel_dim: int = 1,
 ) -> Tensor:
     """EvoNorm-S0: ``y = x·sigmoid(v·x) / sqrt(σ²_{n,g} + eps) · γ + β`` with the biased variance of each group of
     ``C / num_groups`` channels and all positions, per sample (paper Table 1, S0). See :class:`normlab.nn.EvoNormS0`.

@@ -17,13 +17,8 @@ __all__ = ["filter_response_norm"]
 
 
 def filter_response_norm(
-    x: Tensor,
-    num_features: int,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    tau: Tensor | None = None,
-    eps: float = 1e-6,
-    channel_dim: int = 1,
+    x: Tensor, num_features: int, weight: Tensor | None = None, bias: Tensor | None = None, tau: Tensor | None = None,
+    eps: float = 1e-6, channel_dim: int = 1,
 ) -> Tensor:
     """FRN + TLU: ``max(γ·x/sqrt(ν² + eps) + β, τ)`` with ``ν²`` the mean square of ``x[n, c]`` over its positions
     (no centring); ``tau=None`` leaves out the TLU. See :class:`normlab.nn.FilterResponseNorm`."""

@@ -15,14 +15,8 @@ __all__ = ["fixed_scale_layer_norm"]
 
 
 def fixed_scale_layer_norm(
-    x: Tensor,
-    normalized_shape: int,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    sigma: Tensor | float = 1.0,
-    fixed: bool = False,
-    eps: float = 1e-5,
-    channel_dim: int = -1,
+    x: Tensor, normalized_shape: int, weight: Tensor | None = None, bias: Tensor | None = None,
+    sigma: Tensor | float = 1.0, fixed: bool = False, eps: float = 1e-5, channel_dim: int = -1,
 ) -> Tensor:
     """LayerNorm over the channel axis ``channel_dim``; with ``fixed`` the per-token standard deviation is replaced by
     the constant ``sigma``: ``y = γ ⊙ (x − mean(x)) / σ̄ + β`` (linear in ``x``)."""

@@ -15,13 +15,8 @@ __all__ = ["group_norm", "instance_norm"]
 
 
 def group_norm(
-    x: Tensor,
-    num_channels: int,
-    num_groups: int,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float = 1e-5,
-    channel_dim: int = 1,
+    x: Tensor, num_channels: int, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None,
+    eps: float = 1e-5, channel_dim: int = 1,
 ) -> Tensor:
     """GroupNorm: per sample, statistics over each group of ``num_channels // num_groups`` channels and all
     positions. ``channel_dim=-1`` takes token tensors ``(B, N, C)``."""
@@ -33,16 +28,9 @@ def group_norm(
 
 
 def instance_norm(
-    x: Tensor,
-    num_features: int,
-    running_mean: Tensor | None = None,
-    running_var: Tensor | None = None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    use_input_stats: bool = True,
-    momentum: float = 0.1,
-    eps: float = 1e-5,
-    channel_dim: int = 1,
+    x: Tensor, num_features: int, running_mean: Tensor | None = None, running_var: Tensor | None = None,
+    weight: Tensor | None = None, bias: Tensor | None = None, use_input_stats: bool = True, momentum: float = 0.1,
+    eps: float = 1e-5, channel_dim: int = 1,
 ) -> Tensor:
     """InstanceNorm: per sample and channel, statistics over all positions. Running buffers, when given and
     ``use_input_stats`` is true, are updated in place with the batch mean of the instance statistics."""

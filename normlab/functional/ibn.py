@@ -23,20 +23,10 @@ def _part(t: Tensor | None, start: int, length: int) -> Tensor | None:
 
 
 def ibn(
-    x: Tensor,
-    num_features: int,
-    instance_channels: int,
-    running_mean: Tensor | None = None,
-    running_var: Tensor | None = None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    training: bool = False,
-    momentum: float | None = 0.1,
-    eps: float = 1e-5,
-    num_batches_tracked: Tensor | None = None,
-    channel_dim: int = 1,
-    process_group: Any = None,
-    sync_stats: bool = True,
+    x: Tensor, num_features: int, instance_channels: int, running_mean: Tensor | None = None,
+    running_var: Tensor | None = None, weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
+    momentum: float | None = 0.1, eps: float = 1e-5, num_batches_tracked: Tensor | None = None, channel_dim: int = 1,
+    process_group: Any = None, sync_stats: bool = True,
 ) -> Tensor:
     """IBN-a's layer: channels ``[0, h)`` through InstanceNorm (per-sample statistics in train and eval), channels
     ``[h, C)`` through BatchNorm (running buffers of size ``C − h``), concatenated in that order; ``weight`` and

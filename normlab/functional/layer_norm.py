@@ -14,12 +14,8 @@ __all__ = ["layer_norm"]
 
 
 def layer_norm(
-    x: Tensor,
-    normalized_shape: int | tuple[int, ...],
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float = 1e-5,
-    channel_dim: int = -1,
+    x: Tensor, normalized_shape: int | tuple[int, ...], weight: Tensor | None = None, bias: Tensor | None = None,
+    eps: float = 1e-5, channel_dim: int = -1,
 ) -> Tensor:
     """LayerNorm over ``normalized_shape`` (trailing dims) or over the channel axis ``channel_dim``."""
     cd = check_channels(x, normalized_shape, channel_dim, "layer_norm")

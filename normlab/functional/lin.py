@@ -32,14 +32,8 @@ def _mix(xs: Tensor, x_shape: list[int], rho: Tensor, eps: float, unbiased: bool
 
 
 def lin(
-    x: Tensor,
-    num_features: int,
-    rho: Tensor,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float = 1e-5,
-    unbiased: bool = True,
-    channel_dim: int = 1,
+    x: Tensor, num_features: int, rho: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
+    eps: float = 1e-5, unbiased: bool = True, channel_dim: int = 1,
 ) -> Tensor:
     """LIN: ``γ_c·(ρ_c·IN(x) + (1 − ρ_c)·LN(x)) + β_c``; IN over the positions per ``(n, c)``, LN over ``(C, *)``
     per ``n``, unbiased variances unless ``unbiased=False``. See :class:`normlab.nn.LIN`."""
@@ -66,15 +60,8 @@ def _style(t: Tensor | None, name: str, xs: Tensor, op: str) -> Tensor | None:
 
 
 def ada_lin(
-    x: Tensor,
-    num_features: int,
-    rho: Tensor,
-    gamma: Tensor | None = None,
-    beta: Tensor | None = None,
-    eps: float = 1e-5,
-    unbiased: bool = True,
-    smoothing: bool = False,
-    channel_dim: int = 1,
+    x: Tensor, num_features: int, rho: Tensor, gamma: Tensor | None = None, beta: Tensor | None = None,
+    eps: float = 1e-5, unbiased: bool = True, smoothing: bool = False, channel_dim: int = 1,
 ) -> Tensor:
     """AdaLIN: ``γ·(ρ·IN(x) + (1 − ρ)·LN(x)) + β`` with ``γ``, ``β`` given per sample ``(N, C)`` (or ``(C,)``);
     ``None`` leaves the mix unscaled / unshifted. ``smoothing`` uses ``clip(ρ − 0.1, 0, 1)`` (official TF code).

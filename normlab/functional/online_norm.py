@@ -73,20 +73,9 @@ class _OnlineNormalize(torch.autograd.Function):
 
 
 def online_norm(
-    x: Tensor,
-    num_features: int,
-    running_mean: Tensor,
-    running_var: Tensor,
-    control_u: Tensor | None = None,
-    control_v: Tensor | None = None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    training: bool = False,
-    alpha_fwd: float = 0.999,
-    alpha_bkw: float = 0.99,
-    eps: float = 1e-5,
-    ecm: str | None = "ac",
-    channel_dim: int = 1,
+    x: Tensor, num_features: int, running_mean: Tensor, running_var: Tensor, control_u: Tensor | None = None,
+    control_v: Tensor | None = None, weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
+    alpha_fwd: float = 0.999, alpha_bkw: float = 0.99, eps: float = 1e-5, ecm: str | None = "ac", channel_dim: int = 1,
 ) -> Tensor:
     """Online Normalization, then the affine and the error-compensation module ``ecm`` (``"ac"``: clamp to
     ``[−5, 5]``; ``"ls"``: divide each sample by its root mean square over ``(C, *)``; ``None``: nothing).

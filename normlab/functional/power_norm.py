@@ -38,16 +38,8 @@ class _PowerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        inv_fwd: Tensor,
-        inv_bwd: Tensor,
-        ema_gz: Tensor,
-        alpha_bkw: float,
-        positions: Tensor,
-        group: Any,
+        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, inv_fwd: Tensor, inv_bwd: Tensor,
+        ema_gz: Tensor, alpha_bkw: float, positions: Tensor, group: Any,
     ) -> Tensor:
         z = x * inv_fwd
         y = apply_affine(z, weight, bias)
@@ -96,25 +88,11 @@ def power_step(psi2: Tensor, running_phi: Tensor, iters: Tensor, eps: float, alp
 
 
 def power_norm(
-    x: Tensor,
-    num_features: int,
-    running_phi: Tensor,
-    ema_gz: Tensor,
-    iters: Tensor,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    training: bool = False,
-    eps: float = 1e-5,
-    alpha_fwd: float = 0.9,
-    alpha_bkw: float = 0.9,
-    warmup_iters: int = 10000,
-    group_num: int | None = 1,
-    group_scaling_eps: float = 1e-5,
-    backward_divisor: BackwardDivisor = "batch",
-    channel_dim: int = -1,
-    mask: Tensor | None = None,
-    process_group: Any = None,
-    sync_stats: bool = True,
+    x: Tensor, num_features: int, running_phi: Tensor, ema_gz: Tensor, iters: Tensor, weight: Tensor | None = None,
+    bias: Tensor | None = None, training: bool = False, eps: float = 1e-5, alpha_fwd: float = 0.9,
+    alpha_bkw: float = 0.9, warmup_iters: int = 10000, group_num: int | None = 1, group_scaling_eps: float = 1e-5,
+    backward_divisor: BackwardDivisor = "batch", channel_dim: int = -1, mask: Tensor | None = None,
+    process_group: Any = None, sync_stats: bool = True,
 ) -> Tensor:
     """PowerNorm on token tensors ``(*, C)``; in training it increments ``iters`` and updates ``running_phi`` in
     place (and ``ema_gz`` in the backward). See :class:`normlab.nn.PowerNorm` for the exact semantics.

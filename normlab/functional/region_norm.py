@@ -75,24 +75,12 @@ def _self_aware(xs: Tensor, sa_weight: Tensor, threshold: float) -> tuple[Tensor
 
 
 def region_norm(
-    x: Tensor,
-    num_features: int,
-    mask: Tensor | None = None,
-    foreground_gamma: Tensor | None = None,
-    foreground_beta: Tensor | None = None,
-    background_gamma: Tensor | None = None,
-    background_beta: Tensor | None = None,
-    sa_weight: Tensor | None = None,
-    gamma_weight: Tensor | None = None,
-    gamma_bias: Tensor | None = None,
-    beta_weight: Tensor | None = None,
-    beta_bias: Tensor | None = None,
-    learnable: bool = False,
-    threshold: float = 0.8,
-    statistics: str = "batch",
-    training: bool = False,
-    eps: float = 1e-5,
-    channel_dim: int = 1,
+    x: Tensor, num_features: int, mask: Tensor | None = None, foreground_gamma: Tensor | None = None,
+    foreground_beta: Tensor | None = None, background_gamma: Tensor | None = None,
+    background_beta: Tensor | None = None, sa_weight: Tensor | None = None, gamma_weight: Tensor | None = None,
+    gamma_bias: Tensor | None = None, beta_weight: Tensor | None = None, beta_bias: Tensor | None = None,
+    learnable: bool = False, threshold: float = 0.8, statistics: str = "batch", training: bool = False,
+    eps: float = 1e-5, channel_dim: int = 1,
 ) -> Tensor:
     """RN-B (``learnable=False``): regions from ``mask`` (1 = hole), per-region affine ``(1 + γ)`` on the masked
     output and both ``β`` added everywhere, as the official code does. RN-L (``learnable=True``): regions from the

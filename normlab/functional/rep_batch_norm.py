@@ -21,21 +21,10 @@ __all__ = ["prep_batch_norm", "prep_lambda", "rep_batch_norm"]
 
 
 def rep_batch_norm(
-    x: Tensor,
-    num_features: int,
-    alpha: Tensor,
-    running_mean: Tensor | None = None,
-    running_var: Tensor | None = None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    training: bool = False,
-    momentum: float | None = 0.1,
-    eps: float = 1e-5,
-    channel_dim: int = -1,
-    mask: Tensor | None = None,
-    num_batches_tracked: Tensor | None = None,
-    process_group: Any = None,
-    sync_stats: bool = True,
+    x: Tensor, num_features: int, alpha: Tensor, running_mean: Tensor | None = None, running_var: Tensor | None = None,
+    weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False, momentum: float | None = 0.1,
+    eps: float = 1e-5, channel_dim: int = -1, mask: Tensor | None = None, num_batches_tracked: Tensor | None = None,
+    process_group: Any = None, sync_stats: bool = True,
 ) -> Tensor:
     """RepBN: ``batch_norm(x) + alpha * x`` (one rounding to the input dtype). See :class:`normlab.nn.RepBatchNorm`."""
     op = "rep_batch_norm"
@@ -61,19 +50,9 @@ def prep_lambda(warm: Tensor, iter: Tensor, total_step: Tensor, r0: float) -> fl
 
 
 def prep_batch_norm(
-    x: Tensor,
-    num_features: int,
-    norm1: Callable[[Tensor], Tensor],
-    norm2: Callable[..., Tensor],
-    warm: Tensor,
-    iter: Tensor,
-    total_step: Tensor,
-    num_step: Tensor,
-    r0: float = 1.0,
-    decrement_every: int = 1,
-    training: bool = False,
-    channel_dim: int = -1,
-    mask: Tensor | None = None,
+    x: Tensor, num_features: int, norm1: Callable[[Tensor], Tensor], norm2: Callable[..., Tensor], warm: Tensor,
+    iter: Tensor, total_step: Tensor, num_step: Tensor, r0: float = 1.0, decrement_every: int = 1,
+    training: bool = False, channel_dim: int = -1, mask: Tensor | None = None,
 ) -> Tensor:
     """PRepBN (SLAB's LinearNorm) on token tensors ``(*, C)``: eval = RepBN; training = LN during the warm phase,
     then ``λ·norm1(x) + (1−λ)·norm2(x)`` with λ = ``r0·iter/total_step`` read before ``iter`` is decremented.

@@ -46,15 +46,8 @@ def resolve_eps(eps: float | None, eps_inside: bool) -> float:
 
 
 def rms_norm(
-    x: Tensor,
-    num_features: int,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float | None = None,
-    eps_inside: bool = True,
-    channel_dim: int = -1,
-    partial: int | None = None,
-    unit_offset: bool = False,
+    x: Tensor, num_features: int, weight: Tensor | None = None, bias: Tensor | None = None, eps: float | None = None,
+    eps_inside: bool = True, channel_dim: int = -1, partial: int | None = None, unit_offset: bool = False,
 ) -> Tensor:
     """RMSNorm over the channel axis; ``partial=k`` estimates the RMS from the first ``k`` channels (pRMSNorm).
 
@@ -81,11 +74,7 @@ def rms_norm(
 
 
 def crms_norm(
-    z: Tensor,
-    num_features: int,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float = 1e-5,
+    z: Tensor, num_features: int, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5,
     channel_dim: int = -1,
 ) -> Tensor:
     """CRMSNorm of a compressed zero-mean code ``z`` of width ``d-1``: ``z / sqrt((sum z^2 + (sum z)^2)/d + eps)``."""

@@ -29,12 +29,7 @@ class _UnifiedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        inv_std: Tensor,
-        r: Tensor,
+        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, inv_std: Tensor, r: Tensor,
         state: dict[str, Any],
     ) -> Tensor:
         z = x * inv_std
@@ -86,24 +81,10 @@ def _geometric_mean(window: Tensor) -> Tensor:
 
 
 def unified_norm(
-    x: Tensor,
-    num_features: int,
-    running_var: Tensor,
-    buffer_x2: Tensor,
-    buffer_gz: Tensor,
-    ema_gz: Tensor,
-    iters: Tensor,
-    skip_counter: Tensor,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    training: bool = False,
-    eps: float = 1e-5,
-    momentum: float = 0.9,
-    warmup_iters: int = 4000,
-    outlier_filtration: bool = False,
-    channel_dim: int = -1,
-    mask: Tensor | None = None,
-    process_group: Any = None,
+    x: Tensor, num_features: int, running_var: Tensor, buffer_x2: Tensor, buffer_gz: Tensor, ema_gz: Tensor,
+    iters: Tensor, skip_counter: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
+    training: bool = False, eps: float = 1e-5, momentum: float = 0.9, warmup_iters: int = 4000,
+    outlier_filtration: bool = False, channel_dim: int = -1, mask: Tensor | None = None, process_group: Any = None,
     sync_stats: bool = True,
 ) -> Tensor:
     """Unified Normalization on token tensors ``(*, C)``. In training it increments ``iters``, writes the window

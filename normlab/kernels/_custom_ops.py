@@ -16,6 +16,7 @@ so every forward op has one output per result. Double backward is not supported 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Optional
 
@@ -58,6 +59,14 @@ def _ext(x: Tensor, impl: str) -> ModuleType | None:
     return None
 
 
+def _forward(x: Tensor, impl: str, kernel: str, composite: Callable[..., Tensor], *args: Any) -> Tensor:
+    """A forward op's body: the kernel module's ``kernel(x, *args)``, or the composite body of a contiguous ``x``."""
+    ext = _ext(x, impl)
+    if ext is not None:
+        return getattr(ext, kernel)(x, *args)
+    return composite(x.contiguous(), *args).contiguous()
+
+
 def _empty(x: Tensor) -> Tensor:
     return x.new_empty(0)
 
@@ -76,10 +85,7 @@ def _like(t: Tensor) -> Tensor:
 
 def _rms_family(x: Tensor, weight: Tensor | None, bias: Tensor | None, scale: Tensor | None, eps: float, mode: int,
                 k: int, impl: str) -> Tensor:
-    ext = _ext(x, impl)
-    if ext is not None:
-        return ext.rms_fwd(x, weight, bias, scale, eps, mode, k)
-    return comp.rms_family_forward(x.contiguous(), weight, bias, scale, eps, mode, k).contiguous()
+    return _forward(x, impl, "rms_fwd", comp.rms_family_forward, weight, bias, scale, eps, mode, k)
 
 
 @torch.library.custom_op("normlab::rms_norm", mutates_args=())
@@ -207,10 +213,7 @@ scale_norm_op.register_autograd(_scale_backward, setup_context=_scale_setup)
 def layer_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                   impl: str = "auto") -> Tensor:
     """LayerNorm of the last axis (biased variance, eps inside the root)."""
-    ext = _ext(x, impl)
-    if ext is not None:
-        return ext.ln_fwd(x, weight, bias, eps)
-    return comp.layer_norm_forward(x.contiguous(), weight, bias, eps).contiguous()
+    return _forward(x, impl, "ln_fwd", comp.layer_norm_forward, weight, bias, eps)
 
 
 @torch.library.custom_op("normlab::layer_norm_backward", mutates_args=())
@@ -325,10 +328,7 @@ add_layer_norm_op.register_autograd(_add_backward, setup_context=_add_setup)
 def dyt_op(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
            impl: str = "auto") -> Tensor:
     """Dynamic Tanh ``weight * tanh(alpha * x) + bias`` with a one-element ``alpha``; per-channel on the last axis."""
-    ext = _ext(x, impl)
-    if ext is not None:
-        return ext.dyt_fwd(x, alpha, weight, bias)
-    return comp.dyt_forward(x.contiguous(), alpha, weight, bias).contiguous()
+    return _forward(x, impl, "dyt_fwd", comp.dyt_forward, alpha, weight, bias)
 
 
 @torch.library.custom_op("normlab::dyt_backward", mutates_args=())

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from normlab.functional._checks import compute_dtype
+from normlab.functional._checks import apply_affine, compute_dtype
 from normlab.functional.power_norm import group_scaling
 from normlab.kernels._batch_ops import _bn_ext, _or_empty
 
@@ -27,6 +27,15 @@ __all__: list[str] = []
 def _scaled(x: Tensor, groups: int, gs_eps: float) -> Tensor:
     xs = x.to(compute_dtype(x))
     return group_scaling(xs, groups, gs_eps) if groups > 0 else xs
+
+
+def _apply(x: Tensor, inv: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], groups: int, gs_eps: float,
+           impl: str) -> Tensor:
+    """The forward of both apply ops: ``GroupScaling(x) * inv * weight + bias`` (``groups = 0``: no GroupScaling)."""
+    ext = _bn_ext(x, impl)
+    if ext is not None:
+        return ext.pn_apply(x, inv, weight, bias, groups, gs_eps)
+    return apply_affine(_scaled(x, groups, gs_eps) * inv, weight, bias).to(x.dtype).contiguous()
 
 
 @torch.library.custom_op("normlab::power_norm_stats", mutates_args=())
@@ -50,15 +59,7 @@ def power_norm_apply_op(x: Tensor, inv_fwd: Tensor, inv_bwd: Tensor, weight: Opt
                         impl: str = "auto") -> Tensor:
     """``GroupScaling(x) * inv_fwd * weight + bias`` (``inv_bwd``, ``ema_gz``, ``alpha_bkw``, ``positions``: for the
     backward)."""
-    ext = _bn_ext(x, impl)
-    if ext is not None:
-        return ext.pn_apply(x, inv_fwd, weight, bias, groups, gs_eps)
-    z = _scaled(x, groups, gs_eps) * inv_fwd
-    if weight is not None:
-        z = z * weight.to(z.dtype)
-    if bias is not None:
-        z = z + bias.to(z.dtype)
-    return z.to(x.dtype).contiguous()
+    return _apply(x, inv_fwd, weight, bias, groups, gs_eps, impl)
 
 
 @power_norm_apply_op.register_fake
@@ -170,15 +171,7 @@ def unified_norm_apply_op(x: Tensor, inv_std: Tensor, r: Tensor, weight: Optiona
                           buffer_gz: Tensor, ema_gz: Tensor, t: int, skip: bool, momentum: float, warmup_iters: int,
                           positions: float, impl: str = "auto") -> Tensor:
     """``x * inv_std * weight + bias``; the other arguments are the state of its smoothed, calibrated backward."""
-    ext = _bn_ext(x, impl)
-    if ext is not None:
-        return ext.pn_apply(x, inv_std, weight, bias, 0, 0.0)
-    z = x.to(compute_dtype(x)) * inv_std
-    if weight is not None:
-        z = z * weight.to(z.dtype)
-    if bias is not None:
-        z = z + bias.to(z.dtype)
-    return z.to(x.dtype).contiguous()
+    return _apply(x, inv_std, weight, bias, 0, 0.0, impl)
 
 
 @unified_norm_apply_op.register_fake

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Optional
 
@@ -76,106 +77,127 @@ def _blocks(rows: int) -> tuple[int, int]:
     return max(1, math.ceil(rows / per)), per
 
 
-def _partial(n: int, c: int, x: Tensor, needed: bool) -> Tensor:
-    return torch.empty((n, c) if needed else (0,), dtype=torch.float32, device=x.device)
+def _or(t: Optional[Tensor], x: Tensor) -> Tensor:
+    """An optional tensor's pointer argument: ``x`` stands in for ``None`` (the kernel's flag tells it not to read)."""
+    return t if t is not None else x
 
 
-def _sum(partial: Tensor, needed: bool, x: Tensor) -> Tensor:
-    return partial.sum(0) if needed else x.new_empty(0)
+def _forward(x: Tensor) -> tuple[Tensor, Tensor, int, int, int]:
+    """``(x contiguous, y, rows, C, block)`` of a forward: one program per row."""
+    x, rows, c, block = _rows(x)
+    return x, torch.empty_like(x), rows, c, block
+
+
+@dataclass
+class _Backward:
+    """A backward's contiguous inputs, its ``dx`` and the per-block partials of the parameter gradients."""
+
+    x: Tensor
+    grad: Tensor
+    dx: Tensor
+    rows: int
+    c: int
+    block: int
+    n: int  # row blocks (programs)
+    per: int  # rows per block
+    need_w: bool
+    need_b: bool
+    pw: Tensor
+    pb: Tensor
+
+    def partial(self, needed: bool) -> Tensor:
+        """Per-block partial sums of a one-element parameter's gradient."""
+        return torch.empty(self.n if needed else 0, dtype=torch.float32, device=self.x.device)
+
+    def scalar(self, partial: Tensor, needed: bool) -> Tensor:
+        return partial.sum().reshape(1) if needed else self.x.new_empty(0)
+
+    def weight_bias(self) -> tuple[Tensor, Tensor]:
+        """``(dweight, dbias)``: the partials summed over the blocks (empty when not requested)."""
+        return (self.pw.sum(0) if self.need_w else self.x.new_empty(0),
+                self.pb.sum(0) if self.need_b else self.x.new_empty(0))
+
+
+def _backward(grad: Tensor, x: Tensor, weight: Optional[Tensor], need_w: bool, need_b: bool) -> _Backward:
+    x, rows, c, block = _rows(x)
+    n, per = _blocks(rows)
+    need_w = need_w and weight is not None
+
+    def part(needed: bool) -> Tensor:
+        return torch.empty((n, c) if needed else (0,), dtype=torch.float32, device=x.device)
+
+    return _Backward(x, grad.to(x.dtype).contiguous(), torch.empty_like(x), rows, c, block, n, per, need_w, need_b,
+                     part(need_w), part(need_b))
 
 
 def rms_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale: Optional[Tensor], eps: float,
             mode: int, k: int) -> Tensor:
-    x, rows, c, block = _rows(x)
-    y = torch.empty_like(x)
+    x, y, rows, c, block = _forward(x)
     if rows:
-        _kernels().rms_fwd_kernel[(rows,)](
-            x, y, weight if weight is not None else x, bias if bias is not None else x,
-            scale if scale is not None else x, c, k, eps, MODE=mode, HAS_W=weight is not None,
-            HAS_B=bias is not None, BLOCK=block)
+        _kernels().rms_fwd_kernel[(rows,)](x, y, _or(weight, x), _or(bias, x), _or(scale, x), c, k, eps, MODE=mode,
+                                           HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=block)
     return y
 
 
 def rms_bwd(grad: Tensor, x: Tensor, weight: Optional[Tensor], scale: Optional[Tensor], grad_add: Optional[Tensor],
             eps: float, mode: int, k: int, need_w: bool, need_b: bool,
             need_scale: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    x, rows, c, block = _rows(x)
-    grad = grad.to(x.dtype).contiguous()
-    ga = grad_add.to(x.dtype).contiguous() if grad_add is not None else None
-    dx = torch.empty_like(x)
-    n, per = _blocks(rows)
-    need_w = need_w and weight is not None
-    pw, pb = _partial(n, c, x, need_w), _partial(n, c, x, need_b)
-    ps = torch.empty(n if need_scale else 0, dtype=torch.float32, device=x.device)
-    if rows:
-        _kernels().rms_bwd_kernel[(n,)](
-            grad, x, weight if weight is not None else x, scale if scale is not None else x,
-            ga if ga is not None else x, dx, pw, pb, ps, rows, per, c, k, eps, MODE=mode, HAS_W=weight is not None,
-            HAS_GA=ga is not None, NEED_W=need_w, NEED_B=need_b, NEED_S=need_scale, BLOCK=block)
-    ds = ps.sum().reshape(1) if need_scale else x.new_empty(0)
-    return dx, _sum(pw, need_w, x), _sum(pb, need_b, x), ds
+    b = _backward(grad, x, weight, need_w, need_b)
+    ga = grad_add.to(b.x.dtype).contiguous() if grad_add is not None else None
+    ps = b.partial(need_scale)
+    if b.rows:
+        _kernels().rms_bwd_kernel[(b.n,)](
+            b.grad, b.x, _or(weight, b.x), _or(scale, b.x), _or(ga, b.x), b.dx, b.pw, b.pb, ps, b.rows, b.per, b.c,
+            k, eps, MODE=mode, HAS_W=weight is not None, HAS_GA=ga is not None, NEED_W=b.need_w, NEED_B=need_b,
+            NEED_S=need_scale, BLOCK=b.block)
+    return b.dx, *b.weight_bias(), b.scalar(ps, need_scale)
 
 
 def ln_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
-    x, rows, c, block = _rows(x)
-    y = torch.empty_like(x)
+    x, y, rows, c, block = _forward(x)
     if rows:
-        _kernels().ln_fwd_kernel[(rows,)](
-            x, y, weight if weight is not None else x, bias if bias is not None else x, c, eps,
-            HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=block)
+        _kernels().ln_fwd_kernel[(rows,)](x, y, _or(weight, x), _or(bias, x), c, eps, HAS_W=weight is not None,
+                                          HAS_B=bias is not None, BLOCK=block)
     return y
 
 
 def ln_bwd(grad: Tensor, x: Tensor, weight: Optional[Tensor], grad_add: Optional[Tensor], eps: float, need_w: bool,
            need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
-    x, rows, c, block = _rows(x)
-    grad = grad.to(x.dtype).contiguous()
-    ga = grad_add.to(x.dtype).contiguous() if grad_add is not None else None
-    dx = torch.empty_like(x)
-    n, per = _blocks(rows)
-    need_w = need_w and weight is not None
-    pw, pb = _partial(n, c, x, need_w), _partial(n, c, x, need_b)
-    if rows:
-        _kernels().ln_bwd_kernel[(n,)](
-            grad, x, weight if weight is not None else x, ga if ga is not None else x, dx, pw, pb, rows, per, c,
-            eps, HAS_W=weight is not None, HAS_GA=ga is not None, NEED_W=need_w, NEED_B=need_b, BLOCK=block)
-    return dx, _sum(pw, need_w, x), _sum(pb, need_b, x)
+    b = _backward(grad, x, weight, need_w, need_b)
+    ga = grad_add.to(b.x.dtype).contiguous() if grad_add is not None else None
+    if b.rows:
+        _kernels().ln_bwd_kernel[(b.n,)](
+            b.grad, b.x, _or(weight, b.x), _or(ga, b.x), b.dx, b.pw, b.pb, b.rows, b.per, b.c, eps,
+            HAS_W=weight is not None, HAS_GA=ga is not None, NEED_W=b.need_w, NEED_B=need_b, BLOCK=b.block)
+    return b.dx, *b.weight_bias()
 
 
 def add_norm_fwd(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                  mode: int) -> tuple[Tensor, Tensor]:
-    x, rows, c, block = _rows(x)
+    x, y, rows, c, block = _forward(x)
     residual = residual.to(x.dtype).contiguous()
-    y, h = torch.empty_like(x), torch.empty_like(x)
+    h = torch.empty_like(x)
     if rows:
-        _kernels().add_norm_fwd_kernel[(rows,)](
-            x, residual, y, h, weight if weight is not None else x, bias if bias is not None else x, c, eps,
-            MODE=mode, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=block)
+        _kernels().add_norm_fwd_kernel[(rows,)](x, residual, y, h, _or(weight, x), _or(bias, x), c, eps, MODE=mode,
+                                                HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=block)
     return y, h
 
 
 def dyt_fwd(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-    x, rows, c, block = _rows(x)
-    y = torch.empty_like(x)
+    x, y, rows, c, block = _forward(x)
     if rows:
-        _kernels().dyt_fwd_kernel[(rows,)](
-            x, alpha, y, weight if weight is not None else x, bias if bias is not None else x, c,
-            HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=block)
+        _kernels().dyt_fwd_kernel[(rows,)](x, alpha, y, _or(weight, x), _or(bias, x), c, HAS_W=weight is not None,
+                                           HAS_B=bias is not None, BLOCK=block)
     return y
 
 
 def dyt_bwd(grad: Tensor, x: Tensor, alpha: Tensor, weight: Optional[Tensor], need_alpha: bool, need_w: bool,
             need_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    x, rows, c, block = _rows(x)
-    grad = grad.to(x.dtype).contiguous()
-    dx = torch.empty_like(x)
-    n, per = _blocks(rows)
-    need_w = need_w and weight is not None
-    pw, pb = _partial(n, c, x, need_w), _partial(n, c, x, need_b)
-    pa = torch.empty(n if need_alpha else 0, dtype=torch.float32, device=x.device)
-    if rows:
-        _kernels().dyt_bwd_kernel[(n,)](
-            grad, x, alpha, weight if weight is not None else x, dx, pa, pw, pb, rows, per, c,
-            HAS_W=weight is not None, NEED_A=need_alpha, NEED_W=need_w, NEED_B=need_b, BLOCK=block)
-    da = pa.sum().reshape(1) if need_alpha else x.new_empty(0)
-    return dx, da, _sum(pw, need_w, x), _sum(pb, need_b, x)
+    b = _backward(grad, x, weight, need_w, need_b)
+    pa = b.partial(need_alpha)
+    if b.rows:
+        _kernels().dyt_bwd_kernel[(b.n,)](
+            b.grad, b.x, alpha, _or(weight, b.x), b.dx, pa, b.pw, b.pb, b.rows, b.per, b.c, HAS_W=weight is not None,
+            NEED_A=need_alpha, NEED_W=b.need_w, NEED_B=need_b, BLOCK=b.block)
+    dw, db = b.weight_bias()
+    return b.dx, b.scalar(pa, need_alpha), dw, db

@@ -62,14 +62,17 @@ def _rms_factor(x, cols, C, K, eps, S, MODE: tl.constexpr):
 
 
 @triton.jit
-def rms_fwd_kernel(X, Y, W, B, S, C, K, eps, MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                   BLOCK: tl.constexpr):
+def _fwd_row(X, C, BLOCK: tl.constexpr):
+    """``(row, cols, in-bounds mask, x in float32)`` of a forward program (one row)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     inb = cols < C
-    x = tl.load(X + row * C + cols, mask=inb, other=0.0).to(tl.float32)
-    r, c_num, shift, nrm, n = _rms_factor(x, cols, C, K, eps, S, MODE)
-    y = x * r
+    return row, cols, inb, tl.load(X + row * C + cols, mask=inb, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _affine_store(y, Y, W, B, row, C, cols, inb, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """Store ``y * w + b`` (each when given) as the row of ``Y``."""
     if HAS_W:
         y = y * tl.load(W + cols, mask=inb, other=0.0).to(tl.float32)
     if HAS_B:
@@ -78,41 +81,72 @@ def rms_fwd_kernel(X, Y, W, B, S, C, K, eps, MODE: tl.constexpr, HAS_W: tl.const
 
 
 @triton.jit
-def rms_bwd_kernel(G, X, W, S, GA, DX, DW, DB, DS, rows, rows_per, C, K, eps, MODE: tl.constexpr,
-                   HAS_W: tl.constexpr, HAS_GA: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
-                   NEED_S: tl.constexpr, BLOCK: tl.constexpr):
+def _bwd_block(W, C, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    """``(program, cols, in-bounds mask, w in float32 or ones)`` of a backward program (a block of rows)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     inb = cols < C
     w = tl.load(W + cols, mask=inb, other=0.0).to(tl.float32) if HAS_W else tl.full([BLOCK], 1.0, tl.float32)
+    return pid, cols, inb, w
+
+
+@triton.jit
+def _bwd_row(X, G, row0, rows, C, cols, inb, BLOCK: tl.constexpr):
+    """``(mask, offsets, x, g)`` of row ``row0`` of a block; a last block's missing rows are masked out."""
+    row = tl.zeros([BLOCK], tl.int64) + row0  # as a vector: a scalar & vector mask is not int1 everywhere
+    m = inb & (row < rows)
+    off = row * C + cols
+    x = tl.load(X + off, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(G + off, mask=m, other=0.0).to(tl.float32)
+    return m, off, x, g
+
+
+@triton.jit
+def _store_dx(dx, DX, GA, off, m, HAS_GA: tl.constexpr):
+    if HAS_GA:  # the fused add's residual gradient, added after dx is rounded (as autograd adds them)
+        dx = dx.to(DX.dtype.element_ty).to(tl.float32) + tl.load(GA + off, mask=m, other=0.0).to(tl.float32)
+    tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _store_partials(dw, db, DW, DB, pid, C, cols, inb, NEED_W: tl.constexpr, NEED_B: tl.constexpr):
+    """Store the block's partial sums of the weight and bias gradients."""
+    if NEED_W:
+        tl.store(DW + pid * C + cols, dw, mask=inb)
+    if NEED_B:
+        tl.store(DB + pid * C + cols, db, mask=inb)
+
+
+@triton.jit
+def rms_fwd_kernel(X, Y, W, B, S, C, K, eps, MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    row, cols, inb, x = _fwd_row(X, C, BLOCK)
+    r, c_num, shift, nrm, n = _rms_factor(x, cols, C, K, eps, S, MODE)
+    _affine_store(x * r, Y, W, B, row, C, cols, inb, HAS_W, HAS_B)
+
+
+@triton.jit
+def rms_bwd_kernel(G, X, W, S, GA, DX, DW, DB, DS, rows, rows_per, C, K, eps, MODE: tl.constexpr,
+                   HAS_W: tl.constexpr, HAS_GA: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
+                   NEED_S: tl.constexpr, BLOCK: tl.constexpr):
+    pid, cols, inb, w = _bwd_block(W, C, HAS_W, BLOCK)
     dw = tl.zeros([BLOCK], tl.float32)
     db = tl.zeros([BLOCK], tl.float32)
     ds = tl.sum(dw, axis=0)
     start = pid.to(tl.int64) * rows_per
-    for i in range(0, rows_per):  # the block's rows; a last block's missing rows are masked out
-        row = tl.zeros([BLOCK], tl.int64) + start + i  # as a vector: a scalar & vector mask is not int1 everywhere
-        m = inb & (row < rows)
-        ok = start + i < rows
-        off = row * C + cols
-        x = tl.load(X + off, mask=m, other=0.0).to(tl.float32)
-        g = tl.load(G + off, mask=m, other=0.0).to(tl.float32)
+    for i in range(0, rows_per):
+        m, off, x, g = _bwd_row(X, G, start + i, rows, C, cols, inb, BLOCK)
         gw = g * w
         r, c_num, shift, nrm, n = _rms_factor(x, cols, C, K, eps, S, MODE)
         s = tl.sum(gw * x, axis=0)
-        dx = gw * r - tl.where(cols < K, c_num * s * (x + shift), 0.0)
-        if HAS_GA:  # the fused add's residual gradient, added after dx is rounded (as autograd adds them)
-            dx = dx.to(DX.dtype.element_ty).to(tl.float32) + tl.load(GA + off, mask=m, other=0.0).to(tl.float32)
-        tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=m)
+        _store_dx(gw * r - tl.where(cols < K, c_num * s * (x + shift), 0.0), DX, GA, off, m, HAS_GA)
         if NEED_W:
             dw += tl.where(m, g * x * r, 0.0)
         if NEED_B:
             db += g
         if NEED_S:
-            ds += tl.where(ok, s / n, 0.0)
-    if NEED_W:
-        tl.store(DW + pid * C + cols, dw, mask=inb)
-    if NEED_B:
-        tl.store(DB + pid * C + cols, db, mask=inb)
+            ds += tl.where(start + i < rows, s / n, 0.0)
+    _store_partials(dw, db, DW, DB, pid, C, cols, inb, NEED_W, NEED_B)
     if NEED_S:
         tl.store(DS + pid, ds)
 
@@ -127,60 +161,37 @@ def _ln_stats(x, inb, C, eps):
 
 @triton.jit
 def ln_fwd_kernel(X, Y, W, B, C, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    inb = cols < C
-    x = tl.load(X + row * C + cols, mask=inb, other=0.0).to(tl.float32)
+    row, cols, inb, x = _fwd_row(X, C, BLOCK)
     mean, rstd = _ln_stats(x, inb, C, eps)
-    y = (x - mean) * rstd
-    if HAS_W:
-        y = y * tl.load(W + cols, mask=inb, other=0.0).to(tl.float32)
-    if HAS_B:
-        y = y + tl.load(B + cols, mask=inb, other=0.0).to(tl.float32)
-    tl.store(Y + row * C + cols, y.to(Y.dtype.element_ty), mask=inb)
+    _affine_store((x - mean) * rstd, Y, W, B, row, C, cols, inb, HAS_W, HAS_B)
 
 
 @triton.jit
 def ln_bwd_kernel(G, X, W, GA, DX, DW, DB, rows, rows_per, C, eps, HAS_W: tl.constexpr, HAS_GA: tl.constexpr,
                   NEED_W: tl.constexpr, NEED_B: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    inb = cols < C
-    w = tl.load(W + cols, mask=inb, other=0.0).to(tl.float32) if HAS_W else tl.full([BLOCK], 1.0, tl.float32)
+    pid, cols, inb, w = _bwd_block(W, C, HAS_W, BLOCK)
     dw = tl.zeros([BLOCK], tl.float32)
     db = tl.zeros([BLOCK], tl.float32)
     start = pid.to(tl.int64) * rows_per
-    for i in range(0, rows_per):  # the block's rows; a last block's missing rows are masked out
-        row = tl.zeros([BLOCK], tl.int64) + start + i  # as a vector: a scalar & vector mask is not int1 everywhere
-        m = inb & (row < rows)
-        off = row * C + cols
-        x = tl.load(X + off, mask=m, other=0.0).to(tl.float32)
-        g = tl.load(G + off, mask=m, other=0.0).to(tl.float32)
+    for i in range(0, rows_per):
+        m, off, x, g = _bwd_row(X, G, start + i, rows, C, cols, inb, BLOCK)
         mean, rstd = _ln_stats(x, inb, C, eps)
         xhat = tl.where(inb, (x - mean) * rstd, 0.0)
         gw = g * w
         dx = rstd * (gw - tl.sum(gw, axis=0) / C - xhat * (tl.sum(gw * xhat, axis=0) / C))
-        if HAS_GA:
-            dx = dx.to(DX.dtype.element_ty).to(tl.float32) + tl.load(GA + off, mask=m, other=0.0).to(tl.float32)
-        tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=m)
+        _store_dx(dx, DX, GA, off, m, HAS_GA)
         if NEED_W:
             dw += tl.where(m, g * xhat, 0.0)
         if NEED_B:
             db += g
-    if NEED_W:
-        tl.store(DW + pid * C + cols, dw, mask=inb)
-    if NEED_B:
-        tl.store(DB + pid * C + cols, db, mask=inb)
+    _store_partials(dw, db, DW, DB, pid, C, cols, inb, NEED_W, NEED_B)
 
 
 @triton.jit
 def add_norm_fwd_kernel(X, R, Y, H, W, B, C, eps, MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                         BLOCK: tl.constexpr):
     """h = x + residual rounded to the input dtype (as an eager add); y = norm(h): LayerNorm for MODE < 0."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    inb = cols < C
-    x = tl.load(X + row * C + cols, mask=inb, other=0.0).to(tl.float32)
+    row, cols, inb, x = _fwd_row(X, C, BLOCK)
     res = tl.load(R + row * C + cols, mask=inb, other=0.0).to(tl.float32)
     h_t = (x + res).to(H.dtype.element_ty)
     tl.store(H + row * C + cols, h_t, mask=inb)
@@ -191,45 +202,26 @@ def add_norm_fwd_kernel(X, R, Y, H, W, B, C, eps, MODE: tl.constexpr, HAS_W: tl.
     else:
         r, c_num, shift, nrm, n = _rms_factor(h, cols, C, C, eps, X, MODE)
         y = h * r
-    if HAS_W:
-        y = y * tl.load(W + cols, mask=inb, other=0.0).to(tl.float32)
-    if HAS_B:
-        y = y + tl.load(B + cols, mask=inb, other=0.0).to(tl.float32)
-    tl.store(Y + row * C + cols, y.to(Y.dtype.element_ty), mask=inb)
+    _affine_store(y, Y, W, B, row, C, cols, inb, HAS_W, HAS_B)
 
 
 @triton.jit
 def dyt_fwd_kernel(X, A, Y, W, B, C, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    inb = cols < C
-    x = tl.load(X + row * C + cols, mask=inb, other=0.0).to(tl.float32)
-    y = _tanh(tl.load(A).to(tl.float32) * x)
-    if HAS_W:
-        y = y * tl.load(W + cols, mask=inb, other=0.0).to(tl.float32)
-    if HAS_B:
-        y = y + tl.load(B + cols, mask=inb, other=0.0).to(tl.float32)
-    tl.store(Y + row * C + cols, y.to(Y.dtype.element_ty), mask=inb)
+    row, cols, inb, x = _fwd_row(X, C, BLOCK)
+    _affine_store(_tanh(tl.load(A).to(tl.float32) * x), Y, W, B, row, C, cols, inb, HAS_W, HAS_B)
 
 
 @triton.jit
 def dyt_bwd_kernel(G, X, A, W, DX, DA, DW, DB, rows, rows_per, C, HAS_W: tl.constexpr, NEED_A: tl.constexpr,
                    NEED_W: tl.constexpr, NEED_B: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    inb = cols < C
-    w = tl.load(W + cols, mask=inb, other=0.0).to(tl.float32) if HAS_W else tl.full([BLOCK], 1.0, tl.float32)
+    pid, cols, inb, w = _bwd_block(W, C, HAS_W, BLOCK)
     alpha = tl.load(A).to(tl.float32)
     da = tl.zeros([BLOCK], tl.float32)
     dw = tl.zeros([BLOCK], tl.float32)
     db = tl.zeros([BLOCK], tl.float32)
     start = pid.to(tl.int64) * rows_per
-    for i in range(0, rows_per):  # the block's rows; a last block's missing rows are masked out
-        row = tl.zeros([BLOCK], tl.int64) + start + i  # as a vector: a scalar & vector mask is not int1 everywhere
-        m = inb & (row < rows)
-        off = row * C + cols
-        x = tl.load(X + off, mask=m, other=0.0).to(tl.float32)
-        g = tl.load(G + off, mask=m, other=0.0).to(tl.float32)
+    for i in range(0, rows_per):
+        m, off, x, g = _bwd_row(X, G, start + i, rows, C, cols, inb, BLOCK)
         t = _tanh(alpha * x)
         q = g * w * (1.0 - t * t)
         tl.store(DX + off, (alpha * q).to(DX.dtype.element_ty), mask=m)
@@ -241,7 +233,4 @@ def dyt_bwd_kernel(G, X, A, W, DX, DA, DW, DB, rows, rows_per, C, HAS_W: tl.cons
             db += g
     if NEED_A:
         tl.store(DA + pid, tl.sum(da, axis=0))
-    if NEED_W:
-        tl.store(DW + pid * C + cols, dw, mask=inb)
-    if NEED_B:
-        tl.store(DB + pid * C + cols, db, mask=inb)
+    _store_partials(dw, db, DW, DB, pid, C, cols, inb, NEED_W, NEED_B)

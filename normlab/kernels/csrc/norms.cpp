@@ -28,15 +28,10 @@ using OptT = std::optional<Tensor>;
 
 enum Mode : int64_t { INSIDE = 0, OUTSIDE = 1, CRMS = 2, SCALE = 3 };
 
-// y = (x + shift) * r * w + b with optional w, b (the write pass of the rms family, shift 0, and of layer norm,
-// shift -mean: subtracting before scaling keeps (x - mean) exact for rows with a large mean).
-template <typename T>
-inline void write_affine(const T* x, T* y, int64_t C, acc_t<T> r, acc_t<T> shift, const acc_t<T>* w,
-                         const acc_t<T>* b) {
-  auto base = [=](auto v) {
-    using VV = decltype(v);
-    return (v + VV(shift)) * VV(r);
-  };
+// y = base(x) * w + b with optional w, b: the write pass of every forward (one loop per case, so the vector loop
+// tests nothing).
+template <typename T, typename Base>
+inline void write_mapped(const T* x, T* y, int64_t C, Base base, const acc_t<T>* w, const acc_t<T>* b) {
   if (w && b) {
     map_row(x, x, y, 0, C, [=](auto v, auto, int64_t i) { return base(v) * ld(w + i, v) + ld(b + i, v); });
   } else if (w) {
@@ -46,6 +41,18 @@ inline void write_affine(const T* x, T* y, int64_t C, acc_t<T> r, acc_t<T> shift
   } else {
     map_row(x, x, y, 0, C, [=](auto v, auto, int64_t) { return base(v); });
   }
+}
+
+// y = (x + shift) * r * w + b (the write pass of the rms family, shift 0, and of layer norm, shift -mean:
+// subtracting before scaling keeps (x - mean) exact for rows with a large mean).
+template <typename T>
+inline void write_affine(const T* x, T* y, int64_t C, acc_t<T> r, acc_t<T> shift, const acc_t<T>* w,
+                         const acc_t<T>* b) {
+  auto base = [=](auto v) {
+    using VV = decltype(v);
+    return (v + VV(shift)) * VV(r);
+  };
+  write_mapped(x, y, C, base, w, b);
 }
 
 template <typename A>
@@ -167,30 +174,58 @@ inline void add_into(T* dx, const T* gadd, int64_t C) {
   map_row(dx, gadd, dx, 0, C, [](auto a, auto b, int64_t) { return a + b; });
 }
 
-// Returns (dx, dw, db, dscale); a gradient that was not requested is an empty tensor.
-std::tuple<Tensor, Tensor, Tensor, Tensor> rms_bwd(const Tensor& gy_, const Tensor& x_, const OptT& w_,
-                                                   const OptT& scale_, const OptT& gadd_, double eps, int64_t mode,
-                                                   int64_t k, bool need_w, bool need_b, bool need_scale) {
-  const Tensor x = x_.contiguous(), gy = gy_.to(x.scalar_type()).contiguous();
-  const Tensor gadd = gadd_.has_value() && gadd_->defined() ? gadd_->to(x.scalar_type()).contiguous() : Tensor();
-  const int64_t C = x.size(-1), rows = C == 0 ? 0 : x.numel() / C;
-  TORCH_CHECK(1 <= k && k <= C, "normlab rms_norm: expected k in [1, ", C, "], got ", k);
-  const auto acc = at::toOpMathType(x.scalar_type());
-  const Tensor w = as_acc(w_, acc, C);
-  const double scale = scalar_of(scale_);
-  Tensor dx = at::empty_like(x), dw, db;
-  double dscale = 0.0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normlab_rms_bwd", [&] {
-    using T = scalar_t;
+// What every backward works on: x, gy (in x's dtype) and the fused add's gadd contiguous, w as a contiguous tensor
+// of the accumulation dtype, dx to write and the summed parameter gradients.
+struct Backward {
+  Tensor x, gy, gadd, w, dx, dw, db;
+  int64_t C, rows;
+  at::ScalarType acc;
+
+  // Runs row(x_r, gy_r, dx_r, w, dw_partial, db_partial) -> scalar on every row (see run_backward), then adds the
+  // fused add's gadd into the row's dx (after dx is rounded, as autograd adds them); returns the summed scalar.
+  template <typename T, typename Row>
+  double run(bool need_w, bool need_b, bool need_scalar, Row row) {
     using A = acc_t<T>;
     const T *xp = x.data_ptr<T>(), *gp = gy.data_ptr<T>();
     const T* ap = gadd.defined() ? gadd.data_ptr<T>() : nullptr;
     T* dxp = dx.data_ptr<T>();
     const A* wp = opt_ptr<A>(w);
-    const A sc = static_cast<A>(scale);
-    dscale = run_backward<A>(rows, C, need_w, need_b, need_scale, acc, dw, db, [&](int64_t r, A* dwp, A* dbp) {
-      const T *xr = xp + r * C, *gr = gp + r * C;
-      T* dr = dxp + r * C;
+    const int64_t c = C;
+    return run_backward<A>(rows, C, need_w, need_b, need_scalar, acc, dw, db, [&](int64_t r, A* dwp, A* dbp) {
+      const A s = row(xp + r * c, gp + r * c, dxp + r * c, wp, dwp, dbp);
+      if (ap) add_into(dxp + r * c, ap + r * c, c);
+      return s;
+    });
+  }
+
+  // A gradient if it was requested, else an empty tensor; a scalar one as a one-element tensor.
+  Tensor grad(bool need, const Tensor& g) const { return need ? g : empty_grad(x); }
+  Tensor scalar(bool need, double value) const {
+    return need ? at::full({1}, value, at::TensorOptions().dtype(acc)) : empty_grad(x);
+  }
+};
+
+Backward backward_inputs(const Tensor& gy, const Tensor& x_, const OptT& w, const OptT& gadd = std::nullopt) {
+  const Tensor x = x_.contiguous();
+  const int64_t C = x.size(-1);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  const Tensor ga = gadd.has_value() && gadd->defined() ? gadd->to(x.scalar_type()).contiguous() : Tensor();
+  const Tensor g = gy.to(x.scalar_type()).contiguous();
+  return {x, g, ga, as_acc(w, acc, C), at::empty_like(x), Tensor(), Tensor(), C, C == 0 ? 0 : x.numel() / C, acc};
+}
+
+// Returns (dx, dw, db, dscale); a gradient that was not requested is an empty tensor.
+std::tuple<Tensor, Tensor, Tensor, Tensor> rms_bwd(const Tensor& gy_, const Tensor& x_, const OptT& w_,
+                                                   const OptT& scale_, const OptT& gadd_, double eps, int64_t mode,
+                                                   int64_t k, bool need_w, bool need_b, bool need_scale) {
+  Backward in = backward_inputs(gy_, x_, w_, gadd_);
+  const int64_t C = in.C;
+  TORCH_CHECK(1 <= k && k <= C, "normlab rms_norm: expected k in [1, ", C, "], got ", k);
+  const double dscale = AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.x.scalar_type(),
+                                                      "normlab_rms_bwd", [&] {
+    using A = acc_t<scalar_t>;
+    const A sc = static_cast<A>(scalar_of(scale_));
+    return in.run<scalar_t>(need_w, need_b, need_scale, [&](auto xr, auto gr, auto dr, const A* wp, A* dwp, A* dbp) {
       A aux(0), n(0);
       const A f = rms_factor(xr, C, mode, k, eps, sc, aux, n);
       const A s = wp ? reduce_row(xr, gr, 0, C, [=](auto v, auto g, int64_t i) { return v * g * ld(wp + i, v); })
@@ -208,13 +243,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rms_bwd(const Tensor& gy_, const Tens
       }
       write_dx(gr, xr, dr, 0, k, f, c, shift, A(0), wp);
       write_dx(gr, xr, dr, k, C, f, A(0), A(0), A(0), wp);  // pRMSNorm: channels past k are not in the statistic
-      if (ap) add_into(dr, ap + r * C, C);
       accum_params(gr, xr, C, f, A(0), dwp, dbp);
       return mode == SCALE ? s / n : A(0);
     });
   });
-  Tensor ds = need_scale ? at::full({1}, dscale, at::TensorOptions().dtype(acc)) : empty_grad(x);
-  return {dx, need_w ? dw : empty_grad(x), need_b ? db : empty_grad(x), ds};
+  return {in.dx, in.grad(need_w, in.dw), in.grad(need_b, in.db), in.scalar(need_scale, dscale)};
 }
 
 // ------------------------------------------------------------------------------------------------ layer norm ----
@@ -256,22 +289,11 @@ Tensor ln_fwd(const Tensor& x_, const OptT& w_, const OptT& b_, double eps) {
 
 std::tuple<Tensor, Tensor, Tensor> ln_bwd(const Tensor& gy_, const Tensor& x_, const OptT& w_, const OptT& gadd_,
                                           double eps, bool need_w, bool need_b) {
-  const Tensor x = x_.contiguous(), gy = gy_.to(x.scalar_type()).contiguous();
-  const Tensor gadd = gadd_.has_value() && gadd_->defined() ? gadd_->to(x.scalar_type()).contiguous() : Tensor();
-  const int64_t C = x.size(-1), rows = C == 0 ? 0 : x.numel() / C;
-  const auto acc = at::toOpMathType(x.scalar_type());
-  const Tensor w = as_acc(w_, acc, C);
-  Tensor dx = at::empty_like(x), dw, db;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normlab_ln_bwd", [&] {
-    using T = scalar_t;
-    using A = acc_t<T>;
-    const T *xp = x.data_ptr<T>(), *gp = gy.data_ptr<T>();
-    const T* ap = gadd.defined() ? gadd.data_ptr<T>() : nullptr;
-    T* dxp = dx.data_ptr<T>();
-    const A* wp = opt_ptr<A>(w);
-    run_backward<A>(rows, C, need_w, need_b, false, acc, dw, db, [&](int64_t r, A* dwp, A* dbp) {
-      const T *xr = xp + r * C, *gr = gp + r * C;
-      T* dr = dxp + r * C;
+  Backward in = backward_inputs(gy_, x_, w_, gadd_);
+  const int64_t C = in.C;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.x.scalar_type(), "normlab_ln_bwd", [&] {
+    using A = acc_t<scalar_t>;
+    in.run<scalar_t>(need_w, need_b, false, [&](auto xr, auto gr, auto dr, const A* wp, A* dwp, A* dbp) {
       A mean, rstd;
       ln_stats(xr, C, eps, mean, rstd);
       const A m = mean, rs = rstd;
@@ -290,12 +312,11 @@ std::tuple<Tensor, Tensor, Tensor> ln_bwd(const Tensor& gy_, const Tensor& x_, c
         });
       }
       write_dx(gr, xr, dr, 0, C, rs, rs * rs * sgx / A(C), -m, rs * sg / A(C), wp);
-      if (ap) add_into(dr, ap + r * C, C);
       accum_params(gr, xr, C, rs, -m, dwp, dbp);
       return A(0);
     });
   });
-  return {dx, need_w ? dw : empty_grad(x), need_b ? db : empty_grad(x)};
+  return {in.dx, in.grad(need_w, in.dw), in.grad(need_b, in.db)};
 }
 
 // ------------------------------------------------------------------------------------- fused residual add + norm ----
@@ -354,18 +375,7 @@ Tensor dyt_fwd(const Tensor& x_, const Tensor& alpha_, const OptT& w_, const Opt
     const A al = static_cast<A>(alpha);
     at::parallel_for(0, rows, row_grain(C), [&](int64_t lo, int64_t hi) {
       for (int64_t r = lo; r < hi; ++r) {
-        const T* xr = xp + r * C;
-        T* yr = yp + r * C;
-        auto t = [=](auto v) { return tanh_(v * decltype(v)(al)); };
-        if (wp && bp) {
-          map_row(xr, xr, yr, 0, C, [=](auto v, auto, int64_t i) { return t(v) * ld(wp + i, v) + ld(bp + i, v); });
-        } else if (wp) {
-          map_row(xr, xr, yr, 0, C, [=](auto v, auto, int64_t i) { return t(v) * ld(wp + i, v); });
-        } else if (bp) {
-          map_row(xr, xr, yr, 0, C, [=](auto v, auto, int64_t i) { return t(v) + ld(bp + i, v); });
-        } else {
-          map_row(xr, xr, yr, 0, C, [=](auto v, auto, int64_t) { return t(v); });
-        }
+        write_mapped(xp + r * C, yp + r * C, C, [=](auto v) { return tanh_(v * decltype(v)(al)); }, wp, bp);
       }
     });
   });
@@ -376,23 +386,15 @@ Tensor dyt_fwd(const Tensor& x_, const Tensor& alpha_, const OptT& w_, const Opt
 // Returns (dx, dalpha, dw, db); a gradient that was not requested is an empty tensor.
 std::tuple<Tensor, Tensor, Tensor, Tensor> dyt_bwd(const Tensor& gy_, const Tensor& x_, const Tensor& alpha_,
                                                    const OptT& w_, bool need_alpha, bool need_w, bool need_b) {
-  const Tensor x = x_.contiguous(), gy = gy_.to(x.scalar_type()).contiguous();
-  const int64_t C = x.size(-1), rows = C == 0 ? 0 : x.numel() / C;
-  const auto acc = at::toOpMathType(x.scalar_type());
-  const Tensor w = as_acc(w_, acc, C);
-  const double alpha = scalar_of(alpha_);
-  Tensor dx = at::empty_like(x), dw, db;
-  double dalpha = 0.0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normlab_dyt_bwd", [&] {
-    using T = scalar_t;
-    using A = acc_t<T>;
-    const T *xp = x.data_ptr<T>(), *gp = gy.data_ptr<T>();
-    T* dxp = dx.data_ptr<T>();
-    const A* wp = opt_ptr<A>(w);
-    const A al = static_cast<A>(alpha);
-    dalpha = run_backward<A>(rows, C, need_w, need_b, need_alpha, acc, dw, db, [&](int64_t r, A* dwp, A* dbp) {
+  Backward in = backward_inputs(gy_, x_, w_);
+  const int64_t C = in.C;
+  const double dalpha = AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.x.scalar_type(),
+                                                      "normlab_dyt_bwd", [&] {
+    using A = acc_t<scalar_t>;
+    const A al = static_cast<A>(scalar_of(alpha_));
+    return in.run<scalar_t>(need_w, need_b, need_alpha, [&](auto xr, auto gr, auto dr, const A* wp, A* dwp, A* dbp) {
       Acc<A> sa;
-      map_row(xp + r * C, gp + r * C, dxp + r * C, 0, C, [&](auto v, auto g, int64_t i) {
+      map_row(xr, gr, dr, 0, C, [&](auto v, auto g, int64_t i) {
         using VV = decltype(v);
         const VV t = tanh_(v * VV(al));
         const VV gw = wp ? g * ld(wp + i, v) : g;
@@ -405,8 +407,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dyt_bwd(const Tensor& gy_, const Tens
       return sa.total();
     });
   });
-  Tensor da = need_alpha ? at::full({1}, dalpha, at::TensorOptions().dtype(acc)) : empty_grad(x);
-  return {dx, da, need_w ? dw : empty_grad(x), need_b ? db : empty_grad(x)};
+  return {in.dx, in.scalar(need_alpha, dalpha), in.grad(need_w, in.dw), in.grad(need_b, in.db)};
 }
 
 }  // namespace

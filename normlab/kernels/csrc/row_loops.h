@@ -83,41 +83,49 @@ inline Vectorized<float> tanh_(Vectorized<float> x) {
   return V::blendv(signed_big, small, ax < V(0.55f));
 }
 
-// sum_{lo<=i<hi} op(x_i, g_i, i) (g may be x when an op reads one row). Fixed order: two vector accumulators, then
-// the scalar tail.
-template <typename T, typename Op>
-inline acc_t<T> reduce_row(const T* x, const T* g, int64_t lo, int64_t hi, Op op) {
+// Walk x and g over [lo, hi): vec(xa, ga, xb, gb, i) for each pair of vectors loaded from i (xa at i, xb at
+// i + V::size()), then tail(i) for each index left over. The loop every row helper below runs.
+template <typename T, typename Vec, typename Tail>
+inline void walk_row(const T* x, const T* g, int64_t lo, int64_t hi, Vec vec, Tail tail) {
   using I = IO<T>;
-  using A = acc_t<T>;
-  using V = Vectorized<A>;
-  V s0(A(0)), s1(A(0));
+  using V = Vectorized<acc_t<T>>;
   int64_t i = lo;
   for (; i + I::W <= hi; i += I::W) {
     V xa, xb, ga, gb;
     I::load(x + i, xa, xb);
     I::load(g + i, ga, gb);
-    s0 = s0 + op(xa, ga, i);
-    s1 = s1 + op(xb, gb, i + V::size());
+    vec(xa, ga, xb, gb, i);
   }
+  for (; i < hi; ++i) tail(i);
+}
+
+// sum_{lo<=i<hi} op(x_i, g_i, i) (g may be x when an op reads one row). Fixed order: two vector accumulators, then
+// the scalar tail.
+template <typename T, typename Op>
+inline acc_t<T> reduce_row(const T* x, const T* g, int64_t lo, int64_t hi, Op op) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  V s0(A(0)), s1(A(0));
   A tail(0);
-  for (; i < hi; ++i) tail += op(A(x[i]), A(g[i]), i);
+  walk_row(
+      x, g, lo, hi,
+      [&](V xa, V ga, V xb, V gb, int64_t i) {
+        s0 = s0 + op(xa, ga, i);
+        s1 = s1 + op(xb, gb, i + V::size());
+      },
+      [&](int64_t i) { tail += op(A(x[i]), A(g[i]), i); });
   return at::vec::vec_reduce_all<A>([](V p, V q) { return p + q; }, s0 + s1) + tail;
 }
 
 // out_i = op(x_i, g_i, i) for lo <= i < hi.
 template <typename T, typename Op>
 inline void map_row(const T* x, const T* g, T* out, int64_t lo, int64_t hi, Op op) {
-  using I = IO<T>;
   using A = acc_t<T>;
   using V = Vectorized<A>;
-  int64_t i = lo;
-  for (; i + I::W <= hi; i += I::W) {
-    V xa, xb, ga, gb;
-    I::load(x + i, xa, xb);
-    I::load(g + i, ga, gb);
-    I::store(out + i, op(xa, ga, i), op(xb, gb, i + V::size()));
-  }
-  for (; i < hi; ++i) out[i] = T(op(A(x[i]), A(g[i]), i));
+  walk_row(
+      x, g, lo, hi,
+      [&](V xa, V ga, V xb, V gb, int64_t i) { IO<T>::store(out + i, op(xa, ga, i), op(xb, gb, i + V::size())); },
+      [&](int64_t i) { out[i] = T(op(A(x[i]), A(g[i]), i)); });
 }
 
 // Fixed row blocks for deterministic parameter-gradient partials: the count depends on the row count only.
@@ -155,18 +163,15 @@ inline Tensor empty_grad(const Tensor& like) { return at::empty({0}, like.option
 // op(x_i, g_i, i) for lo <= i < hi, for its side effects (accumulating parameter-gradient partials).
 template <typename T, typename Op>
 inline void for_each_row(const T* x, const T* g, int64_t lo, int64_t hi, Op op) {
-  using I = IO<T>;
   using A = acc_t<T>;
   using V = Vectorized<A>;
-  int64_t i = lo;
-  for (; i + I::W <= hi; i += I::W) {
-    V xa, xb, ga, gb;
-    I::load(x + i, xa, xb);
-    I::load(g + i, ga, gb);
-    op(xa, ga, i);
-    op(xb, gb, i + V::size());
-  }
-  for (; i < hi; ++i) op(A(x[i]), A(g[i]), i);
+  walk_row(
+      x, g, lo, hi,
+      [&](V xa, V ga, V xb, V gb, int64_t i) {
+        op(xa, ga, i);
+        op(xb, gb, i + V::size());
+      },
+      [&](int64_t i) { op(A(x[i]), A(g[i]), i); });
 }
 
 // Sum of vector and scalar contributions in one object, so one generic lambda can accumulate from both loop parts.
