@@ -56,8 +56,8 @@ from normlab.functional.unified_norm import unified_step
 from normlab.kernels._build import cpu_status
 from normlab.kernels._scope import IMPLS, Impl, check_impl, resolve_impl
 
-__all__ = ["IMPLS", "Impl", "add_layer_norm", "add_rms_norm", "batch_norm", "crms_norm", "dyt", "layer_norm",
-           "power_norm", "rep_batch_norm", "unified_norm", "rms_norm", "scale_norm"]
+__all__ = ["IMPLS", "Impl", "add_layer_norm", "add_rms_norm", "batch_norm", "crms_norm", "dyt", "group_norm",
+           "instance_norm", "layer_norm", "power_norm", "rep_batch_norm", "unified_norm", "rms_norm", "scale_norm"]
 
 def _kernel_impl(impl: str, x: Tensor, op: str) -> str | None:
     """Validate ``impl`` and resolve ``"auto"`` against the scope: the ``impl`` argument of the custom op, or
@@ -487,3 +487,8 @@ def unified_norm(
     y = torch.ops.normlab.unified_norm_apply(flat, inv_std, r, weight, bias, buffer_gz, ema_gz, t, skip, momentum,
                                              warmup_iters, float(flat.shape[0]), kimpl)
     return y.reshape(x.shape)
+
+
+# GroupNorm / InstanceNorm on token tensors live in their own module (this one's line budget); imported last, since
+# that module uses the helpers above.
+from normlab.kernels._group_ops import group_norm, instance_norm  # noqa: E402
