@@ -142,11 +142,12 @@ group_norm_op.register_autograd(_backward, setup_context=_setup)
 
 
 def _token_impl(impl: str, x: Tensor, cd: int, op: str) -> str | None:
-    """The custom op's ``impl`` for a non-empty token tensor (channels last), else ``None`` (the composite op)."""
+    """The custom op's ``impl`` for a non-empty token tensor (channels last) on the CPU, else ``None`` (the composite
+    op: on other devices that is torch's native group_norm, and there is no fused kernel to gain)."""
     if impl == "triton":
         raise ValueError(f"{op}: has no Triton kernel; expected impl in ('auto', 'composite', 'cpu'), got 'triton'")
     kimpl = _kernel_impl(impl, x, op)
-    if kimpl is None or cd != x.dim() - 1 or x.numel() == 0:
+    if kimpl is None or x.device.type != "cpu" or cd != x.dim() - 1 or x.numel() == 0:
         return None
     return kimpl
 
