@@ -16,6 +16,7 @@ contiguous block and torch's own ``group_norm`` kernel already normalises it in 
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Optional
 
 import torch
@@ -32,8 +33,10 @@ __all__ = ["group_norm", "instance_norm"]
 
 
 def _gn_ext(x: Tensor, impl: str) -> Any:
+    """The C++ extension, or ``None`` for the composite body (no extension, or the Triton module, which has no
+    group-norm kernel). Asked by identity, not by attribute, so a stale extension fails loudly."""
     ext = _ext(x, impl)
-    return ext if ext is not None and hasattr(ext, "gn_fwd") else None  # no Triton group-norm kernel
+    return None if ext is None or ext is sys.modules.get("normlab.kernels._triton") else ext
 
 
 def _grouped(t: Tensor, groups: int) -> Tensor:

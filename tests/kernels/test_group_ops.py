@@ -10,6 +10,8 @@ dominates), outputs and gradients.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ from torch.library import opcheck
 
 from normlab import GroupNorm, InstanceNorm
 from normlab import functional as F
-from normlab.kernels import _build, ops, use_impl
+from normlab.kernels import _build, _custom_ops, ops, use_impl
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}
 C = 40  # a vector body plus a scalar tail; groups of 5 channels for 8 groups
@@ -176,6 +178,23 @@ def test_what_runs_the_kernel() -> None:
         assert not _kernel_ran(GroupNorm(6, num_groups=2, channel_dim=-1)(x))
         assert _kernel_ran(GroupNorm(6, num_groups=2, channel_dim=-1, impl="cpu")(x))  # the module's impl wins
         assert _kernel_ran(InstanceNorm(6, channel_dim=-1, impl="cpu")(x))
+
+
+def test_the_modules_call_the_cpp_kernels_forward_and_backward(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real = _custom_ops.cpu_extension()
+    assert real is not None
+
+    class Spy:
+        def __getattr__(self, name: str) -> Callable[..., Any]:
+            calls.append(name)
+            return getattr(real, name)
+
+    monkeypatch.setattr(_custom_ops, "cpu_extension", lambda: Spy())
+    x = torch.randn(2, 5, 6, requires_grad=True)
+    GroupNorm(6, num_groups=3, channel_dim=-1)(x).sum().backward()
+    InstanceNorm(6, affine=True, track_running_stats=True, channel_dim=-1)(x).sum().backward()
+    assert calls == ["gn_fwd", "gn_bwd", "gn_fwd", "gn_bwd"]
 
 
 @pytest.mark.parametrize("shape", [(0, 4, 8), (2, 0, 8), (1, 1, 8), (0, 8)], ids=str)
