@@ -15,6 +15,7 @@ gives each variant's p50 and those ratios.
 
     python benchmarks/norm_speed.py                  # the three shapes of the issue
     python benchmarks/norm_speed.py --quick          # a smoke run on a small shape
+    python benchmarks/norm_speed.py --only group_norm,instance_norm   # those norms, their torch twins, the bases
 """
 
 from __future__ import annotations
@@ -143,6 +144,16 @@ def _variants(c: int, dtype: torch.dtype = torch.float32) -> list[Variant]:
     return out
 
 
+def _selected(variants: list[Variant], only: set[str] | None) -> list[Variant]:
+    """The variants named in ``only`` (by name, or by the norm a torch op stands next to) and the ones every ratio is
+    taken against (``clone``, ``copy_``, ``torch.LayerNorm`` and the selected variants' baselines); all without it."""
+    if only is None:
+        return variants
+    keep = {id(v) for v in variants if v.name in only or v.same_as in only}
+    bases = {"clone", "copy_", LN} | {v.baseline for v in variants if id(v) in keep}
+    return [v for v in variants if id(v) in keep or (v.name in bases and v.backend in ("limit", "torch"))]
+
+
 def _calls(v: Variant, base: torch.Tensor,
            shared: dict[tuple[object, ...], torch.Tensor] | None = None) -> dict[str, Callable[[], object]]:
     """The forward and forward+backward closures of one variant (raises if the variant cannot run). Variants with
@@ -210,18 +221,19 @@ def _sample(variants: list[Variant], base: torch.Tensor, reps: int,
 
 
 def run(shapes: list[tuple[int, int]], reps: int, out_dir: Path,
-        dtypes: dict[str, torch.dtype] | None = None) -> list[dict[str, object]]:
-    """Time every variant at every shape and dtype. A variant that fails (to build, warm up or run) becomes a row
-    with ``status="error"`` and the message, and the sweep goes on without it."""
+        dtypes: dict[str, torch.dtype] | None = None, only: set[str] | None = None) -> list[dict[str, object]]:
+    """Time every variant (those :func:`_selected` by ``only``) at every shape and dtype. A variant that fails (to
+    build, warm up or run) becomes a row with ``status="error"`` and the message, and the sweep goes on without it."""
     out_dir.mkdir(parents=True, exist_ok=False)
-    bench.write_env(out_dir, reps=reps, shapes=shapes,
+    bench.write_env(out_dir, reps=reps, shapes=shapes, only=sorted(only) if only else None,
                     load_average_at_start=os.getloadavg() if hasattr(os, "getloadavg") else None)
     rows: list[dict[str, object]] = []
     done = 0
     for (t, c), (dname, dtype) in [(sh, d) for sh in shapes for d in (dtypes or DTYPES).items()]:
         shape = f"{t}x{c}"
         errors: dict[Key, str] = {}
-        samples, inner, owner = _sample(_variants(c, dtype), torch.randn(1, t, c).to(dtype), reps, errors)
+        samples, inner, owner = _sample(_selected(_variants(c, dtype), only), torch.randn(1, t, c).to(dtype), reps,
+                                        errors)
         load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None  # 1-min load after this group
         for key, ms in samples.items():
             name, backend, passes = key
@@ -267,10 +279,13 @@ def format_table(rows: list[dict[str, object]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = bench.parser(__doc__, quick="one small shape, 3 repetitions").parse_args(argv)
+    p = bench.parser(__doc__, quick="one small shape, 3 repetitions")
+    p.add_argument("--only", default=None, help="comma-separated norm names: time those (and the ratio bases) only")
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = args.out or bench.default_out("norm_speed")
-    rows = run(QUICK_SHAPES if args.quick else SHAPES, 3 if args.quick else args.reps, out)
+    only = {n.strip() for n in args.only.split(",") if n.strip()} if args.only else None
+    rows = run(QUICK_SHAPES if args.quick else SHAPES, 3 if args.quick else args.reps, out, only=only)
     table = format_table(rows)
     (out / "table.txt").write_text(table + "\n")
     print(table)

@@ -2,7 +2,8 @@
 
 The token norms (LayerNorm, the RMSNorm family, ScaleNorm, DyT, the fused residual add + norm) have both; the
 training step of the batch-statistic norms on token tensors (BatchNorm with padding masks, RepBN, PowerNorm,
-UnifiedNorm) has CPU kernels, and runs its composite op elsewhere (and across synced ranks).
+UnifiedNorm) and GroupNorm / InstanceNorm on token tensors have CPU kernels, and run their composite op elsewhere
+(and across synced ranks).
 
 * :mod:`normlab.kernels.ops`: the norms with :mod:`normlab.functional`'s signatures and an ``impl=`` argument;
 * :func:`use_impl`: a context manager choosing the implementation for a scope (as
@@ -25,10 +26,10 @@ from normlab.kernels import ops
 from normlab.kernels._build import cpu_status
 from normlab.kernels._scope import IMPLS, Impl, current_impl, use_impl
 
-__all__ = ["BATCH_OPS", "IMPLS", "OPS", "Impl", "backend_detail", "backends", "current_impl", "ops", "use_impl"]
+__all__ = ["BATCH_OPS", "CPU_ONLY_OPS", "IMPLS", "OPS", "Impl", "backend_detail", "backends", "current_impl", "ops",
+           "use_impl"]
 
-# Public ops (pRMSNorm and SRMSNorm run through ``rms_norm``; listed for ``normlab env``). The batch-statistic ops
-# (their training step on token tensors) have CPU kernels only.
+# Public ops (pRMSNorm and SRMSNorm run through ``rms_norm``; listed for ``normlab env``).
 OPS: tuple[str, ...] = (
     "layer_norm",
     "rms_norm",
@@ -43,8 +44,12 @@ OPS: tuple[str, ...] = (
     "rep_batch_norm",
     "power_norm",
     "unified_norm",
+    "group_norm",
+    "instance_norm",
 )
 BATCH_OPS: tuple[str, ...] = ("batch_norm", "rep_batch_norm", "power_norm", "unified_norm")
+# Ops with CPU kernels only (no Triton kernel): the batch-statistic ops and GroupNorm / InstanceNorm on token tensors.
+CPU_ONLY_OPS: tuple[str, ...] = (*BATCH_OPS, "group_norm", "instance_norm")
 
 
 def backends(device: str = "cpu") -> dict[str, str]:
@@ -59,7 +64,7 @@ def backends(device: str = "cpu") -> dict[str, str]:
         fused = "triton" if _triton.available() else "composite"
     else:
         fused = "composite"
-    return {name: "composite" if name in BATCH_OPS and fused == "triton" else fused for name in OPS}
+    return {name: "composite" if name in CPU_ONLY_OPS and fused == "triton" else fused for name in OPS}
 
 
 def backend_detail() -> str:

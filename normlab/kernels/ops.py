@@ -57,8 +57,8 @@ from normlab.functional.unified_norm import unified_step
 from normlab.kernels._build import cpu_status
 from normlab.kernels._scope import IMPLS, Impl, check_impl, resolve_impl
 
-__all__ = ["IMPLS", "Impl", "add_layer_norm", "add_rms_norm", "batch_norm", "crms_norm", "dyt", "layer_norm",
-           "power_norm", "rep_batch_norm", "unified_norm", "rms_norm", "scale_norm"]
+__all__ = ["IMPLS", "Impl", "add_layer_norm", "add_rms_norm", "batch_norm", "crms_norm", "dyt", "group_norm",
+           "instance_norm", "layer_norm", "power_norm", "rep_batch_norm", "unified_norm", "rms_norm", "scale_norm"]
 
 Args = dict[str, Any]  # a call's arguments by parameter name, defaults filled in
 
@@ -366,3 +366,8 @@ def _unified_fused(a: Args, impl: str) -> Tensor | None:
 unified_norm = _twin(composite_unified_norm, _unified_fused, """Unified Normalization (Yang et al., ACM MM 2022,
     https://arxiv.org/abs/2208.01313); see :func:`normlab.functional.unified_norm`. The training step of a single
     process runs the fused kernels; eval mode and synced ranks run the composite op.""")
+
+
+# GroupNorm / InstanceNorm on token tensors live in their own module (this one's line budget); imported last, since
+# that module uses the helpers above.
+from normlab.kernels._group_ops import group_norm, instance_norm  # noqa: E402

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from normlab.functional._checks import check_num_groups
 from normlab.functional.group_norm import group_norm, instance_norm
+from normlab.kernels._scope import Impl
 from normlab.nn._base import NormBase
 from normlab.nn.batch_norm import bn_torch_twin, init_bn_state
 from normlab.registry import Paper, register_norm
@@ -58,6 +59,8 @@ class GroupNorm(NormBase):
         eps: default ``1e-5``.
         affine: per-channel ``weight``/``bias``. Default ``True``.
         channel_dim: ``1`` (default, ``(N, C, *)``) or ``-1`` for token tensors ``(B, N, C)``.
+        impl: ``"auto"`` (default), ``"composite"`` or ``"cpu"``: which implementation runs the forward (token
+            tensors have a fused CPU kernel; :func:`normlab.kernels.use_impl` sets it for a scope).
 
     Shape:
         input ``(N, C, *)``; output the same shape and dtype.
@@ -77,8 +80,9 @@ class GroupNorm(NormBase):
         channel_dim: int = 1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        impl: Impl = "auto",
     ) -> None:
-        super().__init__(num_channels, channel_dim)
+        super().__init__(num_channels, channel_dim, impl=impl)
         self.num_channels = self.num_features
         self.num_groups = resolve_num_groups(num_groups, num_channels, "group_norm", "num_channels")
         self.eps = eps
@@ -87,6 +91,7 @@ class GroupNorm(NormBase):
         self.reset_parameters()
 
     repr_always = ("num_groups",)  # resolved from the default None
+    kernel_op = "group_norm"
 
     @classmethod
     def torch_twin(cls, num_features: int, **kwargs: Any) -> nn.Module | None:
@@ -122,6 +127,8 @@ class InstanceNorm(NormBase):
         affine: per-channel ``weight``/``bias``. Default ``False``.
         track_running_stats: keep running mean/var and use them in eval mode. Default ``False``.
         channel_dim: ``1`` (default) or ``-1`` for token tensors ``(B, N, C)``.
+        impl: ``"auto"`` (default), ``"composite"`` or ``"cpu"``: which implementation runs the forward (the input
+            statistics of token tensors have a fused CPU kernel, which updates the running buffers too).
 
     Shape:
         input ``(N, C, L, *)`` with at least one spatial axis; output the same shape and dtype.
@@ -135,12 +142,15 @@ class InstanceNorm(NormBase):
         self, num_features: int, *, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
         track_running_stats: bool = False, channel_dim: int = 1, device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        impl: Impl = "auto",
     ) -> None:
-        super().__init__(num_features, channel_dim)
+        super().__init__(num_features, channel_dim, impl=impl)
         self.eps = eps
         self.momentum = momentum
         init_bn_state(self, affine, track_running_stats, device, dtype)
         self.reset_parameters()
+
+    kernel_op = "instance_norm"
 
     running_mean: Tensor | None
     running_var: Tensor | None

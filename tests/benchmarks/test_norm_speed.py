@@ -105,3 +105,14 @@ def test_torch_variants_compute_what_their_normlab_counterparts_do() -> None:
         expected = ours.module.train()(ours.make_input(base))
         got = v.to_tokens(v.module.train()(v.make_input(base)))
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda s, v=v: f"{v.name}: {s}")
+
+
+def test_only_selects_the_named_norms_their_torch_twins_and_the_ratio_bases() -> None:
+    mod = _load()
+    picked = mod._selected(mod._variants(8), {"group_norm", "instance_norm"})  # type: ignore[attr-defined]
+    keys = {(v.name, v.backend) for v in picked}
+    assert keys == {("clone", "limit"), ("copy_", "limit"), ("torch.LayerNorm", "torch"), ("group_norm", "cpu"),
+                    ("group_norm", "composite"), ("instance_norm", "cpu"), ("instance_norm", "composite"),
+                    ("torch.GroupNorm", "torch"), ("group_norm[channel_dim=1]", "composite"),
+                    ("torch.InstanceNorm1d", "torch")}
+    assert len(mod._selected(mod._variants(8), None)) > len(picked)  # type: ignore[attr-defined]

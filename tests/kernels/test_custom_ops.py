@@ -164,9 +164,10 @@ def test_fallback_bodies_match_the_composite_ops(no_cpu_kernels: None, case_id: 
 def test_backends_report_the_fused_kernels() -> None:
     assert kernels.backends() == {name: "cpu" for name in kernels.OPS}
     on_cuda = "triton" if importlib.util.find_spec("triton") is not None else "composite"
-    assert kernels.backends("cuda") == {name: "composite" if name in kernels.BATCH_OPS else on_cuda
+    assert kernels.backends("cuda") == {name: "composite" if name in kernels.CPU_ONLY_OPS else on_cuda
                                         for name in kernels.OPS}
-    assert {"batch_norm", "rep_batch_norm", "power_norm"} <= set(kernels.BATCH_OPS) <= set(kernels.OPS)
+    assert {"batch_norm", "rep_batch_norm", "power_norm"} <= set(kernels.BATCH_OPS) <= set(kernels.CPU_ONLY_OPS)
+    assert {"group_norm", "instance_norm"} <= set(kernels.CPU_ONLY_OPS) <= set(kernels.OPS)
     assert kernels.backends("mps") == {name: "composite" for name in kernels.OPS}
     assert kernels.backend_detail().startswith("fused C++ (")
 

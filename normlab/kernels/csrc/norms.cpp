@@ -413,10 +413,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dyt_bwd(const Tensor& gy_, const Tens
 }  // namespace
 
 void register_batch_norms(pybind11::module& m);  // batch_norms.cpp
+void register_group_norms(pybind11::module& m);  // group_norms.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "normlab fused CPU norm kernels";
   register_batch_norms(m);
+  register_group_norms(m);
   m.def("rms_fwd", &rms_fwd);
   m.def("rms_bwd", &rms_bwd);
   m.def("ln_fwd", &ln_fwd);
