@@ -14,6 +14,7 @@ import torch
 from torch.library import opcheck
 
 from normlab.kernels import ops, use_impl
+from tests.kernels._graph import kernel_ran
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}
 C = 37  # a vector body plus a scalar tail
@@ -113,31 +114,17 @@ def test_too_few_valid_rows_are_refused_as_in_the_composite_op(fn: Callable[...,
         fn(torch.randn(2, 3, C), C, *args, training=True, channel_dim=-1, impl="triton")
 
 
-def _kernel_ran(y: torch.Tensor) -> bool:
-    """Whether the autograd graph of ``y`` has a ``normlab::`` custom op's node."""
-    todo, seen = [y.grad_fn], set()
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if "normlab" in type(node).__name__:
-            return True
-        todo.extend(n for n, _ in node.next_functions)
-    return False
-
-
 def test_channel_first_running_stats_and_synced_ranks_run_the_composite_op(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.randn(4, 5, C, requires_grad=True)
     rm, rv = torch.zeros(C), torch.ones(C)
-    assert _kernel_ran(ops.batch_norm(x, C, rm, rv, training=True, channel_dim=-1))
-    assert not _kernel_ran(ops.batch_norm(x.transpose(1, 2), C, rm, rv, training=True, channel_dim=1))
-    assert not _kernel_ran(ops.batch_norm(x, C, rm, rv, training=False, channel_dim=-1))  # running statistics
+    assert kernel_ran(ops.batch_norm(x, C, rm, rv, training=True, channel_dim=-1))
+    assert not kernel_ran(ops.batch_norm(x.transpose(1, 2), C, rm, rv, training=True, channel_dim=1))
+    assert not kernel_ran(ops.batch_norm(x, C, rm, rv, training=False, channel_dim=-1))  # running statistics
     # A process group to sync over: the statistics need an all-reduce between their passes, done by the composite op
     # (tests/test_distributed.py runs it across processes).
     monkeypatch.setattr("normlab.kernels.ops.stats_group", lambda group, sync: object())
-    assert not _kernel_ran(ops.batch_norm(x, C, rm, rv, training=True, channel_dim=-1))
-    assert _kernel_ran(ops.batch_norm(x, C, None, None, training=False, channel_dim=-1))  # eval never syncs
+    assert not kernel_ran(ops.batch_norm(x, C, rm, rv, training=True, channel_dim=-1))
+    assert kernel_ran(ops.batch_norm(x, C, None, None, training=False, channel_dim=-1))  # eval never syncs
 
 
 def test_opcheck_and_compile() -> None:
@@ -198,8 +185,8 @@ def test_power_norm_opcheck_and_eval_runs_the_composite_op() -> None:
     opcheck(torch.ops.normlab.power_norm_apply.default, (x, inv, inv, w, None, torch.zeros(8), 0.9, 10.0, 2, 1e-5),
             test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
     phi, ema, iters = torch.ones(8), torch.zeros(8), torch.zeros((), dtype=torch.long)
-    assert not _kernel_ran(ops.power_norm(x, 8, phi, ema, iters, training=False, impl="cpu"))
-    assert _kernel_ran(ops.power_norm(x, 8, phi, ema, iters, training=True, impl="cpu"))
+    assert not kernel_ran(ops.power_norm(x, 8, phi, ema, iters, training=False, impl="cpu"))
+    assert kernel_ran(ops.power_norm(x, 8, phi, ema, iters, training=True, impl="cpu"))
     with pytest.raises(ValueError, match=r"power_norm: expected more than 1 value per channel when training"):
         ops.power_norm(torch.randn(1, 8), 8, phi, ema, iters, training=True, impl="cpu")
 

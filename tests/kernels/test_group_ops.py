@@ -10,8 +10,6 @@ dominates), outputs and gradients.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 import torch
@@ -19,7 +17,8 @@ from torch.library import opcheck
 
 from normlab import GroupNorm, InstanceNorm
 from normlab import functional as F
-from normlab.kernels import _build, _custom_ops, ops, use_impl
+from normlab.kernels import _build, ops, use_impl
+from tests.kernels._graph import kernel_ran
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}
 C = 40  # a vector body plus a scalar tail; groups of 5 channels for 8 groups
@@ -148,53 +147,29 @@ def test_float64_gradcheck() -> None:
                                                                       impl="cpu"), (x, w, b))
 
 
-def _kernel_ran(y: torch.Tensor) -> bool:
-    """Whether the autograd graph of ``y`` has a ``normlab::`` custom op's node."""
-    todo, seen = [y.grad_fn], set()
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if "normlab" in type(node).__name__:
-            return True
-        todo.extend(n for n, _ in node.next_functions)
-    return False
-
-
 def test_what_runs_the_kernel() -> None:
     x = torch.randn(2, 5, 6, requires_grad=True)
     rm, rv = torch.zeros(6), torch.ones(6)
-    assert _kernel_ran(ops.group_norm(x, 6, 2, channel_dim=-1))
-    assert _kernel_ran(ops.instance_norm(x, 6, rm, rv, channel_dim=-1))
-    assert _kernel_ran(ops.group_norm(x, 6, 2, channel_dim=2))  # the last axis, named positively
+    assert kernel_ran(ops.group_norm(x, 6, 2, channel_dim=-1))
+    assert kernel_ran(ops.instance_norm(x, 6, rm, rv, channel_dim=-1))
+    assert kernel_ran(ops.group_norm(x, 6, 2, channel_dim=2))  # the last axis, named positively
     # channel-first inputs run torch's own fused group_norm (the composite op)
-    assert not _kernel_ran(ops.group_norm(x.transpose(1, 2), 6, 2, channel_dim=1, impl="cpu"))
-    assert not _kernel_ran(ops.instance_norm(x.transpose(1, 2), 6, channel_dim=1, impl="cpu"))
+    assert not kernel_ran(ops.group_norm(x.transpose(1, 2), 6, 2, channel_dim=1, impl="cpu"))
+    assert not kernel_ran(ops.instance_norm(x.transpose(1, 2), 6, channel_dim=1, impl="cpu"))
     # normalising with the running statistics is a per-channel affine: the composite op
-    assert not _kernel_ran(ops.instance_norm(x, 6, rm, rv, use_input_stats=False, channel_dim=-1, impl="cpu"))
-    assert not _kernel_ran(ops.group_norm(x, 6, 2, channel_dim=-1, impl="composite"))
+    assert not kernel_ran(ops.instance_norm(x, 6, rm, rv, use_input_stats=False, channel_dim=-1, impl="cpu"))
+    assert not kernel_ran(ops.group_norm(x, 6, 2, channel_dim=-1, impl="composite"))
     with use_impl("composite"):
-        assert not _kernel_ran(GroupNorm(6, num_groups=2, channel_dim=-1)(x))
-        assert _kernel_ran(GroupNorm(6, num_groups=2, channel_dim=-1, impl="cpu")(x))  # the module's impl wins
-        assert _kernel_ran(InstanceNorm(6, channel_dim=-1, impl="cpu")(x))
+        assert not kernel_ran(GroupNorm(6, num_groups=2, channel_dim=-1)(x))
+        assert kernel_ran(GroupNorm(6, num_groups=2, channel_dim=-1, impl="cpu")(x))  # the module's impl wins
+        assert kernel_ran(InstanceNorm(6, channel_dim=-1, impl="cpu")(x))
 
 
-def test_the_modules_call_the_cpp_kernels_forward_and_backward(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[str] = []
-    real = _custom_ops.cpu_extension()
-    assert real is not None
-
-    class Spy:
-        def __getattr__(self, name: str) -> Callable[..., Any]:
-            calls.append(name)
-            return getattr(real, name)
-
-    monkeypatch.setattr(_custom_ops, "cpu_extension", lambda: Spy())
+def test_the_modules_call_the_cpp_kernels_forward_and_backward(kernel_calls: list[str]) -> None:
     x = torch.randn(2, 5, 6, requires_grad=True)
     GroupNorm(6, num_groups=3, channel_dim=-1)(x).sum().backward()
     InstanceNorm(6, affine=True, track_running_stats=True, channel_dim=-1)(x).sum().backward()
-    assert calls == ["gn_fwd", "gn_bwd", "gn_fwd", "gn_bwd"]
+    assert kernel_calls == ["gn_fwd", "gn_bwd", "gn_fwd", "gn_bwd"]
 
 
 @pytest.mark.parametrize("shape", [(0, 4, 8), (2, 0, 8), (1, 1, 8), (0, 8)], ids=str)
@@ -293,5 +268,5 @@ def test_fallback_body_without_a_compiler(monkeypatch: pytest.MonkeyPatch) -> No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         for kind, groups in KINDS:
-            assert _kernel_ran(_call(kind, x.requires_grad_(), groups, None, None, "auto"))
+            assert kernel_ran(_call(kind, x.requires_grad_(), groups, None, None, "auto"))
             _close(_grads(kind, x, groups, True, "auto"), _grads(kind, x, groups, True, "cpu", ref=True), 1e-12)

@@ -4,14 +4,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 import torch
 
 import normlab
-from normlab.kernels import _custom_ops, current_impl, use_impl
+from normlab.kernels import current_impl, use_impl
 
 TOKEN_NORMS = [normlab.LayerNorm, normlab.RMSNorm, normlab.SRMSNorm, normlab.PartialRMSNorm, normlab.CRMSNorm,
                normlab.ScaleNorm, normlab.DyT]
@@ -21,22 +19,6 @@ def _ran_custom_op(m: torch.nn.Module, x: torch.Tensor) -> bool:
     """Whether ``m(x)`` went through a ``normlab::`` custom op (its autograd node is the op's generated backward)."""
     y = m(x.requires_grad_(True))
     return "normlab" in type(y.grad_fn).__name__
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Names of the C++ extension functions the custom ops call (forward and backward)."""
-    calls: list[str] = []
-    real = _custom_ops.cpu_extension()
-    assert real is not None
-
-    class Spy:
-        def __getattr__(self, name: str) -> Callable[..., Any]:
-            calls.append(name)
-            return getattr(real, name)
-
-    monkeypatch.setattr(_custom_ops, "cpu_extension", lambda: Spy())
-    return calls
 
 
 @pytest.mark.parametrize("cls", TOKEN_NORMS, ids=lambda c: c.__name__)
