@@ -25,13 +25,6 @@ namespace {
 using namespace normlab_kernels;
 using OptT = std::optional<Tensor>;
 
-Tensor acc_param(const OptT& t, at::ScalarType acc, int64_t C) {
-  if (!t.has_value() || !t->defined()) return Tensor();
-  TORCH_CHECK(t->numel() == C, "normlab batch_norm: expected a parameter with ", C, " elements, got size ",
-              t->sizes());
-  return t->to(acc).contiguous();
-}
-
 bool has(const OptT& t) { return t.has_value() && t->defined(); }
 
 double alpha_of(const OptT& t) {
@@ -78,7 +71,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_fwd(const Tensor& x_, const OptT& 
   const Tensor mask = mask_.has_value() && mask_->defined() ? mask_->to(at::kBool).contiguous() : Tensor();
   TORCH_CHECK(!mask.defined() || mask.numel() == T_, "normlab batch_norm: expected a mask of ", T_, " rows");
   const auto acc = at::toOpMathType(x.scalar_type());
-  const Tensor w = acc_param(w_, acc, C), b = acc_param(b_, acc, C);
+  const Tensor w = acc_param(w_, acc, C, "batch_norm"), b = acc_param(b_, acc, C, "batch_norm");
   const double alpha = alpha_of(alpha_);
   const int64_t n = mask.defined() ? mask.sum().item<int64_t>() : T_;
   Tensor y = at::empty_like(x), mean, var;
@@ -132,7 +125,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_bwd(const Tensor& gy_, const Tenso
   const int64_t T_ = x.size(0), C = x.size(1);
   const Tensor mask = mask_.has_value() && mask_->defined() ? mask_->to(at::kBool).contiguous() : Tensor();
   const auto acc = at::toOpMathType(x.scalar_type());
-  const Tensor w = acc_param(w_, acc, C);
+  const Tensor w = acc_param(w_, acc, C, "batch_norm");
   const Tensor mean = mean_.to(acc).contiguous(), rstd = (var_.to(acc) + eps).rsqrt();
   const double alpha = alpha_of(alpha_);
   const int64_t n = mask.defined() ? mask.sum().item<int64_t>() : T_;
@@ -244,7 +237,7 @@ Tensor pn_apply(const Tensor& x_, const Tensor& inv_, const OptT& w_, const OptT
   const int64_t T_ = x.size(0), C = x.size(1);
   const auto acc = at::toOpMathType(x.scalar_type());
   Tensor scale = inv_.to(acc).contiguous();
-  const Tensor w = acc_param(w_, acc, C), b = acc_param(b_, acc, C);
+  const Tensor w = acc_param(w_, acc, C, "batch_norm"), b = acc_param(b_, acc, C, "batch_norm");
   if (w.defined()) scale = scale * w;
   Tensor y = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normlab_pn_apply", [&] {
@@ -274,7 +267,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pn_bwd(const Tensor& gy_, const Tenso
   const Tensor x = x_.contiguous(), gy = gy_.to(x.scalar_type()).contiguous();
   const int64_t T_ = x.size(0), C = x.size(1);
   const auto acc = at::toOpMathType(x.scalar_type());
-  const Tensor w = acc_param(w_, acc, C);
+  const Tensor w = acc_param(w_, acc, C, "batch_norm");
   const Tensor fw = inv_fwd_.to(acc).contiguous(), bw = inv_bwd_.to(acc).contiguous();
   const Tensor u = (u_.to(acc) * (1.0 - alpha_bkw)).contiguous();
   Tensor dx = at::empty_like(x), sums;

@@ -29,13 +29,6 @@ namespace {
 using namespace normlab_kernels;
 using OptT = std::optional<Tensor>;
 
-Tensor gn_param(const OptT& t, at::ScalarType acc, int64_t C) {
-  if (!t.has_value() || !t->defined()) return Tensor();
-  TORCH_CHECK(t->numel() == C, "normlab group_norm: expected a parameter with ", C, " elements, got size ",
-              t->sizes());
-  return t->to(acc).contiguous();
-}
-
 // The fixed row blocks of one sample: `per` rows each (the last one shorter), `count` of them.
 struct SampleBlocks {
   int64_t per, count;
@@ -86,7 +79,7 @@ std::tuple<Tensor, Tensor, Tensor> gn_fwd(const Tensor& x_, const OptT& w_, cons
   TORCH_CHECK(G >= 1 && C % G == 0, "normlab group_norm: expected num_groups dividing ", C, ", got ", G);
   const auto acc = at::toOpMathType(x.scalar_type());
   const auto opts = at::TensorOptions().dtype(acc);
-  const Tensor w = gn_param(w_, acc, C), bias = gn_param(b_, acc, C);
+  const Tensor w = acc_param(w_, acc, C, "group_norm"), bias = acc_param(b_, acc, C, "group_norm");
   Tensor y = at::empty_like(x);
   if (x.numel() == 0) {  // statistics of an empty set, as the composite op's mean
     const Tensor nan = at::full({B, G}, std::numeric_limits<double>::quiet_NaN(), opts);
@@ -127,13 +120,14 @@ std::tuple<Tensor, Tensor, Tensor> gn_fwd(const Tensor& x_, const OptT& w_, cons
         for (int64_t c = c0; c < c1; ++c) col[c] += n * s[c];
       }
     });
+    auto group_total = [&](const A* cols, int64_t bg) {  // the sum of one (sample, group)'s columns, in order
+      const A* col = cols + (bg / G) * C + (bg % G) * cg;
+      A total(0);
+      for (int64_t c = 0; c < cg; ++c) total += col[c];
+      return total;
+    };
     at::parallel_for(0, B * G, 64, [&](int64_t lo, int64_t hi) {
-      for (int64_t bg = lo; bg < hi; ++bg) {
-        const int64_t b = bg / G, c0 = (bg % G) * cg;
-        A total(0);
-        for (int64_t c = c0; c < c0 + cg; ++c) total += mup[b * C + c];
-        mp[bg] = total * inv_m;
-      }
+      for (int64_t bg = lo; bg < hi; ++bg) mp[bg] = group_total(mup, bg) * inv_m;
     });
     for_sample_channels(B, C, [&](int64_t b, int64_t c0, int64_t c1) {
       A *col = m2p + b * C, *mean_c = mup + b * C;
@@ -155,9 +149,7 @@ std::tuple<Tensor, Tensor, Tensor> gn_fwd(const Tensor& x_, const OptT& w_, cons
     at::parallel_for(0, B * G, 64, [&](int64_t lo, int64_t hi) {
       for (int64_t bg = lo; bg < hi; ++bg) {
         const int64_t b = bg / G, c0 = (bg % G) * cg;
-        A total(0);
-        for (int64_t c = c0; c < c0 + cg; ++c) total += m2p[b * C + c];
-        vp[bg] = total * inv_m;
+        vp[bg] = group_total(m2p, bg) * inv_m;
         const A r = A(1) / std::sqrt(vp[bg] + static_cast<A>(eps));
         for (int64_t c = c0; c < c0 + cg; ++c) sp[b * C + c] = wp ? r * wp[c] : r;
       }
@@ -188,7 +180,7 @@ std::tuple<Tensor, Tensor, Tensor> gn_bwd(const Tensor& gy_, const Tensor& x_, c
   TORCH_CHECK(G >= 1 && C % G == 0, "normlab group_norm: expected num_groups dividing ", C, ", got ", G);
   const auto acc = at::toOpMathType(x.scalar_type());
   const auto opts = at::TensorOptions().dtype(acc);
-  const Tensor w = gn_param(w_, acc, C);
+  const Tensor w = acc_param(w_, acc, C, "group_norm");
   Tensor dx = at::empty_like(x);
   Tensor dw = need_w ? at::zeros({C}, opts) : empty_grad(x), db = need_b ? at::zeros({C}, opts) : empty_grad(x);
   if (x.numel() == 0) return {dx, dw, db};

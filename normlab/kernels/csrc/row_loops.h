@@ -13,6 +13,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <optional>
 #include <vector>
 
 namespace normlab_kernels {
@@ -218,6 +219,14 @@ double run_backward(int64_t rows, int64_t C, bool need_w, bool need_b, bool need
   double total = 0.0;
   for (const A v : ps) total += static_cast<double>(v);
   return total;
+}
+
+// An optional per-channel parameter in the accumulation dtype, contiguous (undefined when absent); `op` names the
+// norm in the error a wrong size raises.
+inline Tensor acc_param(const std::optional<Tensor>& t, at::ScalarType acc, int64_t C, const char* op) {
+  if (!t.has_value() || !t->defined()) return Tensor();
+  TORCH_CHECK(t->numel() == C, "normlab ", op, ": expected a parameter with ", C, " elements, got size ", t->sizes());
+  return t->to(acc).contiguous();
 }
 
 }  // namespace normlab_kernels
