@@ -12,6 +12,11 @@ device: C++ on CPU when they are available (see :mod:`normlab.kernels._build`), 
 forward op's ``impl`` is saved for the backward op, so both run the same backend.
 The backward ops recompute the per-row statistics from ``x`` (cheap: the row is in cache) instead of saving them,
 so every forward op has one output per result. Double backward is not supported through these ops.
+
+In eager code the token ops skip the custom-op machinery (its Python dispatch costs more than the kernels at small
+shapes): :mod:`normlab.kernels.ops` calls :class:`_EagerOp`, which runs the same bodies, ``setup_context`` and
+backward in a plain :class:`torch.autograd.Function` (bitwise the same results); while tracing (``torch.compile``,
+``torch.export``), under ``torch.func`` and for non-CPU, fake or subclass tensors it calls the custom op.
 """
 
 from __future__ import annotations
@@ -75,6 +80,15 @@ def _grad_or_empty(g: Tensor | None, x: Tensor) -> Tensor:
     return g if g is not None else _empty(x)
 
 
+def _call_backward(ctx: Any, op: str, body: Callable[..., Any], *args: Any) -> Any:
+    """A backward op's result: in the eager fast path's first-order backward (see :class:`_EagerOp`) its body itself,
+    else the ``normlab::`` backward op ``op`` (so a graph records it, and double backward is refused by the op as
+    before)."""
+    if getattr(ctx, "eager", False) and not torch.is_grad_enabled():
+        return body(*args)
+    return getattr(torch.ops.normlab, op)(*args)
+
+
 def _like(t: Tensor) -> Tensor:
     """A new contiguous tensor shaped like ``t`` (the kernels' outputs are contiguous whatever the input strides)."""
     return t.new_empty(t.shape)
@@ -88,28 +102,33 @@ def _rms_family(x: Tensor, weight: Tensor | None, bias: Tensor | None, scale: Te
     return _forward(x, impl, "rms_fwd", comp.rms_family_forward, weight, bias, scale, eps, mode, k)
 
 
-@torch.library.custom_op("normlab::rms_norm", mutates_args=())
-def rms_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, eps_inside: bool,
-                k: int, impl: str = "auto") -> Tensor:
+def _rms_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, eps_inside: bool,
+                  k: int, impl: str = "auto") -> Tensor:
     """RMSNorm of the last axis; the statistic uses the first ``k`` channels (``k = C``: all; pRMSNorm: fewer)."""
     return _rms_family(x, weight, bias, None, eps, comp.INSIDE if eps_inside else comp.OUTSIDE, k, impl)
 
 
-@torch.library.custom_op("normlab::crms_norm", mutates_args=())
-def crms_norm_op(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                 impl: str = "auto") -> Tensor:
+rms_norm_op = torch.library.custom_op("normlab::rms_norm", _rms_norm_fwd, mutates_args=())
+
+
+def _crms_norm_fwd(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                   impl: str = "auto") -> Tensor:
     """CRMSNorm of a zero-mean code stored in ``d - 1`` coordinates (the last axis)."""
     return _rms_family(z, weight, bias, None, eps, comp.CRMS, z.shape[-1], impl)
 
 
-@torch.library.custom_op("normlab::scale_norm", mutates_args=())
-def scale_norm_op(x: Tensor, scale: Tensor, eps: float, impl: str = "auto") -> Tensor:
+crms_norm_op = torch.library.custom_op("normlab::crms_norm", _crms_norm_fwd, mutates_args=())
+
+
+def _scale_norm_fwd(x: Tensor, scale: Tensor, eps: float, impl: str = "auto") -> Tensor:
     """ScaleNorm ``g * x / max(||x||, eps)`` over the last axis."""
     return _rms_family(x, None, None, scale, eps, comp.SCALE, x.shape[-1], impl)
 
 
-@torch.library.custom_op("normlab::rms_family_backward", mutates_args=())
-def rms_family_backward_op(
+scale_norm_op = torch.library.custom_op("normlab::scale_norm", _scale_norm_fwd, mutates_args=())
+
+
+def _rms_family_bwd(
     grad: Tensor, x: Tensor, weight: Optional[Tensor], scale: Optional[Tensor], grad_add: Optional[Tensor],
     eps: float, mode: int, k: int, need_weight: bool, need_bias: bool, need_scale: bool, impl: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -126,6 +145,9 @@ def rms_family_backward_op(
     if need_scale and scale is not None:
         ds = ds.to(scale.dtype).reshape(scale.shape)
     return dx, dw, db, ds
+
+
+rms_family_backward_op = torch.library.custom_op("normlab::rms_family_backward", _rms_family_bwd, mutates_args=())
 
 
 @rms_family_backward_op.register_fake
@@ -148,8 +170,8 @@ for _op in (rms_norm_op, crms_norm_op, scale_norm_op):
 def _backward_rms(ctx: Any, grad: Tensor, weight: Tensor | None, scale: Tensor | None, grad_add: Tensor | None,
                   needs: tuple[bool, bool, bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     (x,) = ctx.saved_tensors[:1]
-    return torch.ops.normlab.rms_family_backward(grad, x, weight, scale, grad_add, ctx.eps, ctx.mode, ctx.k, *needs,
-                                                 ctx.impl)
+    return _call_backward(ctx, "rms_family_backward", _rms_family_bwd, grad, x, weight, scale, grad_add, ctx.eps,
+                          ctx.mode, ctx.k, *needs, ctx.impl)
 
 
 def _to_dtype(g: Tensor, dtype: torch.dtype | None) -> Tensor:
@@ -209,17 +231,18 @@ scale_norm_op.register_autograd(_scale_backward, setup_context=_scale_setup)
 # ----------------------------------------------------------------------------------------------- layer norm ----
 
 
-@torch.library.custom_op("normlab::layer_norm", mutates_args=())
-def layer_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                  impl: str = "auto") -> Tensor:
+def _layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                    impl: str = "auto") -> Tensor:
     """LayerNorm of the last axis (biased variance, eps inside the root)."""
     return _forward(x, impl, "ln_fwd", comp.layer_norm_forward, weight, bias, eps)
 
 
-@torch.library.custom_op("normlab::layer_norm_backward", mutates_args=())
-def layer_norm_backward_op(grad: Tensor, x: Tensor, weight: Optional[Tensor], grad_add: Optional[Tensor],
-                           eps: float, need_weight: bool, need_bias: bool,
-                           impl: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+layer_norm_op = torch.library.custom_op("normlab::layer_norm", _layer_norm_fwd, mutates_args=())
+
+
+def _layer_norm_bwd(grad: Tensor, x: Tensor, weight: Optional[Tensor], grad_add: Optional[Tensor],
+                    eps: float, need_weight: bool, need_bias: bool,
+                    impl: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias) of LayerNorm; unrequested gradients are empty tensors."""
     ext = _ext(x, impl)
     if ext is None:
@@ -230,6 +253,9 @@ def layer_norm_backward_op(grad: Tensor, x: Tensor, weight: Optional[Tensor], gr
     if need_weight and weight is not None:
         dw = dw.to(weight.dtype)
     return dx, dw, db
+
+
+layer_norm_backward_op = torch.library.custom_op("normlab::layer_norm_backward", _layer_norm_bwd, mutates_args=())
 
 
 @layer_norm_backward_op.register_fake
@@ -251,11 +277,11 @@ def _ln_grads(ctx: Any, grad: Tensor, grad_add: Tensor | None) -> tuple[Tensor, 
     x, weight = ctx.saved_tensors
     nw, nb = ctx.needs_input_grad[ctx.param_at], ctx.needs_input_grad[ctx.param_at + 1]
     if ctx.mode == _LN:
-        dx, dw, db = torch.ops.normlab.layer_norm_backward(grad, x, weight, grad_add, ctx.eps,
-                                                           nw and weight is not None, nb, ctx.impl)
+        dx, dw, db = _call_backward(ctx, "layer_norm_backward", _layer_norm_bwd, grad, x, weight, grad_add, ctx.eps,
+                                    nw and weight is not None, nb, ctx.impl)
     else:
-        dx, dw, db, _ = torch.ops.normlab.rms_family_backward(grad, x, weight, None, grad_add, ctx.eps, ctx.mode,
-                                                              ctx.k, nw and weight is not None, nb, False, ctx.impl)
+        dx, dw, db, _ = _call_backward(ctx, "rms_family_backward", _rms_family_bwd, grad, x, weight, None, grad_add,
+                                       ctx.eps, ctx.mode, ctx.k, nw and weight is not None, nb, False, ctx.impl)
     return dx, (dw if nw else None), (_to_dtype(db, ctx.bias_dtype) if nb else None)
 
 
@@ -280,18 +306,22 @@ def _add_norm(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor |
     return y.contiguous(), h.contiguous()
 
 
-@torch.library.custom_op("normlab::add_rms_norm", mutates_args=())
-def add_rms_norm_op(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+def _add_rms_norm_fwd(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                     eps_inside: bool, impl: str = "auto") -> tuple[Tensor, Tensor]:
     """``h = x + residual``; returns ``(rms_norm(h), h)``: the Pre-LN block's norm and its new residual stream."""
     return _add_norm(x, residual, weight, bias, eps, comp.INSIDE if eps_inside else comp.OUTSIDE, impl)
 
 
-@torch.library.custom_op("normlab::add_layer_norm", mutates_args=())
-def add_layer_norm_op(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+add_rms_norm_op = torch.library.custom_op("normlab::add_rms_norm", _add_rms_norm_fwd, mutates_args=())
+
+
+def _add_layer_norm_fwd(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                       eps: float, impl: str = "auto") -> tuple[Tensor, Tensor]:
     """``h = x + residual``; returns ``(layer_norm(h), h)``."""
     return _add_norm(x, residual, weight, bias, eps, _LN, impl)
+
+
+add_layer_norm_op = torch.library.custom_op("normlab::add_layer_norm", _add_layer_norm_fwd, mutates_args=())
 
 
 def _fake_add_norm(x: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
@@ -324,15 +354,16 @@ add_layer_norm_op.register_autograd(_add_backward, setup_context=_add_setup)
 # ------------------------------------------------------------------------------------------------------- dyt ----
 
 
-@torch.library.custom_op("normlab::dyt", mutates_args=())
-def dyt_op(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+def _dyt_fwd(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
            impl: str = "auto") -> Tensor:
     """Dynamic Tanh ``weight * tanh(alpha * x) + bias`` with a one-element ``alpha``; per-channel on the last axis."""
     return _forward(x, impl, "dyt_fwd", comp.dyt_forward, alpha, weight, bias)
 
 
-@torch.library.custom_op("normlab::dyt_backward", mutates_args=())
-def dyt_backward_op(grad: Tensor, x: Tensor, alpha: Tensor, weight: Optional[Tensor], need_alpha: bool,
+dyt_op = torch.library.custom_op("normlab::dyt", _dyt_fwd, mutates_args=())
+
+
+def _dyt_bwd(grad: Tensor, x: Tensor, alpha: Tensor, weight: Optional[Tensor], need_alpha: bool,
                     need_weight: bool, need_bias: bool, impl: str = "auto") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dalpha, dweight, dbias) of DyT; unrequested gradients are empty tensors."""
     ext = _ext(x, impl)
@@ -346,6 +377,9 @@ def dyt_backward_op(grad: Tensor, x: Tensor, alpha: Tensor, weight: Optional[Ten
     if need_weight and weight is not None:
         dw = dw.to(weight.dtype)
     return dx, da, dw, db
+
+
+dyt_backward_op = torch.library.custom_op("normlab::dyt_backward", _dyt_bwd, mutates_args=())
 
 
 @dyt_backward_op.register_fake
@@ -369,10 +403,63 @@ def _dyt_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
 def _dyt_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     x, alpha, weight = ctx.saved_tensors
     nx, na, nw, nb = ctx.needs_input_grad[:4]
-    dx, da, dw, db = torch.ops.normlab.dyt_backward(grad, x, alpha, weight, na, nw and weight is not None, nb,
-                                                    ctx.impl)
+    dx, da, dw, db = _call_backward(ctx, "dyt_backward", _dyt_bwd, grad, x, alpha, weight, na,
+                                    nw and weight is not None, nb, ctx.impl)
     return ((dx if nx else None), (da if na else None), (dw if nw else None),
             (_to_dtype(db, ctx.bias_dtype) if nb else None), None)
 
 
 dyt_op.register_autograd(_dyt_backward, setup_context=_dyt_setup)
+
+
+# --------------------------------------------------------------------------------------------- eager fast path ----
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _eager(args: tuple[Any, ...]) -> bool:
+    """Whether a call can skip the custom-op machinery: nothing traces it (``torch.compile``, ``torch.export``,
+    ``torch.jit.trace``, ``make_fx``), no ``torch.func`` transform or tensor mode is active, and its tensors are plain
+    CPU tensors (no fake, meta or subclass tensors)."""
+    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            or torch._C._get_tracing_state() is not None):
+        return False
+    return all(type(a) in _PLAIN and a.device.type == "cpu" for a in args if isinstance(a, Tensor))
+
+
+class _EagerOp:
+    """A token op as :mod:`normlab.kernels.ops` calls it: in eager code a plain :class:`torch.autograd.Function`
+    built from the op's own body, ``setup_context`` and backward (whose backward calls the backward op's body, see
+    :func:`_call_backward`), so the results are bitwise the op's without its per-call dispatch cost; anywhere else the
+    ``normlab::`` custom op itself. All of the op's arguments are passed (the autograd functions count them)."""
+
+    def __init__(self, name: str, body: Callable[..., Any], setup: Callable[..., None],
+                 backward: Callable[..., Any]) -> None:
+        def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+            setup(ctx, inputs, output)
+            ctx.eager = True
+
+        self.op = getattr(torch.ops.normlab, name)
+        self.body = body
+        self.function: type[torch.autograd.Function] = type(f"EagerFor_normlab_{name}", (torch.autograd.Function,),
+            {"forward": staticmethod(body), "setup_context": staticmethod(setup_context),
+             "backward": staticmethod(backward)})
+
+    def __call__(self, *args: Any) -> Any:
+        if not _eager(args):
+            return self.op(*args)
+        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+            return self.function.apply(*args)
+        return self.body(*args)  # no graph to record: the op's autograd would not run either
+
+
+rms_norm = _EagerOp("rms_norm", _rms_norm_fwd, _rms_setup, _rms_backward)
+crms_norm = _EagerOp("crms_norm", _crms_norm_fwd, _crms_setup, _crms_backward)
+scale_norm = _EagerOp("scale_norm", _scale_norm_fwd, _scale_setup, _scale_backward)
+layer_norm = _EagerOp("layer_norm", _layer_norm_fwd, _ln_setup, _ln_backward)
+add_rms_norm = _EagerOp("add_rms_norm", _add_rms_norm_fwd, _add_setup, _add_backward)
+add_layer_norm = _EagerOp("add_layer_norm", _add_layer_norm_fwd, _add_setup, _add_backward)
+dyt = _EagerOp("dyt", _dyt_fwd, _dyt_setup, _dyt_backward)
+TOKEN_OPS: dict[str, _EagerOp] = {op.op.__name__.split(".")[-1]: op for op in
+                                  (rms_norm, crms_norm, scale_norm, layer_norm, add_rms_norm, add_layer_norm, dyt)}

@@ -34,7 +34,6 @@ import torch
 from torch import Tensor
 
 import normlab.kernels._batch_ops  # noqa: F401  (registers the torch.ops.normlab batch-statistic ops)
-import normlab.kernels._custom_ops  # noqa: F401  (registers the torch.ops.normlab ops)
 import normlab.kernels._power_ops  # noqa: F401  (registers the torch.ops.normlab PowerNorm ops)
 from normlab.functional._checks import check_channels, check_float_input
 from normlab.functional._dist import check_count, check_rows, check_valid, stats_group
@@ -54,6 +53,7 @@ from normlab.functional.rms_norm import rms_norm as composite_rms_norm
 from normlab.functional.rms_norm import scale_norm as composite_scale_norm
 from normlab.functional.unified_norm import unified_norm as composite_unified_norm
 from normlab.functional.unified_norm import unified_step
+from normlab.kernels import _custom_ops as token_ops  # the token ops (registers the torch.ops.normlab ones)
 from normlab.kernels._build import cpu_status
 from normlab.kernels._scope import IMPLS, Impl, check_impl, resolve_impl
 
@@ -165,7 +165,7 @@ def _rms_params(a: Args) -> dict[str, int]:
 def _rms_call(xs: Tensor, a: Args, kimpl: str) -> Tensor:
     k = a["num_features"] if a["partial"] is None else a["partial"]
     eps = resolve_eps(a["eps"], a["eps_inside"])
-    return torch.ops.normlab.rms_norm(xs, a["weight"], a["bias"], eps, a["eps_inside"], k, kimpl)
+    return token_ops.rms_norm(xs, a["weight"], a["bias"], eps, a["eps_inside"], k, kimpl)
 
 
 rms_norm = _token(composite_rms_norm, _rms_params, _rms_call, """RMSNorm / SRMSNorm (``weight=None``) / pRMSNorm
@@ -175,11 +175,11 @@ rms_norm = _token(composite_rms_norm, _rms_params, _rms_call, """RMSNorm / SRMSN
     kernels take the gain itself.""", fusable=lambda a: not a["unit_offset"])
 
 crms_norm = _token(composite_crms_norm, _affine,
-                   lambda zs, a, k: torch.ops.normlab.crms_norm(zs, a["weight"], a["bias"], a["eps"], k),
+                   lambda zs, a, k: token_ops.crms_norm(zs, a["weight"], a["bias"], a["eps"], k),
                    """CRMSNorm of a zero-mean code of width ``d - 1``; see :func:`normlab.functional.crms_norm`.""")
 
 scale_norm = _token(composite_scale_norm, lambda a: {"weight": 1},
-                    lambda xs, a, k: torch.ops.normlab.scale_norm(xs, a["weight"], a["eps"], k),
+                    lambda xs, a, k: token_ops.scale_norm(xs, a["weight"], a["eps"], k),
                     """ScaleNorm ``g * x / max(||x||_2, eps)`` with the one-element gain ``weight`` = g; see
     :func:`normlab.functional.scale_norm`.""")
 
@@ -193,18 +193,18 @@ def _ln_params(a: Args) -> dict[str, int]:
 def _ln_call(xs: Tensor, a: Args, kimpl: str) -> Tensor:
     shape, w, b = a["normalized_shape"], a["weight"], a["bias"]
     if not isinstance(shape, tuple):
-        return torch.ops.normlab.layer_norm(xs, w, b, a["eps"], kimpl)
+        return token_ops.layer_norm(xs, w, b, a["eps"], kimpl)
     c = math.prod(shape)  # trailing dims normalised jointly: one flat row each
     flat = xs.reshape(*xs.shape[: xs.dim() - len(shape)], c)
     w, b = (None if w is None else w.reshape(c)), (None if b is None else b.reshape(c))
-    return torch.ops.normlab.layer_norm(flat, w, b, a["eps"], kimpl).reshape(xs.shape)
+    return token_ops.layer_norm(flat, w, b, a["eps"], kimpl).reshape(xs.shape)
 
 
 layer_norm = _token(composite_layer_norm, _ln_params, _ln_call, """LayerNorm over ``normalized_shape`` or the
     ``channel_dim`` axis; see :func:`normlab.functional.layer_norm`.""", features="normalized_shape")
 
 dyt = _token(composite_dyt, lambda a: {"alpha": 1, **_affine(a)},
-             lambda xs, a, k: torch.ops.normlab.dyt(xs, a["alpha"], a["weight"], a["bias"], k),
+             lambda xs, a, k: token_ops.dyt(xs, a["alpha"], a["weight"], a["bias"], k),
              """Dynamic Tanh ``weight * tanh(alpha * x) + bias``; see :func:`normlab.functional.dyt`.""")
 
 
@@ -237,7 +237,7 @@ def add_rms_norm(x: Tensor, residual: Tensor, num_features: int, weight: Tensor 
     """
     return _fused_add("add_rms_norm", x, residual, num_features, (weight, bias), impl,
                       lambda h: composite_rms_norm(h, num_features, weight, bias, eps, eps_inside),
-                      lambda k: torch.ops.normlab.add_rms_norm(x, residual, weight, bias, resolve_eps(eps, eps_inside),
+                      lambda k: token_ops.add_rms_norm(x, residual, weight, bias, resolve_eps(eps, eps_inside),
                                                                eps_inside, k))
 
 
@@ -246,7 +246,7 @@ def add_layer_norm(x: Tensor, residual: Tensor, num_features: int, weight: Tenso
     """``h = x + residual``; returns ``(layer_norm(h), h)`` in one pass. Channels are the last axis."""
     return _fused_add("add_layer_norm", x, residual, num_features, (weight, bias), impl,
                       lambda h: composite_layer_norm(h, num_features, weight, bias, eps),
-                      lambda k: torch.ops.normlab.add_layer_norm(x, residual, weight, bias, eps, k))
+                      lambda k: token_ops.add_layer_norm(x, residual, weight, bias, eps, k))
 
 
 # ----------------------------------------------------------------------------------- batch-statistic norms ----
