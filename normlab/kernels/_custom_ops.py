@@ -436,15 +436,18 @@ class _EagerOp:
 
     def __init__(self, name: str, body: Callable[..., Any], setup: Callable[..., None],
                  backward: Callable[..., Any]) -> None:
-        def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        def forward(ctx: Any, *inputs: Any) -> Any:
+            # ctx-style forward: a separate setup_context would make apply() bind the arguments with inspect
+            output = body(*inputs)
             setup(ctx, inputs, output)
             ctx.eager = True
+            return output
 
         self.op = getattr(torch.ops.normlab, name)
         self.body = body
-        self.function: type[torch.autograd.Function] = type(f"EagerFor_normlab_{name}", (torch.autograd.Function,),
-            {"forward": staticmethod(body), "setup_context": staticmethod(setup_context),
-             "backward": staticmethod(backward)})
+        self.function: type[torch.autograd.Function] = type(
+            f"EagerFor_normlab_{name}", (torch.autograd.Function,),
+            {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def __call__(self, *args: Any) -> Any:
         if not _eager(args):
