@@ -13,6 +13,9 @@ Each function takes the same arguments as its namesake in :mod:`normlab.function
 
 An explicit ``impl`` wins over the scope (see :mod:`normlab.kernels._scope` for the precedence).
 
+In eager code on CPU tensors the token ops run the custom op's bodies and autograd formulas without its dispatch
+machinery (bitwise the same results; see :mod:`normlab.kernels._custom_ops`); traced code calls the custom op.
+
 Under ``torch.func`` transforms ``"auto"`` runs the composite op (custom ops with registered autograd do not support
 them in torch 2.13).
 
